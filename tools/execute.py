@@ -29,6 +29,7 @@ def scrub(nb) -> list[str]:
     nb.metadata.get("language_info", {}).pop("version", None)
     with_address = []
     for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"  # stable ids: jupytext would draw random ones on every run
         cell.metadata.pop("execution", None)
         for output in cell.get("outputs", []):
             text = output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))

@@ -1,0 +1,225 @@
+# Generated from book/01_weight_tied_block.py: edit the chapter, then run `make export`.
+from looplm.block import (  # noqa: F401
+    RMSNorm,
+    rope_angles,
+    apply_rope,
+    RotaryEmbedding,
+    causal_mask,
+    attention_reference,
+    CausalSelfAttention,
+    default_d_hidden,
+    SwiGLU,
+    NORM_STYLES,
+    Block,
+    block_param_count,
+)
+
+# --- book/01_weight_tied_block.py, cell 24 ---
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def _rmsnorm_float64(x, weight, eps):
+    """The RMSNorm formula in float64, written independently of the module."""
+    x64, w64 = x.double(), weight.double()
+    return x64 / torch.sqrt(x64.pow(2).mean(dim=-1, keepdim=True) + eps) * w64
+
+
+def test_rmsnorm_matches_float64_reference():
+    torch.manual_seed(0)
+    norm = RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+    x = 3 * torch.randn(4, 7, 32)
+    expected = _rmsnorm_float64(x, norm.weight, 1e-5)
+    torch.testing.assert_close(norm(x).double(), expected, rtol=1e-5, atol=1e-6)
+
+# --- book/01_weight_tied_block.py, cell 26 ---
+def test_rmsnorm_low_precision_input():
+    torch.manual_seed(0)
+    norm = RMSNorm(16)
+    x = 300 * torch.randn(2, 16)  # x**2 overflows float16: the sum must be taken in float32
+    for dtype in (torch.float16, torch.bfloat16):
+        y = norm(x.to(dtype))
+        assert y.dtype == dtype and y.shape == x.shape
+        expected = _rmsnorm_float64(x.to(dtype), norm.weight, 1e-6)
+        torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
+
+# --- book/01_weight_tied_block.py, cell 51 ---
+def _rope_complex(x, positions, base=10000.0):
+    """Rotate-half RoPE via complex numbers: (x_i + j x_{i+d/2}) * exp(j m theta_i)."""
+    hs = x.shape[-1]
+    theta = base ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    z = torch.complex(x[..., : hs // 2].double(), x[..., hs // 2 :].double())
+    angles = torch.outer(positions.double(), theta)
+    z = z * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def test_rope_matches_complex_rotation():
+    torch.manual_seed(0)
+    cos, sin = rope_angles(16, 32)
+    x = torch.randn(2, 3, 32, 16)
+    expected = _rope_complex(x, torch.arange(32))
+    torch.testing.assert_close(apply_rope(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-5)
+
+# --- book/01_weight_tied_block.py, cell 53 ---
+def test_rope_preserves_norm():
+    torch.manual_seed(0)
+    cos, sin = rope_angles(32, 50)
+    x = torch.randn(3, 2, 50, 32)
+    torch.testing.assert_close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+
+# --- book/01_weight_tied_block.py, cell 54 ---
+def test_rope_scores_depend_only_on_offset():
+    torch.manual_seed(0)
+    cos, sin = rope_angles(16, 128)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m, n):
+        qm = apply_rope(q, cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rope(k, cos[n : n + 1], sin[n : n + 1])
+        return (qm * kn).sum()
+
+    for offset in (-5, 0, 3, 17):
+        scores = torch.stack([score(n + offset, n) for n in (20, 40, 60, 100)])
+        torch.testing.assert_close(scores, scores[:1].expand(4), rtol=0, atol=1e-4)
+    assert not torch.allclose(score(3, 0), score(0, 3))  # the sign of the offset matters
+
+# --- book/01_weight_tied_block.py, cell 94 ---
+def test_reference_attention_matches_sdpa():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 20, 16).unbind(0)
+    fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(attention_reference(q, k, v), fused, rtol=1e-5, atol=1e-6)
+    full = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attention_reference(q, k, v, causal=False), full,
+                               rtol=1e-5, atol=1e-6)
+
+# --- book/01_weight_tied_block.py, cell 96 ---
+def test_causal_mask_aligns_queries_to_last_keys():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 9, 8).unbind(0)
+    full = attention_reference(q, k, v)
+    torch.testing.assert_close(attention_reference(q[:, :, -3:], k, v), full[:, :, -3:])
+    allowed = causal_mask(2, 5) == 0
+    assert allowed.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+# --- book/01_weight_tied_block.py, cell 98 ---
+def _changes_only_from(module_call, x, t0):
+    """Change x from position t0 on; return (max change before t0, max change from t0)."""
+    x2 = x.clone()
+    x2[:, t0:] = torch.randn_like(x2[:, t0:])
+    with torch.no_grad():
+        y1, y2 = module_call(x), module_call(x2)
+    before = (y1[:, :t0] - y2[:, :t0]).abs().max().item()
+    after = (y1[:, t0:] - y2[:, t0:]).abs().max().item()
+    return before, after
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4)
+    cos, sin = RotaryEmbedding(8, 16)(16)
+    before, after = _changes_only_from(lambda x: attn(x, cos, sin), torch.randn(2, 16, 32), 9)
+    assert before < 1e-6 and after > 1e-3
+
+# --- book/01_weight_tied_block.py, cell 130 ---
+def test_shapes():
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 48)
+    cos, sin = RotaryEmbedding(head_dim=12, max_seq_len=16)(10)
+    assert cos.shape == sin.shape == (10, 6)
+    assert RMSNorm(48)(x).shape == x.shape
+    assert SwiGLU(48)(x).shape == x.shape
+    attn = CausalSelfAttention(48, 4)
+    assert all(t.shape == (2, 4, 10, 12) for t in attn.project_qkv(x, cos, sin))
+    assert attn(x, cos, sin).shape == x.shape
+    for style in NORM_STYLES:
+        assert Block(48, 4, d_hidden=96, norm_style=style)(x, cos, sin).shape == x.shape
+
+# --- book/01_weight_tied_block.py, cell 132 ---
+def test_block_is_causal():
+    for style in NORM_STYLES:
+        torch.manual_seed(0)
+        block = Block(32, 2, norm_style=style)
+        cos, sin = RotaryEmbedding(16, 16)(16)
+        before, after = _changes_only_from(lambda x: block(x, cos, sin), torch.randn(2, 16, 32), 5)
+        assert before < 1e-5 and after > 1e-3, style
+
+# --- book/01_weight_tied_block.py, cell 134 ---
+def test_gradients_are_finite():
+    for style in NORM_STYLES:
+        torch.manual_seed(0)
+        block = Block(32, 4, norm_style=style)
+        cos, sin = RotaryEmbedding(8, 8)(8)
+        h = torch.randn(2, 8, 32)
+        for _ in range(3):  # the same weights, applied three times
+            h = block(h, cos, sin)
+        h.pow(2).mean().backward()
+        for name, p in block.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), (style, name)
+
+# --- book/01_weight_tied_block.py, cell 146 ---
+def test_param_count_formula():
+    for d_model, n_heads, d_hidden in [(32, 2, None), (48, 4, 100), (64, 8, 64)]:
+        for style in NORM_STYLES:
+            block = Block(d_model, n_heads, d_hidden, norm_style=style)
+            assert block_param_count(d_model, n_heads, d_hidden, style) == sum(
+                p.numel() for p in block.parameters()), (d_model, style)
+    assert block_param_count(64, 4, 176, "pre") == 4 * 64**2 + 3 * 64 * 176 + 2 * 64
+    assert default_d_hidden(64) == 176 and default_d_hidden(768) == 2048
+
+# --- book/01_weight_tied_block.py, cell 155 ---
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="n_heads=3 must divide d_model=100"):
+        Block(100, 3)
+    with pytest.raises(ValueError, match="head_dim .* must be even"):
+        CausalSelfAttention(36, 4)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        rope_angles(15, 8)
+    with pytest.raises(ValueError, match="norm_style must be one of 'pre', 'sandwich', 'huginn'"):
+        Block(64, 4, norm_style="post")
+
+# --- book/01_weight_tied_block.py, cell 157 ---
+def test_bad_sizes_raise():
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="d_model must be a positive int"):
+            Block(bad, 1)
+    with pytest.raises(ValueError, match="n_heads must be a positive int"):
+        CausalSelfAttention(64, 0)
+    with pytest.raises(ValueError, match="d_hidden must be a positive int"):
+        SwiGLU(64, 0)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        RMSNorm(64, eps=0.0)
+
+# --- book/01_weight_tied_block.py, cell 159 ---
+def test_bad_inputs_raise():
+    torch.manual_seed(0)
+    block = Block(64, 4)
+    rope = RotaryEmbedding(16, 32)
+    cos, sin = rope(12)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        block(torch.randint(0, 100, (2, 12, 64)), cos, sin)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, d_model=64\]"):
+        block(torch.randn(2, 12, 32), cos, sin)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, d_model=64\]"):
+        block(torch.randn(12, 64), cos, sin)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        RMSNorm(8)(torch.ones(3, 8, dtype=torch.long))
+
+# --- book/01_weight_tied_block.py, cell 161 ---
+def test_bad_positions_raise():
+    torch.manual_seed(0)
+    block = Block(64, 4)
+    rope = RotaryEmbedding(16, 32)
+    cos, sin = rope(12)
+    with pytest.raises(ValueError, match="sequence is too long"):
+        rope(40)
+    with pytest.raises(ValueError, match="longer than the rope tables"):
+        block(torch.randn(2, 40, 64), cos, sin)
+    with pytest.raises(ValueError, match="pass the rows for x's positions"):
+        block(torch.randn(2, 5, 64), cos, sin)
+    with pytest.raises(ValueError, match="t_q=3 queries need at least as many keys"):
+        causal_mask(3, 2)
