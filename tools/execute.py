@@ -24,6 +24,19 @@ BOOK = ROOT / "book"
 ADDRESS = re.compile(r"\bat 0x[0-9a-fA-F]{6,}")
 
 
+def coalesce_streams(outputs):
+    """Merge consecutive stdout (or stderr) chunks: how a stream is split depends on timing."""
+    merged = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (output.get("output_type") == "stream" and previous is not None
+                and previous.get("output_type") == "stream" and previous.get("name") == output.get("name")):
+            previous["text"] = previous["text"] + output["text"]
+        else:
+            merged.append(output)
+    return merged
+
+
 def scrub(nb) -> list[str]:
     """Drop run-specific metadata in place; return the cells whose output shows an address."""
     nb.metadata.get("language_info", {}).pop("version", None)
@@ -31,6 +44,8 @@ def scrub(nb) -> list[str]:
     for i, cell in enumerate(nb.cells):
         cell.id = f"cell-{i}"  # stable ids: jupytext would draw random ones on every run
         cell.metadata.pop("execution", None)
+        if "outputs" in cell:
+            cell.outputs = coalesce_streams(cell.outputs)
         for output in cell.get("outputs", []):
             text = output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
             if ADDRESS.search(text):
