@@ -1,0 +1,406 @@
+# Generated from book/02_one_step_is_a_gpt.py: edit the chapter, then run `make export`.
+# fmt: off
+__all__ = ['GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count']
+# fmt: on
+
+# --- book/02_one_step_is_a_gpt.py, cell 8 ---
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding, block_param_count
+from looplm.data import IGNORE_INDEX
+
+# --- book/02_one_step_is_a_gpt.py, cell 11 ---
+def _require_int(name, value, low):
+    """ValueError unless `value` is an int >= low (a bool does not count as an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _require_number(name, value, above):
+    """ValueError unless `value` is a finite number > above."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or not value > above):
+        raise ValueError(f"{name} must be a finite number > {above}, got {value!r}")
+
+
+def _require_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _require_choice(name, value, allowed):
+    if not isinstance(value, str) or value not in allowed:
+        names = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {names}; got {value!r}")
+
+# --- book/02_one_step_is_a_gpt.py, cell 13 ---
+def _validate_common(cfg):
+    """The checks GPTConfig and LoopLMConfig share."""
+    _require_int("vocab_size", cfg.vocab_size, 1)
+    _require_int("d_model", cfg.d_model, 1)
+    _require_int("n_heads", cfg.n_heads, 1)
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"n_heads must divide d_model, got n_heads={cfg.n_heads} "
+                         f"and d_model={cfg.d_model}")
+    if (cfg.d_model // cfg.n_heads) % 2:
+        raise ValueError(f"head_dim = d_model // n_heads = {cfg.d_model // cfg.n_heads} must be "
+                         f"even for rotary embeddings (d_model={cfg.d_model}, n_heads={cfg.n_heads})")
+    if cfg.d_hidden is not None:
+        _require_int("d_hidden", cfg.d_hidden, 1)
+    _require_int("max_seq_len", cfg.max_seq_len, 1)
+    _require_choice("norm_style", cfg.norm_style, NORM_STYLES)
+    _require_bool("tie_embeddings", cfg.tie_embeddings)
+    _require_number("rope_base", cfg.rope_base, 1)
+    _require_number("eps", cfg.eps, 0)
+    _require_number("init_std", cfg.init_std, 0)
+
+# --- book/02_one_step_is_a_gpt.py, cell 15 ---
+@dataclass(frozen=True)
+class GPTConfig:
+    """A standard decoder-only transformer: embedding, n_layers distinct blocks, norm, head.
+
+    Every field is validated when the config is made (ValueError naming the field). The config
+    is frozen: make a variant with dataclasses.replace(cfg, n_layers=8), which validates again.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    n_layers: int
+    d_hidden: int | None = None  # SwiGLU hidden size; None: 8/3 d_model rounded up to a multiple of 8
+    max_seq_len: int = 256       # the longest sequence the rope tables cover
+    norm_style: str = "pre"      # "pre", "sandwich" (Ouro) or "huginn": see Block
+    tie_embeddings: bool = True  # the LM head reuses the embedding matrix
+    rope_base: float = 10000.0
+    eps: float = 1e-6            # RMSNorm epsilon
+    init_std: float = 0.02       # std of the normal init of every embedding and linear weight
+
+    def __post_init__(self):
+        _validate_common(self)
+        _require_int("n_layers", self.n_layers, 1)
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+# --- book/02_one_step_is_a_gpt.py, cell 21 ---
+def _check_token_ids(name, ids, vocab_size, max_seq_len):
+    """Raise unless `ids` is an integer [B, T] tensor, T <= max_seq_len, ids in [0, vocab_size)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got dtype {ids.dtype}")
+    if ids.ndim != 2 or ids.numel() == 0:
+        raise ValueError(f"{name} must have shape [B, T] with B, T >= 1, got {list(ids.shape)}")
+    if ids.shape[1] > max_seq_len:
+        raise ValueError(f"{name} has T={ids.shape[1]} positions but max_seq_len={max_seq_len}")
+    low, high = ids.min().item(), ids.max().item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): "
+                         f"min {low}, max {high}")
+
+# --- book/02_one_step_is_a_gpt.py, cell 23 ---
+def _init_weights(modules, std):
+    """Normal(0, std) for every Linear and Embedding weight inside `modules`; norm gains stay 1."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+
+# --- book/02_one_step_is_a_gpt.py, cell 25 ---
+class GPT(nn.Module):
+    """A standard causal LM: embed -> n_layers distinct Blocks -> RMSNorm -> LM head.
+
+    gpt(idx [B, T] integer ids) -> logits [B, T, vocab_size]. The rope tables are built once
+    (self.rope) and shared by every block.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.rope = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_base)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, c.d_hidden, c.norm_style, c.eps)
+                                    for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.d_model, c.eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        _init_weights([self.embed, self.blocks, self.lm_head], c.init_std)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight  # one matrix, used twice
+
+    def forward(self, idx):
+        c = self.config
+        _check_token_ids("idx", idx, c.vocab_size, c.max_seq_len)
+        cos, sin = self.rope(idx.shape[1])       # (T, hs/2) each
+        h = self.embed(idx)                      # (B, T, D)
+        for block in self.blocks:
+            h = block(h, cos, sin)               # (B, T, D)
+        return self.lm_head(self.norm(h))        # (B, T, V)
+
+# --- book/02_one_step_is_a_gpt.py, cell 43 ---
+class NoInjection(nn.Module):
+    """injection="none": the core sees only its previous output, inject(h, x0) = h (Ouro)."""
+
+    def __init__(self, config):
+        super().__init__()
+
+    def forward(self, h, x0):
+        return h
+
+
+class EmbeddingInit(nn.Module):
+    """init_state="embedding": the loop starts from the prelude's output, h_0 = x0 (as a GPT does)."""
+
+    def __init__(self, config):
+        super().__init__()
+
+    def forward(self, x0):
+        return x0
+
+# --- book/02_one_step_is_a_gpt.py, cell 46 ---
+INJECTIONS = {"none": NoInjection}          # chapter 3 adds "add" and "concat"
+INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random"
+EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
+
+# --- book/02_one_step_is_a_gpt.py, cell 51 ---
+def _validate_exit_gate(cfg):
+    _require_bool("exit_gate", cfg.exit_gate)
+    if not isinstance(cfg.gate_head, str):
+        raise ValueError(f"gate_head must be a str naming an entry of EXIT_GATES, got {cfg.gate_head!r}")
+    if not cfg.exit_gate:
+        return
+    if not EXIT_GATES:
+        raise ValueError("exit_gate=True, but no exit gate is available yet: EXIT_GATES is empty "
+                         "until chapter 5 (adaptive depth) registers one; use exit_gate=False")
+    _require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
+
+# --- book/02_one_step_is_a_gpt.py, cell 53 ---
+@dataclass(frozen=True)
+class LoopLMConfig:
+    """A looped LM: embed -> prelude (once) -> core (n_loops times, shared weights) -> readout.
+
+    The readout after every step is coda (n_coda blocks) -> RMSNorm -> LM head. Every field is
+    validated when the config is made (ValueError naming the field, the value and what is
+    allowed). Frozen: use dataclasses.replace(cfg, n_loops=8) for a variant.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    n_prelude: int = 0           # blocks run once before the loop
+    n_core: int = 1              # blocks in the looped core
+    n_coda: int = 0              # blocks run once per readout, after the loop state
+    n_loops: int = 4             # loop steps S (model(idx, n_loops=k) overrides it)
+    exit_gate: bool = False      # build an exit gate (chapter 5) from EXIT_GATES[gate_head]
+    injection: str = "none"      # a key of INJECTIONS: how x0 re-enters the loop at every step
+    init_state: str = "embedding"  # a key of INIT_STATES: how h_0 is made from x0
+    gate_head: str = "linear"    # a key of EXIT_GATES, used when exit_gate=True
+    d_hidden: int | None = None  # SwiGLU hidden size; None: 8/3 d_model rounded up to a multiple of 8
+    max_seq_len: int = 256
+    norm_style: str = "pre"      # "pre", "sandwich" (Ouro) or "huginn": see Block
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        _validate_common(self)
+        _require_int("n_prelude", self.n_prelude, 0)
+        _require_int("n_core", self.n_core, 1)
+        _require_int("n_coda", self.n_coda, 0)
+        _require_int("n_loops", self.n_loops, 1)
+        _require_choice("injection", self.injection, tuple(INJECTIONS))
+        _require_choice("init_state", self.init_state, tuple(INIT_STATES))
+        _validate_exit_gate(self)
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    def effective_depth(self, n_loops=None):
+        """Blocks on the path to the last readout: n_prelude + n_core * n_loops + n_coda."""
+        n_loops = self.n_loops if n_loops is None else n_loops
+        _require_int("n_loops", n_loops, 1)
+        return self.n_prelude + self.n_core * n_loops + self.n_coda
+
+# --- book/02_one_step_is_a_gpt.py, cell 57 ---
+@dataclass
+class LoopOutput:
+    """What LoopLM.forward returns. S is the number of loop steps that ran."""
+
+    logits: torch.Tensor                     # [S, B, T, V] readout after each step
+    gate: torch.Tensor | None = None         # [S, B, T] exit gate λ_t in (0, 1), with a gate
+    exit_probs: torch.Tensor | None = None   # [S, B, T] p(t | x), sums to 1 over S, with a gate
+    step_losses: torch.Tensor | None = None  # [S, B, T] per-token CE per step, 0 where ignored
+    loss: torch.Tensor | None = None         # scalar: mean of step_losses[-1] over learned tokens
+    hidden: torch.Tensor | None = None       # [S, B, T, D] loop states h_1..h_S (return_hidden)
+
+# --- book/02_one_step_is_a_gpt.py, cell 60 ---
+def token_losses(logits, targets):
+    """Per-token cross-entropy: logits [..., B, T, V], targets [B, T] -> [..., B, T].
+
+    Positions whose target is IGNORE_INDEX get loss 0. Computed in float32.
+    """
+    lead = logits.shape[:-3]                                  # e.g. (S,)
+    targets = targets.long().expand(*lead, *targets.shape)    # (..., B, T)
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.view(targets.shape)                         # (..., B, T)
+
+# --- book/02_one_step_is_a_gpt.py, cell 62 ---
+def _check_targets(targets, idx, vocab_size):
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be an integer tensor (torch.long), got dtype {targets.dtype}")
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets must have the shape of idx {list(idx.shape)}, "
+                         f"got {list(targets.shape)}")
+    learned = targets != IGNORE_INDEX
+    if not learned.any():
+        raise ValueError(f"targets has no position to learn: every entry is IGNORE_INDEX={IGNORE_INDEX}")
+    bad = learned & ((targets < 0) | (targets >= vocab_size))
+    if bad.any():
+        raise ValueError(f"targets holds ids outside [0, vocab_size={vocab_size}) other than "
+                         f"IGNORE_INDEX={IGNORE_INDEX}, e.g. {targets[bad][0].item()}")
+
+# --- book/02_one_step_is_a_gpt.py, cell 65 ---
+class LoopLM(nn.Module):
+    """A looped (weight-tied) causal LM with a readout after every loop step.
+
+    x0 = prelude(embed(idx)); h_0 = init_state(x0); for t = 1..S:
+        h_t = core(injection(h_{t-1}, x0))                 (the same core weights every step)
+        logits_t = lm_head(norm(coda(h_t)))                (coda runs per readout, not fed back)
+    model(idx [B, T]) -> LoopOutput with logits [S, B, T, V]; S = config.n_loops unless
+    n_loops= is given. With targets= [B, T] also step_losses [S, B, T] and loss (last step).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, LoopLMConfig):
+            raise TypeError(f"config must be a LoopLMConfig, got {type(config).__name__}")
+        self.config = c = config
+
+        def blocks(n):
+            return nn.ModuleList(Block(c.d_model, c.n_heads, c.d_hidden, c.norm_style, c.eps)
+                                 for _ in range(n))
+
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.rope = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_base)
+        self.prelude, self.core, self.coda = blocks(c.n_prelude), blocks(c.n_core), blocks(c.n_coda)
+        self.norm = RMSNorm(c.d_model, c.eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        _init_weights([self.embed, self.prelude, self.core, self.coda, self.lm_head], c.init_std)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # the extension points: each factory builds (and initialises) its own module
+        self.init_state = INIT_STATES[c.init_state](c)
+        self.injection = INJECTIONS[c.injection](c)
+        self.exit_gate = EXIT_GATES[c.gate_head](c) if c.exit_gate else None
+
+    def encode(self, idx, cos, sin):
+        """x0 = prelude(embed(idx)): the input representation every step can see. -> [B, T, D]"""
+        x = self.embed(idx)                                   # (B, T, D)
+        for block in self.prelude:
+            x = block(x, cos, sin)
+        return x
+
+    def step(self, h, x0, cos, sin):
+        """One loop step: h_t = core(injection(h_{t-1}, x0)). -> [B, T, D]"""
+        h = self.injection(h, x0)
+        for block in self.core:
+            h = block(h, cos, sin)
+        return h
+
+    def readout(self, h, cos, sin):
+        """The prediction from state h: (logits [B, T, V], z [B, T, D]), z = norm(coda(h))."""
+        for block in self.coda:
+            h = block(h, cos, sin)
+        z = self.norm(h)
+        return self.lm_head(z), z
+
+    def forward(self, idx, targets=None, n_loops=None, return_hidden=False):
+        c = self.config
+        _check_token_ids("idx", idx, c.vocab_size, c.max_seq_len)
+        if targets is not None:
+            _check_targets(targets, idx, c.vocab_size)
+        n_loops = c.n_loops if n_loops is None else n_loops
+        _require_int("n_loops", n_loops, 1)
+        _require_bool("return_hidden", return_hidden)
+
+        cos, sin = self.rope(idx.shape[1])                    # (T, hs/2) each
+        x0 = self.encode(idx, cos, sin)                       # (B, T, D)
+        h = self.init_state(x0)                               # h_0: (B, T, D)
+        logits, gates, hidden = [], [], []
+        for _ in range(n_loops):
+            h = self.step(h, x0, cos, sin)                    # h_t: (B, T, D)
+            step_logits, z = self.readout(h, cos, sin)        # (B, T, V), (B, T, D)
+            logits.append(step_logits)
+            if self.exit_gate is not None:
+                gates.append(self.exit_gate(z))               # (B, T)
+            if return_hidden:
+                hidden.append(h)
+
+        out = LoopOutput(logits=torch.stack(logits))          # (S, B, T, V)
+        if gates:
+            out.gate = torch.stack(gates)                     # (S, B, T)
+            out.exit_probs = self.exit_gate.exit_probs(out.gate)
+        if return_hidden:
+            out.hidden = torch.stack(hidden)                  # (S, B, T, D)
+        if targets is not None:
+            out.step_losses = token_losses(out.logits, targets)           # (S, B, T)
+            n_learned = (targets != IGNORE_INDEX).sum()
+            out.loss = out.step_losses[-1].sum() / n_learned
+        return out
+
+    @classmethod
+    def from_gpt(cls, gpt, n_loops=1):
+        """The LoopLM whose core is gpt's stack (n_core = n_layers, no prelude or coda).
+
+        Every weight is copied from gpt (the new model shares no tensor with it). With
+        n_loops=1 its logits equal gpt's; with more steps it loops gpt's whole stack (Ouro).
+        """
+        if not isinstance(gpt, GPT):
+            raise TypeError(f"gpt must be a GPT, got {type(gpt).__name__}")
+        g = gpt.config
+        config = LoopLMConfig(
+            vocab_size=g.vocab_size, d_model=g.d_model, n_heads=g.n_heads, n_core=g.n_layers,
+            n_loops=n_loops, d_hidden=g.d_hidden, max_seq_len=g.max_seq_len,
+            norm_style=g.norm_style, tie_embeddings=g.tie_embeddings, rope_base=g.rope_base,
+            eps=g.eps, init_std=g.init_std)
+        first = next(gpt.parameters())
+        model = cls(config).to(device=first.device, dtype=first.dtype)
+        # the GPT's "blocks.<i>.…" are the looped model's "core.<i>.…"; every other name matches
+        state = {("core." + name[len("blocks."):] if name.startswith("blocks.") else name): tensor
+                 for name, tensor in gpt.state_dict().items()}
+        model.load_state_dict(state)  # strict: every weight is matched by name, or this raises
+        return model
+
+# --- book/02_one_step_is_a_gpt.py, cell 104 ---
+def gpt_param_count(config):
+    """Parameters of GPT(config): V d (x2 if untied) + n_layers * block + d (final norm)."""
+    c = config
+    embeddings = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+    block = block_param_count(c.d_model, c.n_heads, c.d_hidden, c.norm_style)
+    return embeddings + c.n_layers * block + c.d_model
+
+
+def looplm_param_count(config):
+    """Parameters of LoopLM(config): like a GPT of n_prelude + n_core + n_coda blocks, plus the
+    registry modules (injection, initial state, exit gate), counted by building them.
+    Independent of n_loops."""
+    c = config
+    embeddings = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+    block = block_param_count(c.d_model, c.n_heads, c.d_hidden, c.norm_style)
+    extensions = [INJECTIONS[c.injection](c), INIT_STATES[c.init_state](c)]
+    if c.exit_gate:
+        extensions.append(EXIT_GATES[c.gate_head](c))
+    n_extension = sum(p.numel() for m in extensions for p in m.parameters())
+    return embeddings + (c.n_prelude + c.n_core + c.n_coda) * block + c.d_model + n_extension
