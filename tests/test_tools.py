@@ -1,0 +1,140 @@
+"""The pipeline's own tools, on a throwaway book: export is deterministic, and the checks catch
+a hand-edited generated file, a chapter never exported, and a notebook out of sync."""
+
+import contextlib
+import importlib.util
+import io
+import shutil
+import sys
+import textwrap
+from types import SimpleNamespace
+from pathlib import Path
+
+import jupytext
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHAPTER = textwrap.dedent('''\
+    # ---
+    # jupyter:
+    #   jupytext:
+    #     formats: ipynb,py:percent
+    #     text_representation:
+    #       extension: .py
+    #       format_name: percent
+    #   kernelspec:
+    #     display_name: Python 3
+    #     language: python
+    #     name: python3
+    # ---
+
+    # %% [markdown]
+    # # Chapter 7: A toy
+
+    # %%
+    #| default_exp toy
+
+    # %%
+    #| export
+    def double(x):
+        return 2 * x
+
+    _private = 1
+
+    # %%
+    print("notebook only")
+
+    # %%
+    #| test
+    def test_double():
+        assert double(2) == 4
+
+    test_double()
+    ''')
+
+
+@pytest.fixture()
+def book(tmp_path):
+    for name in ("export.py", "sync.py"):
+        (tmp_path / "tools").mkdir(exist_ok=True)
+        shutil.copy(ROOT / "tools" / name, tmp_path / "tools" / name)
+    for folder in ("book", "looplm", "kernels", "tests"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "looplm" / "__init__.py").write_text("")
+    (tmp_path / "book" / "07_toy.py").write_text(CHAPTER)
+    return tmp_path
+
+
+def run(book, tool, *args):
+    """Run tools/<tool> of the throwaway book in this process (its ROOT is the throwaway book)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{tool[:-3]}", book / "tools" / tool)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = module.main(list(args)) if tool == "export.py" else module.main()
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_export_writes_module_and_tests_with_provenance(book):
+    assert run(book, "export.py").returncode == 0
+    module = (book / "looplm" / "toy.py").read_text()
+    assert module.startswith("# Generated from book/07_toy.py")
+    assert "__all__ = ['double']" in module  # _private is not public
+    assert "# --- book/07_toy.py, cell 2 ---" in module
+    assert "notebook only" not in module
+    tests = (book / "tests" / "test_07_toy.py").read_text()
+    assert "from looplm.toy import (" in tests and "def test_double" in tests
+    assert "test_double()" not in tests.replace("def test_double()", "")  # the call stays in the notebook
+
+
+def test_export_is_deterministic_and_check_passes(book):
+    run(book, "export.py")
+    first = {p: p.read_text() for p in book.rglob("*.py")}
+    assert run(book, "export.py").stdout == ""  # nothing to write the second time
+    assert {p: p.read_text() for p in book.rglob("*.py")} == first
+    assert run(book, "export.py", "--check").returncode == 0
+
+
+def test_check_catches_a_hand_edited_generated_file(book):
+    run(book, "export.py")
+    with (book / "looplm" / "toy.py").open("a") as f:
+        f.write("x = 1\n")
+    result = run(book, "export.py", "--check")
+    assert result.returncode == 1 and "looplm/toy.py differs" in result.stderr
+
+
+def test_check_catches_a_chapter_never_exported(book):
+    result = run(book, "export.py", "--check")
+    assert result.returncode == 1 and "looplm/toy.py is missing" in result.stderr
+
+
+def test_check_catches_a_module_no_chapter_builds(book):
+    run(book, "export.py")
+    (book / "looplm" / "stray.py").write_text("x = 1\n")
+    result = run(book, "export.py", "--check")
+    assert result.returncode == 1 and "no chapter builds" in result.stderr
+
+
+def test_export_rejects_unknown_directives(book):
+    chapter = book / "book" / "07_toy.py"
+    chapter.write_text(CHAPTER.replace("#| test", "#| tset"))
+    result = run(book, "export.py")
+    assert result.returncode == 1 and "unknown directive" in result.stderr
+
+
+def test_sync_check(book):
+    chapter = book / "book" / "07_toy.py"
+    result = run(book, "sync.py")
+    assert result.returncode == 1 and "no executed notebook" in result.stderr
+    notebook = jupytext.read(chapter)
+    for i, cell in enumerate(notebook.cells):
+        if cell.cell_type == "code":
+            cell.execution_count = i
+    jupytext.write(notebook, chapter.with_suffix(".ipynb"), fmt="ipynb")
+    assert run(book, "sync.py").returncode == 0
+    chapter.write_text(CHAPTER.replace("notebook only", "changed"))
+    result = run(book, "sync.py")
+    assert result.returncode == 1 and "differs from the notebook in its source" in result.stderr
