@@ -138,3 +138,16 @@ def test_sync_check(book):
     chapter.write_text(CHAPTER.replace("notebook only", "changed"))
     result = run(book, "sync.py")
     assert result.returncode == 1 and "differs from the notebook in its source" in result.stderr
+
+
+def test_main_guard_goes_last_in_its_module(book):
+    chapter = book / "book" / "07_toy.py"
+    guard = ('# %%\n#| export\ndef main():\n    return 0\n\n'
+             'if __name__ == "__main__" and "get_ipython" not in globals():\n    main()\n\n')
+    text = CHAPTER.replace("# %%\nprint(", guard + "# %%\nprint(")
+    chapter.write_text(text)
+    (book / "book" / "08_more.py").write_text(CHAPTER.split("# %% [markdown]")[0]
+                                              + "# %%\n#| export toy\nLATER = 1\n")
+    assert run(book, "export.py").returncode == 0
+    module = (book / "looplm" / "toy.py").read_text()
+    assert module.index("LATER = 1") < module.index("def main") < module.index("__main__")

@@ -157,7 +157,19 @@ def header(sources: list[str]) -> str:
     return f"{GENERATED_MARK}{listed}: edit the chapter, then run `make export`.\n"
 
 
+def runs_as_main(code: str) -> bool:
+    """Does the code hold a top-level `if __name__ == "__main__"` guard?"""
+    for node in ast.parse(code).body:
+        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) \
+                and "__main__" in ast.unparse(node.test):
+            return True
+    return False
+
+
 def render_module(target: Target) -> str:
+    # A cell with the `if __name__ == "__main__"` guard goes last, so that `python -m` runs it
+    # after every cell, including cells a later chapter adds to the same module.
+    target = Target(sorted(target.pieces, key=lambda p: runs_as_main(p.code)))
     sources = sorted({p.chapter for p in target.pieces}, key=lambda s: s)
     names: list[str] = []
     for piece in target.pieces:
