@@ -1,6 +1,6 @@
-# Generated from book/02_one_step_is_a_gpt.py: edit the chapter, then run `make export`.
+# Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count']
+__all__ = ['GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit']
 # fmt: on
 
 # --- book/02_one_step_is_a_gpt.py, cell 8 ---
@@ -404,3 +404,90 @@ def looplm_param_count(config):
         extensions.append(EXIT_GATES[c.gate_head](c))
     n_extension = sum(p.numel() for m in extensions for p in m.parameters())
     return embeddings + (c.n_prelude + c.n_core + c.n_coda) * block + c.d_model + n_extension
+
+# --- book/03_fixed_loops.py, cell 16 ---
+import math
+
+import torch
+from torch import nn
+
+from looplm.block import RMSNorm
+
+
+class AddInjection(nn.Module):
+    """injection="add": inject(h, x0) = h + RMSNorm(x0), with the norm's own learned gain.
+
+    The additive injection of Yang et al. (arXiv 2311.12424) and TRM, with the input
+    normalised so that the gain `self.norm.weight` [d_model] sets its scale (starts at 1).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.eps)
+
+    def forward(self, h, x0):
+        return h + self.norm(x0)                              # (B, T, D)
+
+# --- book/03_fixed_loops.py, cell 19 ---
+class ConcatInjection(nn.Module):
+    """injection="concat": inject(h, x0) = adapter([h; x0]), a Linear(2 d -> d) (Huginn).
+
+    The adapter's weight [d_model, 2 d_model] starts as Normal(0, 2 / (5 d_model)), Huginn's
+    initialisation; no bias. Its first d columns act on the state, the last d on the input.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.d_model
+        self.adapter = nn.Linear(2 * d, d, bias=False)
+        nn.init.normal_(self.adapter.weight, mean=0.0, std=math.sqrt(2 / (5 * d)))
+
+    def forward(self, h, x0):
+        return self.adapter(torch.cat([h, x0], dim=-1))      # (B, T, 2D) -> (B, T, D)
+
+# --- book/03_fixed_loops.py, cell 21 ---
+INJECTIONS.update({"add": AddInjection, "concat": ConcatInjection})
+
+# --- book/03_fixed_loops.py, cell 33 ---
+def _require_injection(config, init_state):
+    """init_state `init_state` drops x0, so the loop must get it back through an injection."""
+    if config.injection == "none":
+        others = ", ".join(repr(name) for name in INJECTIONS if name != "none")
+        raise ValueError(f"init_state={init_state!r} starts the loop without the input and "
+                         f"injection='none' never adds it, so the model could not see its tokens; "
+                         f"use an injection ({others}) or init_state='embedding'")
+
+# --- book/03_fixed_loops.py, cell 35 ---
+class ZerosInit(nn.Module):
+    """init_state="zeros": h_0 = 0 (Yang et al., arXiv 2311.12424). Needs an injection."""
+
+    def __init__(self, config):
+        super().__init__()
+        _require_injection(config, "zeros")
+
+    def forward(self, x0):
+        return torch.zeros_like(x0)                           # (B, T, D)
+
+# --- book/03_fixed_loops.py, cell 37 ---
+class RandomInit(nn.Module):
+    """init_state="random": h_0 ~ Normal(0, 2/5) truncated at ±3σ, a fresh draw per forward (Huginn).
+
+    Draws come from `self.generator` when it is set (a torch.Generator on x0's device), else
+    from torch's global generator (seeded by torch.manual_seed). Needs an injection.
+    """
+
+    std = math.sqrt(2 / 5)
+
+    def __init__(self, config):
+        super().__init__()
+        _require_injection(config, "random")
+        self.generator = None
+
+    def forward(self, x0):
+        h0 = torch.empty(x0.shape, device=x0.device, dtype=torch.float32)
+        nn.init.trunc_normal_(h0, mean=0.0, std=self.std, a=-3 * self.std, b=3 * self.std,
+                              generator=self.generator)
+        return h0.to(x0.dtype)                                # (B, T, D)
+
+# --- book/03_fixed_loops.py, cell 38 ---
+INIT_STATES.update({"zeros": ZerosInit, "random": RandomInit})

@@ -1,0 +1,1787 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 3: Fixed loops
+#
+# Chapter 2 built `LoopLM`: a core of blocks applied $S$ times with the same weights, and a
+# prediction read out after every step. So far nothing has been trained. This chapter trains
+# looped models with a **fixed** number of steps and asks what the loop buys.
+#
+# The question has a precise form. A model that loops one block 4 times has the *parameters*
+# of a 1-layer transformer and the *compute* of a 4-layer one. So there are two fair
+# baselines: a stacked model with the same parameters (1 layer) and a stacked model with the
+# same compute (4 distinct layers). Section 3.8 trains all three on the same data with the
+# same optimizer and seeds, and measures them.
+
+# %% [markdown]
+# Before that, the pieces a looped model needs beyond chapter 2:
+#
+# 1. **where the loop goes**: the whole stack (Ouro) or a prelude, a looped core and a coda
+#    (Huginn), as configs;
+# 2. **input injection**: how the input re-enters the loop at every step (none, added, or
+#    concatenated through an adapter);
+# 3. **the initial state** $h_0$: the embedding, zeros, or random noise;
+# 4. **diagnostics** of the loop state: its size and how much each step changes it;
+# 5. **a training loop**, `looplm.train`, that resumes exactly from a saved state;
+# 6. a trained looped model, its readout after every step, and what happens when it runs
+#    **more or fewer steps** than it was trained with;
+# 7. **the experiment**: looped vs same-parameters vs same-compute;
+# 8. injection and norm placement, compared on trained models;
+# 9. clear errors for bad input.
+#
+# The injections, initial states and diagnostics extend `looplm/model.py` and go to
+# `looplm/diagnostics.py`; the training loop becomes `looplm/train.py`.
+
+# %%
+import math
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looplm.block import RMSNorm
+from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
+from looplm.model import INIT_STATES, INJECTIONS, LoopLM, LoopLMConfig, looplm_param_count
+from looplm.testing import run_tests
+
+_ = torch.manual_seed(0)
+print("torch", torch.__version__)
+
+# %% [markdown]
+# Every model in this chapter reads the 23-token character vocabulary of chapter 0's tasks:
+
+# %% tags=["nbval-check-output"]
+VOCAB_SIZE = TASK_VOCAB.vocab_size
+print("vocabulary:", VOCAB_SIZE, "tokens")
+
+# %% [markdown]
+# The next cell names the module that this chapter's `#| export` cells go to by default:
+# chapter 2's `looplm/model.py`, which this chapter extends. Cells marked `#| export train` and
+# `#| export diagnostics` go to `looplm/train.py` and `looplm/diagnostics.py` instead.
+
+# %%
+#| default_exp model
+
+# %% [markdown]
+# ## 3.1 Where the loop goes
+#
+# `LoopLMConfig` splits the blocks three ways: `n_prelude` blocks run once on the embedded
+# input, `n_core` blocks are looped `n_loops` times, and `n_coda` blocks run on each readout.
+# The published designs are points in that space:
+#
+# - **Ouro** (arXiv 2510.25741) loops its whole 24-layer stack: no prelude, no coda, $n_{\text{core}} = L$,
+#   4 steps. Its output after $t$ steps is $\mathrm{lmhead} \circ (M^L)^t \circ \mathrm{emb}$.
+# - **Huginn** (arXiv 2502.05171) has the shape (2, 4, 2): two prelude blocks, a core of four
+#   looped $r$ times (32 on average in training), two coda blocks.
+# - **Mixture-of-Recursions** (arXiv 2507.10524) calls its best parameter-sharing scheme
+#   *Middle-Cycle*: the first and the last layer are unique, the layers between are shared
+#   and cycled.
+# - The smallest such design keeps one block before the loop, one shared block looped, and
+#   one block after: unique local processing at both ends, shared depth in the middle.
+
+# %% [markdown]
+# The effective depth of a run, from chapter 2, is the number of blocks on the path to the
+# last readout:
+#
+# $$ D_{\text{eff}}(S) = n_{\text{prelude}} + n_{\text{core}} \cdot S + n_{\text{coda}}. $$
+#
+# A small function draws a config as the sequence of blocks a token passes through. `P`, `R`
+# and `C` are prelude, core (recurrent) and coda blocks; the bracket is the loop.
+
+# %%
+def describe(config):
+    """The block sequence of a LoopLMConfig, e.g. 'embed → P → [R R]×3 → C → head'."""
+    parts = ["embed"]
+    if config.n_prelude:
+        parts.append(" ".join("P" * config.n_prelude))
+    parts.append(f"[{' '.join('R' * config.n_core)}]×{config.n_loops}")
+    if config.n_coda:
+        parts.append(" ".join("C" * config.n_coda))
+    return " → ".join(parts + ["head"])
+
+
+# %% [markdown]
+# Four topologies at width 64. Huginn's core runs 8 times here, not 32, and Ouro's 4-block
+# stack stands in for its 24 layers:
+
+# %% tags=["nbval-check-output"]
+topologies = {
+    "Ouro (whole stack)": dict(n_prelude=0, n_core=4, n_coda=0, n_loops=4),
+    "Huginn (2, 4, 2)": dict(n_prelude=2, n_core=4, n_coda=2, n_loops=8),
+    "Middle-Cycle (1, 2, 1)": dict(n_prelude=1, n_core=2, n_coda=1, n_loops=3),
+    "local before/after": dict(n_prelude=1, n_core=1, n_coda=1, n_loops=4),
+}
+print(f"{'':23s} {'blocks':>6} {'depth':>5} {'params':>8}   path")
+for name, shape in topologies.items():
+    cfg = LoopLMConfig(VOCAB_SIZE, 64, 4, **shape)
+    distinct = cfg.n_prelude + cfg.n_core + cfg.n_coda
+    print(f"{name:23s} {distinct:6d} {cfg.effective_depth():5d} {looplm_param_count(cfg):8,d}   {describe(cfg)}")
+
+# %% [markdown]
+# "blocks" counts distinct blocks, so parameters; "depth" counts blocks on the path, so
+# compute. Huginn's shape at 8 steps is 36 blocks deep with the parameters of 8, and the
+# last design is 6 deep with the parameters of 3. Nothing here is specific to a shape: the
+# rest of the chapter works with any of them. Our experiments use the simplest, a core of one
+# block and no prelude or coda, so that the comparison with stacked models is as clean as
+# possible.
+
+# %% [markdown]
+# ## 3.2 Input injection
+#
+# In chapter 2's loop the core sees only its own previous output:
+#
+# $$ h_t = R(h_{t-1}), \qquad h_0 = x_0 . $$
+#
+# Whatever step $t$ knows about the input, it knows through $h_{t-1}$. Ouro works this way.
+# Most other looped models feed the input $x_0$ (the prelude's output; the embedding when
+# there is no prelude) back in at every step, so that no step can lose it. Chapter 2 left a
+# slot for that, $h_t = R(\mathrm{inject}(h_{t-1}, x_0))$, filled by the registry
+# `INJECTIONS`:
+
+# %% tags=["nbval-check-output"]
+print(INJECTIONS)
+
+# %% [markdown]
+# We add the two published alternatives.
+#
+# **Additive injection.** Yang et al. (arXiv 2311.12424) loop one GPT-2 layer as
+# $z \leftarrow f(z + x)$, and TRM (arXiv 2510.04871) updates its latent as
+# $z \leftarrow f(z + y + x)$: the input is *added* to the state before every application.
+# Our version normalises the input first, with a norm of its own:
+#
+# $$ h_t = R\big(h_{t-1} + \mathrm{RMSNorm}_g(x_0)\big). $$
+#
+# The norm's gain $g \in \mathbb{R}^d$ is learned (initialised to ones), so the model can
+# choose how loud the input is relative to the state. Without it, the input's scale would be
+# whatever the embedding happens to have: $0.02$ per coordinate at initialisation, much
+# smaller than the state after a few steps.
+
+# %%
+#| export
+import math
+
+import torch
+from torch import nn
+
+from looplm.block import RMSNorm
+
+
+class AddInjection(nn.Module):
+    """injection="add": inject(h, x0) = h + RMSNorm(x0), with the norm's own learned gain.
+
+    The additive injection of Yang et al. (arXiv 2311.12424) and TRM, with the input
+    normalised so that the gain `self.norm.weight` [d_model] sets its scale (starts at 1).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.eps)
+
+    def forward(self, h, x0):
+        return h + self.norm(x0)                              # (B, T, D)
+
+# %% [markdown]
+# **Concatenation with an adapter.** Huginn concatenates the state and the input and maps the
+# result back to width $d$ with a learned linear adapter $A: \mathbb{R}^{2d} \to \mathbb{R}^d$.
+# Its authors found that addition works at small scale and concatenation works best at scale.
+#
+# $$ h_t = R\big(W_A\, [h_{t-1}; x_0]\big), \qquad W_A \in \mathbb{R}^{d \times 2d}. $$
+#
+# Split $W_A = [W_h \; W_x]$ into its two $d \times d$ halves, and the adapter is
+# $W_h h_{t-1} + W_x x_0$: a learned linear map of the state plus a learned linear map of the
+# input. Additive injection is the special case $W_h = W_x = I$ (without the norm).
+
+# %% [markdown]
+# The adapter needs an initialisation. Huginn draws every linear weight from a normal
+# distribution with standard deviation $\sqrt{2/(5h)}$ at width $h$ (the "std" of its
+# published config, 0.0087 at $h = 5280$). We do the same. With fan-in $2d$, the adapter's
+# output then has about $\sqrt{2d \cdot 2/(5d)} = \sqrt{4/5} \approx 0.9$ times the RMS of
+# its input, so the loop state neither shrinks nor grows much through it at the start.
+
+# %%
+#| export
+class ConcatInjection(nn.Module):
+    """injection="concat": inject(h, x0) = adapter([h; x0]), a Linear(2 d -> d) (Huginn).
+
+    The adapter's weight [d_model, 2 d_model] starts as Normal(0, 2 / (5 d_model)), Huginn's
+    initialisation; no bias. Its first d columns act on the state, the last d on the input.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.d_model
+        self.adapter = nn.Linear(2 * d, d, bias=False)
+        nn.init.normal_(self.adapter.weight, mean=0.0, std=math.sqrt(2 / (5 * d)))
+
+    def forward(self, h, x0):
+        return self.adapter(torch.cat([h, x0], dim=-1))      # (B, T, 2D) -> (B, T, D)
+
+# %% [markdown]
+# Both go into the registry. `LoopLMConfig` validates `injection` against the registry's
+# keys, so from here on the new names are accepted everywhere:
+
+# %%
+#| export
+INJECTIONS.update({"add": AddInjection, "concat": ConcatInjection})
+
+# %% tags=["nbval-check-output"]
+for name in INJECTIONS:
+    cfg = LoopLMConfig(VOCAB_SIZE, 64, 4, injection=name)
+    module = INJECTIONS[name](cfg)
+    print(f"{name:7s} {type(module).__name__:16s} parameters: {sum(p.numel() for p in module.parameters()):5d}")
+
+# %% [markdown]
+# The additive injection adds $d = 64$ parameters (the gain), the adapter $2d^2 = 8{,}192$.
+# Chapter 2's `looplm_param_count` builds the registry modules to count them, so it needs no
+# change:
+
+# %% tags=["nbval-check-output"]
+for name in INJECTIONS:
+    cfg = LoopLMConfig(VOCAB_SIZE, 64, 4, injection=name)
+    print(f"{name:7s} formula {looplm_param_count(cfg):6,d}  counted {sum(p.numel() for p in LoopLM(cfg).parameters()):6,d}")
+
+# %% [markdown]
+# ### Checked by hand
+#
+# A model's `step` must compute the recurrence above, and nothing else. We take one model per
+# injection, give every norm gain a random value (a gain of ones would hide a missing
+# multiplication), and compute one step by hand from the formulas: RMSNorm written out, and
+# the adapter split into its two halves.
+
+# %%
+def randomise_gains(model, seed=0):
+    """Set every RMSNorm gain in `model` to a random value, so that no gain is trivially 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+
+
+def step_by_hand(model, h, x0, cos, sin):
+    """One loop step from the formulas of section 3.2, for a 1-block core."""
+    name, eps = model.config.injection, model.config.eps
+    if name == "none":
+        u = h
+    elif name == "add":
+        g = model.injection.norm.weight
+        u = h + x0 / torch.sqrt(x0.pow(2).mean(-1, keepdim=True) + eps) * g
+    else:  # "concat": W_h h + W_x x0
+        d = h.shape[-1]
+        W = model.injection.adapter.weight                       # (D, 2D)
+        u = h @ W[:, :d].T + x0 @ W[:, d:].T
+    return model.core[0](u, cos, sin)
+
+# %% [markdown]
+# The difference between `model.step` and the hand computation, for a random state and input:
+
+# %% tags=["nbval-check-output"]
+idx = torch.randint(0, VOCAB_SIZE, (2, 9))                       # (B, T)
+for name in INJECTIONS:
+    torch.manual_seed(0)
+    model = LoopLM(LoopLMConfig(VOCAB_SIZE, 64, 4, injection=name))
+    randomise_gains(model)
+    cos, sin = model.rope(9)
+    h, x0 = torch.randn(2, 9, 64), model.encode(idx, cos, sin)   # (B, T, D) each
+    with torch.no_grad():
+        diff = (model.step(h, x0, cos, sin) - step_by_hand(model, h, x0, cos, sin)).abs().max().item()
+    print(f"{name:7s} max |step - by hand| <= 1e-5: {diff <= 1e-5}")
+
+# %% [markdown]
+# The tests check the same at another width, and the whole forward pass against a loop
+# written out step by step with the model's parts: embedding, $h_0 = x_0$, then injection and
+# core $S$ times, with a readout after each step.
+
+# %% tags=["nbval-check-output"]
+#| test
+import math
+
+import pytest
+import torch
+
+from looplm.block import RMSNorm
+from looplm.model import INIT_STATES, INJECTIONS, LoopLM, LoopLMConfig, looplm_param_count
+
+
+def _random_gains(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+
+
+def _loop_by_hand(model, idx, n_loops, inject):
+    """Logits [S, B, T, V] of a 1-block-core LoopLM with h_0 = x0, `inject` given as a formula."""
+    cos, sin = model.rope(idx.shape[1])
+    x0 = model.embed(idx)
+    h, logits = x0, []
+    for _ in range(n_loops):
+        h = model.core[0](inject(h, x0), cos, sin)
+        logits.append(model.lm_head(model.norm(h)))
+    return torch.stack(logits)
+
+
+def test_injections_match_their_formulas():
+    d, eps = 32, 1e-6
+    formulas = {
+        "none": lambda m: (lambda h, x0: h),
+        "add": lambda m: (lambda h, x0: h + x0 * torch.rsqrt(x0.pow(2).mean(-1, keepdim=True) + eps)
+                          * m.injection.norm.weight),
+        "concat": lambda m: (lambda h, x0: h @ m.injection.adapter.weight[:, :d].T
+                             + x0 @ m.injection.adapter.weight[:, d:].T),
+    }
+    for seed, (name, formula) in enumerate(formulas.items()):
+        torch.manual_seed(seed)
+        model = LoopLM(LoopLMConfig(vocab_size=30, d_model=d, n_heads=4, n_loops=3, injection=name,
+                                    norm_style="sandwich", eps=eps))
+        _random_gains(model, seed)
+        idx = torch.randint(0, 30, (2, 7))
+        with torch.no_grad():
+            expected = _loop_by_hand(model, idx, 3, formula(model))
+            torch.testing.assert_close(model(idx).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_injection_parameters_and_init():
+    cfg = LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, injection="concat")
+    torch.manual_seed(0)
+    adapter = INJECTIONS["concat"](cfg).adapter
+    assert adapter.weight.shape == (32, 64) and adapter.bias is None
+    assert abs(adapter.weight.std().item() - math.sqrt(2 / (5 * 32))) < 0.01
+    add = INJECTIONS["add"](LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, injection="add"))
+    assert [p.shape for p in add.parameters()] == [(32,)] and bool((add.norm.weight == 1).all())
+    for name, extra in (("none", 0), ("add", 32), ("concat", 2 * 32 * 32)):
+        cfg = LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, injection=name)
+        base = looplm_param_count(LoopLMConfig(vocab_size=30, d_model=32, n_heads=4))
+        assert looplm_param_count(cfg) == base + extra == sum(p.numel() for p in LoopLM(cfg).parameters())
+
+
+run_tests(test_injections_match_their_formulas, test_injection_parameters_and_init)
+
+# %% [markdown]
+# ## 3.3 The initial state
+#
+# The loop needs a state to start from, $h_0 = \mathrm{init}(x_0)$. Chapter 2 starts from
+# the input itself, $h_0 = x_0$, which makes one step of a looped model a GPT. Two other
+# choices are published:
+#
+# - **zeros**, $h_0 = 0$ (Yang et al.): the first step sees only the injected input;
+# - **random**, $h_0 \sim \mathcal{N}(0, \sigma^2 I)$ truncated (Huginn), with $\sigma^2 = 2/5$.
+#
+# Huginn's authors motivate the random start with *path independence*: if the loop ends up in
+# the same place from any starting point, the result depends on the input and not on $h_0$.
+# Training from random starts pushes the model toward that behaviour.
+
+# %% [markdown]
+# Both choices discard the input as a starting point, so they only make sense with an
+# injection: with `injection="none"` the loop would never see a single token, and the model's
+# prediction could not depend on its input. The factories refuse that combination when the
+# model is built, with an error that says what to use instead:
+
+# %%
+#| export
+def _require_injection(config, init_state):
+    """init_state `init_state` drops x0, so the loop must get it back through an injection."""
+    if config.injection == "none":
+        others = ", ".join(repr(name) for name in INJECTIONS if name != "none")
+        raise ValueError(f"init_state={init_state!r} starts the loop without the input and "
+                         f"injection='none' never adds it, so the model could not see its tokens; "
+                         f"use an injection ({others}) or init_state='embedding'")
+
+# %% [markdown]
+# The zero state is one line:
+
+# %%
+#| export
+class ZerosInit(nn.Module):
+    """init_state="zeros": h_0 = 0 (Yang et al., arXiv 2311.12424). Needs an injection."""
+
+    def __init__(self, config):
+        super().__init__()
+        _require_injection(config, "zeros")
+
+    def forward(self, x0):
+        return torch.zeros_like(x0)                           # (B, T, D)
+
+# %% [markdown]
+# The random state follows Huginn's code: a normal distribution with standard deviation
+# $\sigma = \sqrt{2/5} \approx 0.63$, truncated at $\pm 3\sigma$ (values beyond are never
+# drawn). Huginn's embeddings have the same per-coordinate scale: it draws them with standard
+# deviation $\sqrt{2/(5h)}$ and multiplies them by $\sqrt{h}$. Ours start at $0.02$, so here
+# the random start is about 30 times larger than the embedding; what reaches the core at step
+# 1 is set by the injection.
+#
+# A random draw must still be reproducible. `RandomInit` draws from `self.generator` if one is
+# set (a `torch.Generator` on the device of $x_0$), and otherwise from torch's global random
+# number generator, so that `torch.manual_seed` fixes it. The trainer below saves and restores
+# the global generator's state, so a resumed run draws the same starts as an uninterrupted one.
+# The draw is made in float32 and then cast to $x_0$'s dtype.
+
+# %%
+#| export
+class RandomInit(nn.Module):
+    """init_state="random": h_0 ~ Normal(0, 2/5) truncated at ±3σ, a fresh draw per forward (Huginn).
+
+    Draws come from `self.generator` when it is set (a torch.Generator on x0's device), else
+    from torch's global generator (seeded by torch.manual_seed). Needs an injection.
+    """
+
+    std = math.sqrt(2 / 5)
+
+    def __init__(self, config):
+        super().__init__()
+        _require_injection(config, "random")
+        self.generator = None
+
+    def forward(self, x0):
+        h0 = torch.empty(x0.shape, device=x0.device, dtype=torch.float32)
+        nn.init.trunc_normal_(h0, mean=0.0, std=self.std, a=-3 * self.std, b=3 * self.std,
+                              generator=self.generator)
+        return h0.to(x0.dtype)                                # (B, T, D)
+
+# %%
+#| export
+INIT_STATES.update({"zeros": ZerosInit, "random": RandomInit})
+
+# %% [markdown]
+# What the new entries look like, next to chapter 2's (a model with the additive injection,
+# so that every initial state is allowed):
+
+# %% tags=["nbval-check-output"]
+x0 = 0.02 * torch.randn(2, 9, 64)                                # an embedding-sized input
+for name in INIT_STATES:
+    model = LoopLM(LoopLMConfig(VOCAB_SIZE, 64, 4, injection="add", init_state=name))
+    torch.manual_seed(0)
+    h0 = model.init_state(x0)
+    print(f"{name:9s} h_0 {tuple(h0.shape)}  RMS {h0.pow(2).mean().sqrt().item():.3f}")
+
+# %% [markdown]
+# Now the random state against the formula. A normal distribution truncated at $\pm 3\sigma$
+# has the density of $\mathcal{N}(0, \sigma^2)$ on $[-3\sigma, 3\sigma]$, rescaled by
+# $Z = \Phi(3) - \Phi(-3)$. Its cumulative distribution function and its variance are
+#
+# $$ F(x) = \frac{\Phi(x/\sigma) - \Phi(-3)}{Z}, \qquad
+#    \mathrm{Var} = \sigma^2 \left(1 - \frac{2 \cdot 3\, \varphi(3)}{Z}\right), $$
+#
+# with $\Phi$ and $\varphi$ the standard normal CDF and density. We draw 200,000 values and
+# compare, using only the `math` module for the formulas:
+
+# %%
+def standard_normal_cdf(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def truncated_normal_cdf(x, sigma, cut=3.0):
+    Z = standard_normal_cdf(cut) - standard_normal_cdf(-cut)
+    return (standard_normal_cdf(min(max(x / sigma, -cut), cut)) - standard_normal_cdf(-cut)) / Z
+
+
+def truncated_normal_std(sigma, cut=3.0):
+    Z = standard_normal_cdf(cut) - standard_normal_cdf(-cut)
+    density = math.exp(-cut**2 / 2) / math.sqrt(2 * math.pi)
+    return sigma * math.sqrt(1 - 2 * cut * density / Z)
+
+# %% tags=["nbval-check-output"]
+random_init = INIT_STATES["random"](LoopLMConfig(VOCAB_SIZE, 64, 4, injection="add"))
+random_init.generator = torch.Generator().manual_seed(0)
+draws = random_init(torch.zeros(1, 2000, 100)).flatten()          # 200,000 values
+sigma = math.sqrt(2 / 5)
+print(f"largest |value| / sigma: {draws.abs().max().item() / sigma:.3f}  (never above 3)")
+print(f"std: measured {draws.std().item():.4f}, formula {truncated_normal_std(sigma):.4f}")
+for x in (-sigma, 0.0, 0.5 * sigma, 2 * sigma):
+    measured = (draws <= x).float().mean().item()
+    print(f"P(h <= {x:+.3f}): measured {measured:.4f}, formula {truncated_normal_cdf(x, sigma):.4f}")
+
+# %% [markdown]
+# The measured values agree with the formulas to within the sampling error of 200,000 draws
+# (about 0.001). Reproducibility, both ways:
+
+# %% tags=["nbval-check-output"]
+def draw_twice(init):
+    torch.manual_seed(1)
+    first = init(x0)
+    torch.manual_seed(1)
+    return torch.equal(first, init(x0)), torch.equal(first, init(x0))
+
+
+random_init.generator = None
+print("global seed: same seed same draw, next draw differs:", draw_twice(random_init))
+random_init.generator = torch.Generator().manual_seed(5)
+a = random_init(x0)
+random_init.generator = torch.Generator().manual_seed(5)
+print("own generator: same seed same draw:", torch.equal(a, random_init(x0)))
+
+# %% [markdown]
+# (The first pair is `(True, False)`: reseeding repeats the draw, and the next call, without
+# a reseed, gives a new one.) The tests pin all of this, plus the refusal of an initial state
+# that would hide the input:
+
+# %% tags=["nbval-check-output"]
+#| test
+def _normal_cdf(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def test_zero_and_embedding_states():
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 5, 32)
+    for name, expected in (("embedding", x0), ("zeros", torch.zeros(2, 5, 32))):
+        cfg = LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, injection="add", init_state=name)
+        assert torch.equal(INIT_STATES[name](cfg)(x0), expected)
+    assert INIT_STATES["zeros"](cfg)(x0.bfloat16()).dtype == torch.bfloat16
+
+
+def test_random_state_is_truncated_normal_with_variance_two_fifths():
+    cfg = LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, injection="concat", init_state="random")
+    init = INIT_STATES["random"](cfg)
+    init.generator = torch.Generator().manual_seed(0)
+    draws = init(torch.zeros(4, 1000, 32)).flatten().double()       # 128,000 values
+    sigma = math.sqrt(2 / 5)
+    assert draws.abs().max() <= 3 * sigma + 1e-6
+    Z = _normal_cdf(3) - _normal_cdf(-3)
+    std = sigma * math.sqrt(1 - 6 * math.exp(-4.5) / math.sqrt(2 * math.pi) / Z)
+    assert abs(draws.std().item() - std) < 0.005 and abs(draws.mean().item()) < 0.005
+    for x in (-1.0, -0.3, 0.2, 0.9):
+        expected = (_normal_cdf(x / sigma) - _normal_cdf(-3)) / Z
+        assert abs((draws <= x).double().mean().item() - expected) < 0.006, x
+
+
+def test_random_state_is_reproducible():
+    cfg = LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, injection="add", init_state="random")
+    init, x0 = INIT_STATES["random"](cfg), torch.zeros(2, 3, 32)
+    torch.manual_seed(7)
+    first, second = init(x0), init(x0)
+    torch.manual_seed(7)
+    assert torch.equal(init(x0), first) and not torch.equal(first, second)
+    draws = []
+    for _ in range(2):
+        init.generator = torch.Generator().manual_seed(3)
+        draws.append(init(x0))
+    assert torch.equal(*draws)
+    assert init(x0.bfloat16()).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    model = LoopLM(cfg)
+    idx = torch.randint(0, 30, (2, 6))
+    torch.manual_seed(1)
+    a = model(idx).logits
+    torch.manual_seed(1)
+    assert torch.equal(a, model(idx).logits)
+
+
+def test_state_without_input_is_refused():
+    for name in ("zeros", "random"):
+        with pytest.raises(ValueError, match=f"init_state='{name}' starts the loop without the input"):
+            LoopLM(LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, init_state=name))
+    assert set(INIT_STATES) >= {"embedding", "zeros", "random"}
+    assert set(INJECTIONS) >= {"none", "add", "concat"}
+
+
+run_tests(test_zero_and_embedding_states, test_random_state_is_truncated_normal_with_variance_two_fifths,
+          test_random_state_is_reproducible, test_state_without_input_is_refused)
+
+# %% [markdown]
+# ## 3.4 Watching the loop state
+#
+# Chapter 2 looked at the size of the loop state of an untrained model. Two numbers per step
+# and per token are worth having as functions, because we will plot them for every trained
+# model, and later chapters build exit rules on the second:
+#
+# - the **RMS** of the state, $\lVert h_t \rVert / \sqrt{d}$, which shows a state that grows
+#   or shrinks step after step;
+# - the **relative change** from one step to the next,
+#
+# $$ \delta_t = \frac{\lVert h_t - h_{t-1} \rVert}{\lVert h_{t-1} \rVert}, \qquad t = 2, \dots, S, $$
+#
+# which is zero at a fixed point of the loop. Huginn's code includes an exit rule that stops a
+# token once this latent difference falls below 0.03. Both are computed per token, in float32,
+# from the states `out.hidden` $[S, B, T, D]$ that `model(idx, return_hidden=True)` returns.
+# Averaging over tokens gives one number per step.
+
+# %%
+#| export diagnostics
+import torch
+
+
+def _check_hidden_states(hidden, min_steps=1):
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.ndim != 4:
+        raise ValueError(f"hidden must be a floating-point tensor [S, B, T, D] (out.hidden of "
+                         f"model(idx, return_hidden=True)), got "
+                         f"{getattr(hidden, 'dtype', type(hidden).__name__)} "
+                         f"{list(getattr(hidden, 'shape', []))}")
+    if hidden.shape[0] < min_steps:
+        raise ValueError(f"hidden has S={hidden.shape[0]} steps; at least {min_steps} needed")
+
+
+def hidden_norms(hidden):
+    """RMS of each loop state per token: hidden [S, B, T, D] -> [S, B, T], sqrt(mean_d h^2)."""
+    _check_hidden_states(hidden)
+    return hidden.float().pow(2).mean(dim=-1).sqrt()
+
+
+def step_changes(hidden):
+    """Relative change of the state per step and token: [S, B, T, D] -> [S-1, B, T].
+
+    Entry t-2 is ||h_t - h_{t-1}|| / ||h_{t-1}|| for t = 2..S (steps counted from 1). A zero
+    previous state gives inf (or nan if the state did not move either).
+    """
+    _check_hidden_states(hidden, min_steps=2)
+    h = hidden.float()
+    return (h[1:] - h[:-1]).norm(dim=-1) / h[:-1].norm(dim=-1)
+
+# %% [markdown]
+# Checked against an explicit loop: we run `model.step` by hand, keep each state, and compute
+# the two quantities with plain Python arithmetic for one token.
+
+# %% tags=["nbval-check-output"]
+from looplm.diagnostics import hidden_norms, step_changes
+
+torch.manual_seed(0)
+model = LoopLM(LoopLMConfig(VOCAB_SIZE, 64, 4, n_loops=5, injection="add"))
+with torch.no_grad():
+    out = model(idx, return_hidden=True)
+    cos, sin = model.rope(idx.shape[1])
+    x0 = model.encode(idx, cos, sin)
+    states, h = [], model.init_state(x0)
+    for _ in range(5):
+        h = model.step(h, x0, cos, sin)
+        states.append(h[1, 4].tolist())                       # row 1, position 4: a list of D floats
+rms_by_hand = [math.sqrt(sum(v * v for v in s) / len(s)) for s in states]
+change_by_hand = [math.dist(s, p) / math.hypot(*p) for p, s in zip(states, states[1:])]
+print("hidden_norms:", hidden_norms(out.hidden).shape, "step_changes:", step_changes(out.hidden).shape)
+print("RMS matches by hand:", all(abs(a - b) < 1e-5 for a, b in zip(hidden_norms(out.hidden)[:, 1, 4].tolist(), rms_by_hand)))
+print("change matches by hand:", all(abs(a - b) < 1e-5 for a, b in zip(step_changes(out.hidden)[:, 1, 4].tolist(), change_by_hand)))
+
+# %% [markdown]
+# The tests repeat the check on every token, and pin the errors:
+
+# %% tags=["nbval-check-output"]
+#| test
+def test_diagnostics_match_an_explicit_loop():
+    torch.manual_seed(0)
+    model = LoopLM(LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, n_loops=4, injection="concat",
+                                init_state="zeros", norm_style="huginn"))
+    idx = torch.randint(0, 30, (3, 6))
+    with torch.no_grad():
+        hidden = model(idx, return_hidden=True).hidden            # (S, B, T, D)
+        cos, sin = model.rope(6)
+        x0 = model.encode(idx, cos, sin)
+        h, norms, changes = model.init_state(x0), [], []
+        for t in range(4):
+            previous, h = h, model.step(h, x0, cos, sin)
+            norms.append(torch.sqrt((h * h).sum(-1) / 32))
+            if t > 0:
+                changes.append(torch.sqrt(((h - previous) ** 2).sum(-1) / (previous**2).sum(-1)))
+    torch.testing.assert_close(hidden_norms(hidden), torch.stack(norms), rtol=1e-5, atol=0)
+    torch.testing.assert_close(step_changes(hidden), torch.stack(changes), rtol=1e-5, atol=0)
+    assert step_changes(hidden.bfloat16()).dtype == torch.float32
+
+
+def test_diagnostics_errors():
+    with pytest.raises(ValueError, match=r"hidden must be a floating-point tensor \[S, B, T, D\]"):
+        hidden_norms(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="hidden must be a floating-point tensor"):
+        hidden_norms(torch.zeros(2, 3, 4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="hidden has S=1 steps; at least 2 needed"):
+        step_changes(torch.zeros(1, 3, 4, 5))
+
+
+run_tests(test_diagnostics_match_an_explicit_loop, test_diagnostics_errors)
+
+# %% [markdown]
+# ## 3.5 A training loop
+#
+# Every experiment from here on trains models, so the training loop goes into the package:
+# `looplm/train.py`. It is a plain PyTorch loop with a few properties we insist on:
+#
+# - **all randomness is owned**: batches come from a `torch.Generator` that the trainer seeds
+#   and saves, so two runs with the same seed see the same batches;
+# - **exact resumption**: `state_dict()` holds everything needed to continue, and a trainer
+#   restored from it produces bit for bit the loss curve the original would have (on the CPU);
+# - **no silent failure**: a non-finite loss or gradient stops training with an error naming
+#   the step, before the bad update reaches the weights;
+# - **a record**: one row per step in `history`, with evaluation results merged in.
+#
+# Chapter 4 adds checkpoint files, a command line and loop-specific losses on top of it.
+
+# %% [markdown]
+# ### The configuration
+#
+# The optimizer is AdamW with $\beta = (0.9, 0.95)$, weight decay 0.1 and gradient clipping at
+# norm 1, the settings of Ouro's recipe (its Table 1). Our peak learning rate is higher
+# (Ouro uses $3 \times 10^{-4}$ at 1.4B parameters; tiny models tolerate more). Every field is
+# checked when the config is made, with an error naming the field, the value and the allowed
+# range.
+
+# %%
+#| export train
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from looplm.data import TASK_VOCAB, Example, TaskBatch, TaskSplits, answer_accuracy, encode_examples
+from looplm.model import _require_bool, _require_int, _require_number
+
+# %%
+#| export train
+def _require_range(name, value, low, high, high_inclusive=True):
+    """ValueError unless `value` is a finite number in [low, high] (or [low, high))."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and low <= value and (value <= high if high_inclusive else value < high))
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}{bracket}, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: schedule, optimizer, clipping, evaluation, seed, device.
+
+    Validated when made (ValueError naming the field, its value and the allowed range).
+    """
+
+    steps: int = 500             # optimizer updates in the whole run
+    batch_size: int = 32         # rows per batch; get_batch must return exactly this many
+    lr: float = 3e-3             # peak learning rate, reached after warmup
+    min_lr: float = 3e-4         # learning rate at the last step (cosine decay)
+    warmup_steps: int = 50       # linear warmup from 0, in [0, steps)
+    weight_decay: float = 0.1    # AdamW decay of weight matrices (not norms, biases, embeddings)
+    betas: tuple = (0.9, 0.95)   # AdamW betas
+    grad_clip: float = 1.0       # clip the global gradient norm to this (math.inf: never clip)
+    eval_every: int = 100        # evaluate every this many steps and at the last (0: never)
+    seed: int = 0                # seeds the batch generator
+    device: str = "cpu"          # "cpu", "cuda", "cuda:1", ...
+    autocast: bool = True        # bf16 autocast on CUDA only; ignored on CPU
+    progress: bool = True        # tqdm bar on stderr; off when TQDM_DISABLE or CI is set
+
+    def __post_init__(self):
+        _require_int("steps", self.steps, 1)
+        _require_int("batch_size", self.batch_size, 1)
+        _require_number("lr", self.lr, 0)
+        _require_range("min_lr", self.min_lr, 0, self.lr)
+        _require_int("warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps must be an int in [0, steps={self.steps}), "
+                             f"got {self.warmup_steps!r}")
+        _require_range("weight_decay", self.weight_decay, 0, math.inf)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise ValueError(f"betas must be a tuple of two numbers in [0, 1), got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            _require_range(f"betas[{i}]", beta, 0, 1, high_inclusive=False)
+        if (isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float))
+                or not self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a number > 0 (math.inf: no clipping), got {self.grad_clip!r}")
+        _require_int("eval_every", self.eval_every, 0)
+        _require_int("seed", self.seed, 0)
+        _require_bool("autocast", self.autocast)
+        _require_bool("progress", self.progress)
+        _check_device(self.device)
+
+
+def _check_device(device):
+    try:
+        parsed = torch.device(device) if isinstance(device, str) else None
+    except RuntimeError:
+        parsed = None
+    if parsed is None:
+        raise ValueError(f"device must be a device string such as 'cpu' or 'cuda', got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but CUDA is not available on this machine; use 'cpu'")
+
+# %% [markdown]
+# The defaults, and one mistake:
+
+# %% tags=["nbval-check-output"]
+from looplm.train import TrainConfig
+
+print(TrainConfig())
+try:
+    TrainConfig(steps=100, warmup_steps=100)
+except ValueError as e:
+    print("ValueError:", e)
+
+# %% [markdown]
+# ### The learning-rate schedule
+#
+# The learning rate rises linearly from 0 to its peak $\eta_{\max}$ over $W$ warmup steps,
+# then follows half a cosine down to $\eta_{\min}$ at the last step $N$. With $s$ the number of
+# the update (the first update is $s = 1$):
+#
+# $$
+# \eta(s) = \begin{cases}
+#   \eta_{\max} \, \dfrac{s}{W} & s < W, \\[2mm]
+#   \eta_{\min} + \tfrac12 (\eta_{\max} - \eta_{\min}) \left(1 + \cos\!\left(\pi \, \dfrac{s - W}{N - W}\right)\right) & W \le s \le N, \\[2mm]
+#   \eta_{\min} & s > N.
+# \end{cases}
+# $$
+#
+# So $\eta(0) = 0$, $\eta(W) = \eta_{\max}$ and $\eta(N) = \eta_{\min}$: the last update is made
+# at the minimum rate. Warmup keeps the first updates small while Adam's moment estimates are
+# still noisy; the cosine decay lets the model settle at the end.
+
+# %%
+#| export train
+def lr_at(step, config):
+    """The learning rate of update number `step` (1 = the first): linear warmup, cosine decay.
+
+    0 at step 0, config.lr at step warmup_steps, config.min_lr at step config.steps and after.
+    """
+    _require_int("step", step, 0)
+    c = config
+    if step < c.warmup_steps:
+        return c.lr * step / c.warmup_steps
+    if step >= c.steps:
+        return c.min_lr
+    progress = (step - c.warmup_steps) / (c.steps - c.warmup_steps)
+    return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
+
+# %% tags=["nbval-check-output"]
+from looplm.train import lr_at
+
+schedule_config = TrainConfig(steps=500, lr=3e-3, min_lr=3e-4, warmup_steps=50)
+for step in (0, 1, 25, 50, 275, 500, 600):
+    print(f"lr_at({step:3d}) = {lr_at(step, schedule_config):.6f}")
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.plot(range(0, 521), [lr_at(s, schedule_config) for s in range(0, 521)])
+ax.axvline(50, color="gray", linestyle=":", linewidth=1)
+ax.set(xlabel="update s", ylabel="learning rate", title="Linear warmup, cosine decay (W = 50, N = 500)")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ### The loss
+#
+# The trainer does not know what a looped model's loss should be: it calls a function
+# `loss_fn(model, idx, targets) -> (loss, metrics)` and minimises `loss`. `metrics` is a dict
+# of extra numbers to record. The default is chapter 2's `out.loss`: the cross-entropy of the
+# **last** step's readout over the learned positions. Chapter 4 writes losses over all steps.
+
+# %%
+#| export train
+def default_loss(model, idx, targets):
+    """model(idx, targets=targets).loss: the last step's mean cross-entropy. -> (loss, {})."""
+    return model(idx, targets=targets).loss, {}
+
+# %% [markdown]
+# ### The optimizer
+#
+# AdamW's weight decay shrinks every weight it applies to toward zero, a little each step. We
+# apply it to the weight matrices of the blocks and the adapter, and not to three kinds of
+# parameters:
+#
+# - **norm gains** (and biases, which our blocks do not have): decaying a gain toward zero
+#   only fights the norm it belongs to;
+# - **embeddings** (and so the tied output head): a row of the embedding is only trained when
+#   its token occurs, and decay would erode the rows of rare tokens in between.
+#
+# The rule, in code: a parameter is decayed when it has two or more dimensions and is not the
+# weight of an `nn.Embedding`.
+
+# %%
+#| export train
+def _param_groups(model, weight_decay):
+    """AdamW groups: decay for matrices, none for norm gains, biases and embedding tables."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():                          # each tensor once, tied ones too
+        if not param.requires_grad:
+            continue
+        if param.ndim >= 2 and id(param) not in embeddings:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+# %% tags=["nbval-check-output"]
+from looplm.train import _param_groups
+
+groups = _param_groups(LoopLM(LoopLMConfig(VOCAB_SIZE, 64, 4, injection="concat")), 0.1)
+for group in groups:
+    shapes = sorted({tuple(p.shape) for p in group["params"]})
+    print(f"weight_decay {group['weight_decay']}: {sum(p.numel() for p in group['params']):6,d} parameters, shapes {shapes}")
+
+# %% [markdown]
+# The decayed group holds the attention and MLP matrices and the $64 \times 128$ adapter; the
+# other group holds the $23 \times 64$ embedding (which is also the head) and the norm gains.
+
+# %% [markdown]
+# ### The trainer
+#
+# One update, in order:
+#
+# 1. set the learning rate to $\eta(s)$ for update $s$ = `step + 1`;
+# 2. draw a batch: `get_batch(generator)` returns `(idx, targets)`, both `[B, T]` integer
+#    tensors, and must draw all its randomness from the generator it is given;
+# 3. compute `loss, metrics = loss_fn(model, idx, targets)` (under bf16 autocast on CUDA);
+# 4. if the loss is not finite, stop with a `FloatingPointError`: nothing has changed yet;
+# 5. backpropagate, clip the global gradient norm, and stop the same way if that norm is not
+#    finite (the gradients are discarded, the weights untouched);
+# 6. take the optimizer step, count it, and append a row to `history`:
+#    `{"step", "lr", "loss", "grad_norm", **metrics}` (`grad_norm` is the norm before clipping);
+# 7. every `eval_every` steps, and after the last, call `evaluate(model)` under
+#    `torch.no_grad()` in eval mode, and merge its results into the same row as `eval_<name>`.
+#
+# The batch checks come first. A `get_batch` that returns floats, a single tensor, or a batch
+# of the wrong size would otherwise fail somewhere inside the model, or not at all:
+
+# %%
+#| export train
+def _check_batch(batch, batch_size):
+    """(idx, targets) from get_batch: integer tensors of the same shape [batch_size, T]."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"get_batch must return a pair (idx, targets), got {type(batch).__name__}")
+    for name, tensor in zip(("idx", "targets"), batch):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"get_batch returned {name} of type {type(tensor).__name__}; "
+                            f"expected a torch.Tensor of token ids")
+        if tensor.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"get_batch returned {name} of dtype {tensor.dtype}; token ids must be "
+                            f"an integer tensor (torch.long)")
+    idx, targets = batch
+    if idx.ndim != 2 or targets.shape != idx.shape:
+        raise ValueError(f"get_batch must return idx and targets of the same shape [B, T], got "
+                         f"{list(idx.shape)} and {list(targets.shape)}")
+    if idx.shape[0] != batch_size:
+        raise ValueError(f"get_batch returned {idx.shape[0]} rows but config.batch_size={batch_size}")
+    return idx, targets
+
+
+def _check_metrics(metrics, reserved):
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict of str -> number, got {type(metrics).__name__}")
+    out = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or key in reserved:
+            raise ValueError(f"metric name {key!r} is not allowed (a str, not one of {sorted(reserved)})")
+        out[key] = float(value)
+    return out
+
+
+def _progress_enabled(config):
+    off = {"", "0", "false", "False"}
+    return (config.progress and os.environ.get("TQDM_DISABLE", "") in off
+            and os.environ.get("CI", "") in off)
+
+# %% [markdown]
+# The trainer itself. `state_dict()` returns copies (a snapshot that later training does not
+# change) of the model, the optimizer (Adam's moments and step counts), the step, the history,
+# the batch generator's state and torch's global generator state (and CUDA's, when training
+# there). The global generator matters whenever the model draws random numbers itself, as
+# `init_state="random"` does. Every entry is a tensor, a number, a string or a container of
+# those, so `torch.save` can write it and `torch.load(..., weights_only=True)` can read it back.
+
+# %%
+#| export train
+class Trainer:
+    """Trains `model` on batches from `get_batch(generator) -> (idx, targets)`.
+
+    loss_fn(model, idx, targets) -> (loss, metrics dict); evaluate(model) -> dict of numbers,
+    run under torch.no_grad() in eval mode every config.eval_every steps and at config.steps.
+    `history` has one row per step: {"step", "lr", "loss", "grad_norm", **metrics, "eval_<name>"...}.
+    AdamW decays weight matrices only (not norm gains, biases or embedding tables).
+    """
+
+    def __init__(self, model, get_batch, config, loss_fn=default_loss, evaluate=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        for name, fn in (("get_batch", get_batch), ("loss_fn", loss_fn)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if evaluate is not None and not callable(evaluate):
+            raise TypeError(f"evaluate must be callable or None, got {type(evaluate).__name__}")
+        self.config, self.get_batch, self.loss_fn, self.evaluate = config, get_batch, loss_fn, evaluate
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+                                           betas=config.betas)
+        self.generator = torch.Generator().manual_seed(config.seed)   # batches are drawn on the CPU
+        self.step = 0
+        self.history = []
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.config.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self):
+        c, step = self.config, self.step + 1
+        lr = lr_at(step, c)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        idx, targets = _check_batch(self.get_batch(self.generator), c.batch_size)
+        idx, targets = idx.to(self.device), targets.to(self.device)
+        with self._autocast():
+            loss, metrics = self.loss_fn(self.model, idx, targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss_fn must return (scalar loss tensor, metrics), got {type(loss).__name__}")
+        metrics = _check_metrics(metrics, {"step", "lr", "loss", "grad_norm"})
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"step {step}: the loss is {loss_value}; no update was applied "
+                                     f"(the model and optimizer are as after step {step - 1})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm}; no update was "
+                                     f"applied (the model and optimizer are as after step {step - 1})")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        return {"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm, **metrics}
+
+    def _evaluate(self):
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                results = self.evaluate(self.model)
+        finally:
+            self.model.train()
+        if not isinstance(results, dict):
+            raise TypeError(f"evaluate must return a dict of str -> number, got {type(results).__name__}")
+        return {f"eval_{name}": value for name, value in _check_metrics(results, set()).items()}
+
+    def run(self, until=None):
+        """Train up to step `until` (default config.steps); returns self.history."""
+        c = self.config
+        until = c.steps if until is None else until
+        _require_int("until", until, self.step)
+        self.model.train()
+        with tqdm(total=until - self.step, desc="train", file=sys.stderr,
+                  disable=not _progress_enabled(c)) as bar:
+            while self.step < until:
+                row = self._train_step()
+                if self.evaluate is not None and c.eval_every and (
+                        self.step % c.eval_every == 0 or self.step == c.steps):
+                    row.update(self._evaluate())
+                self.history.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        return self.history
+
+    def state_dict(self):
+        """A snapshot: model, optimizer, step, history, batch generator and torch RNG states."""
+        cuda = self.device.type == "cuda"
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "step": self.step,
+            "history": copy.deepcopy(self.history),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def load_state_dict(self, state):
+        """Restore a snapshot from state_dict(): training then continues exactly as it would have."""
+        needed = ("model", "optimizer", "step", "history", "generator", "torch_rng", "cuda_rng")
+        missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing}; pass what Trainer.state_dict() returned")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.history = copy.deepcopy(state["history"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+
+def train(model, get_batch, config, **kwargs):
+    """Trainer(model, get_batch, config, **kwargs).run(); returns the trainer."""
+    trainer = Trainer(model, get_batch, config, **kwargs)
+    trainer.run()
+    return trainer
+
+# %% [markdown]
+# ### Batches and scores for chapter 0's tasks
+#
+# Two helpers connect the trainer to chapter 0. `task_batches` encodes a list of examples
+# once and returns a `get_batch` that draws rows uniformly, with replacement, from the
+# trainer's generator. Every batch has the length of the longest example, so all batches have
+# one shape.
+
+# %%
+#| export train
+def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
+    """get_batch(generator) -> (idx, targets) [batch_size, T]: rows drawn from `examples`.
+
+    `examples` is a list of Example or a TaskSplits (its train split is used); they are encoded
+    once by encode_examples (padded to seq_len, or to the longest example).
+    """
+    if isinstance(examples, TaskSplits):
+        examples = examples.train
+    _require_int("batch_size", batch_size, 1)
+    encoded = encode_examples(examples, vocab, seq_len)
+    n_examples = encoded.idx.shape[0]
+
+    def get_batch(generator):
+        rows = torch.randint(0, n_examples, (batch_size,), generator=generator)   # (B,)
+        return encoded.idx[rows], encoded.targets[rows]                           # (B, T) each
+
+    return get_batch
+
+# %% [markdown]
+# The score is chapter 0's teacher-forced exact match (`answer_accuracy`), computed for the
+# readout of **every** step in one forward pass: an `[S]` tensor whose entry $t - 1$ is the
+# fraction of examples whose whole answer step $t$ gets right. `evaluate_tasks` wraps it into
+# an `evaluate` for the trainer, reporting the last step's score on each named split.
+
+# %%
+#| export train
+def _batch_accuracy(model, batch, n_loops, batch_size):
+    device = next(model.parameters()).device
+    correct = []
+    with torch.no_grad():
+        for start in range(0, batch.idx.shape[0], batch_size):
+            idx = batch.idx[start:start + batch_size].to(device)
+            targets = batch.targets[start:start + batch_size].to(device)
+            logits = model(idx, n_loops=n_loops).logits                     # (S, b, T, V)
+            correct.append(answer_accuracy(logits.float(), targets).cpu())  # (S, b)
+    return torch.cat(correct, dim=1).float().mean(dim=1)                    # (S,)
+
+
+def task_accuracy(model, examples, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
+    """Teacher-forced exact match of each step's readout on `examples` -> [S] float tensor.
+
+    n_loops defaults to the model's own; entry t-1 is the fraction right after step t.
+    """
+    _require_int("batch_size", batch_size, 1)
+    return _batch_accuracy(model, encode_examples(examples, vocab), n_loops, batch_size)
+
+
+def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
+    """An `evaluate` for Trainer: {"<name>_acc": last-step exact match} for each split.
+
+    `splits` is a TaskSplits (scored on "test" and "ood") or a dict name -> list of Example.
+    """
+    if isinstance(splits, TaskSplits):
+        splits = {"test": splits.test, "ood": splits.ood}
+    if not isinstance(splits, dict) or not splits:
+        raise TypeError(f"splits must be a TaskSplits or a non-empty dict of name -> examples, "
+                        f"got {type(splits).__name__}")
+    encoded = {}
+    for name, examples in splits.items():
+        if not examples:
+            raise ValueError(f"split {name!r} has no examples")
+        encoded[name] = encode_examples(examples, vocab)
+    _require_int("batch_size", batch_size, 1)
+
+    def evaluate(model):
+        return {f"{name}_acc": _batch_accuracy(model, batch, n_loops, batch_size)[-1].item()
+                for name, batch in encoded.items()}
+
+    return evaluate
+
+# %% [markdown]
+# ### Tests for the training loop
+#
+# The tests train tiny models on a *copy* task that needs no data files: random tokens whose
+# target at each position is the token itself. A model learns it within a few dozen steps.
+# First the schedule, against its formula at the key steps:
+
+# %% tags=["nbval-check-output"]
+#| test
+import dataclasses
+
+
+def test_lr_schedule_at_key_steps():
+    c = TrainConfig(steps=200, lr=1e-2, min_lr=1e-3, warmup_steps=20)
+    assert lr_at(0, c) == 0.0
+    assert math.isclose(lr_at(10, c), 5e-3) and math.isclose(lr_at(20, c), 1e-2)
+    assert math.isclose(lr_at(110, c), 1e-3 + 0.5 * 9e-3)            # half way down the cosine
+    assert math.isclose(lr_at(200, c), 1e-3) and lr_at(250, c) == 1e-3
+    for s in range(21, 200):
+        expected = 1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * (s - 20) / 180))
+        assert math.isclose(lr_at(s, c), expected, rel_tol=1e-12)
+        assert lr_at(s, c) <= lr_at(s - 1, c)
+    no_warmup = TrainConfig(steps=10, warmup_steps=0)
+    assert lr_at(0, no_warmup) == no_warmup.lr
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        lr_at(-1, c)
+
+
+run_tests(test_lr_schedule_at_key_steps)
+
+# %% [markdown]
+# Then the trainer: the loss goes down; a resumed run matches an uninterrupted one bit for
+# bit (with the random initial state, so that torch's global generator is exercised too); and
+# a non-finite loss or gradient stops training without touching the weights.
+
+# %% tags=["nbval-check-output"]
+#| test
+def _copy_batches(batch_size=8, seq_len=10, vocab_size=23):
+    def get_batch(generator):
+        idx = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+        return idx, idx.clone()
+    return get_batch
+
+
+def _tiny_model(seed=0, **changes):
+    torch.manual_seed(seed)
+    return LoopLM(LoopLMConfig(**{"vocab_size": 23, "d_model": 32, "n_heads": 4, "n_loops": 2, **changes}))
+
+
+def _tiny_config(**changes):
+    return TrainConfig(**{"steps": 20, "batch_size": 8, "warmup_steps": 5, "eval_every": 5,
+                          "progress": False, **changes})
+
+
+def test_training_lowers_the_loss():
+    trainer = train(_tiny_model(), _copy_batches(), _tiny_config(steps=40, lr=1e-2))
+    losses = [row["loss"] for row in trainer.history]
+    assert trainer.step == len(trainer.history) == 40
+    assert losses[0] > 2.5 and sum(losses[-5:]) / 5 < 0.5 * losses[0]
+    assert [row["step"] for row in trainer.history] == list(range(1, 41))
+    assert all(math.isfinite(row["grad_norm"]) and row["lr"] == lr_at(row["step"], trainer.config)
+               for row in trainer.history)
+
+
+def test_resume_is_exact():
+    changes = dict(injection="add", init_state="random")
+    evaluate = lambda model: {"probe": model(torch.arange(10)[None], n_loops=3).logits.sum().item()}
+
+    def fresh(seed):
+        return Trainer(_tiny_model(seed, **changes), _copy_batches(), _tiny_config(), evaluate=evaluate)
+
+    straight = fresh(0)
+    straight.run()
+    first = fresh(0)
+    first.run(until=10)
+    state = first.state_dict()
+    first.run()                                 # keeps training: the snapshot must not change
+    resumed = fresh(seed=1)                     # other initial weights, overwritten by the state
+    resumed.load_state_dict(state)
+    assert resumed.step == 10
+    resumed.run()
+    assert resumed.history == straight.history == first.history
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert [row["step"] for row in straight.history if "eval_probe" in row] == [5, 10, 15, 20]
+
+
+def test_non_finite_loss_or_gradient_stops_without_an_update():
+    def nan_after_3(model, idx, targets):
+        loss = model(idx, targets=targets).loss
+        return (loss * float("nan") if trainer.step >= 3 else loss), {"three": 3.0}
+
+    trainer = Trainer(_tiny_model(), _copy_batches(), _tiny_config(), loss_fn=nan_after_3)
+    trainer.run(until=3)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    adam_steps = [s["step"].item() for s in trainer.optimizer.state_dict()["state"].values()]
+    with pytest.raises(FloatingPointError, match="step 4: the loss is nan; no update was applied"):
+        trainer.run()
+    assert trainer.step == len(trainer.history) == 3 and trainer.history[-1]["three"] == 3.0
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+    assert [s["step"].item() for s in trainer.optimizer.state_dict()["state"].values()] == adam_steps
+
+    model = _tiny_model()
+    model.embed.weight.register_hook(lambda grad: grad * float("inf"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, _copy_batches(), _tiny_config())
+    with pytest.raises(FloatingPointError, match="step 1: the gradient norm is (inf|nan)"):
+        trainer.run()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+run_tests(test_training_lowers_the_loss, test_resume_is_exact, test_non_finite_loss_or_gradient_stops_without_an_update)
+
+# %% [markdown]
+# Last, the weight-decay groups, the task helpers, and bad input: invalid config fields (each
+# named in its error), a `get_batch` that returns the wrong thing, and bad metrics.
+
+# %% tags=["nbval-check-output"]
+#| test
+from looplm.data import TASK_VOCAB, answer_accuracy, encode_examples, make_splits
+
+
+def test_weight_decay_groups():
+    model = _tiny_model(injection="concat", tie_embeddings=False)
+    decay, no_decay = (group["params"] for group in Trainer(model, _copy_batches(), _tiny_config())
+                       .optimizer.param_groups)
+    ids = lambda params: {id(p) for p in params}
+    assert ids(decay) == {id(p) for n, p in model.named_parameters() if p.ndim == 2 and n != "embed.weight"}
+    assert id(model.embed.weight) in ids(no_decay) and id(model.lm_head.weight) in ids(decay)
+    assert all(p.ndim == 1 for p in no_decay if p is not model.embed.weight)
+    assert len(ids(decay) | ids(no_decay)) == len(list(model.parameters()))
+
+
+def test_task_helpers():
+    splits = make_splits("sorting", n_train=50, n_test=20, max_difficulty=3, ood_max_difficulty=4, seed=0)
+    get_batch = task_batches(splits, batch_size=6)
+    idx, targets = get_batch(torch.Generator().manual_seed(0))
+    again, _ = get_batch(torch.Generator().manual_seed(0))
+    longest = max(len(ex.prompt) + len(ex.answer) for ex in splits.train)    # positions needed
+    assert idx.shape == targets.shape == (6, longest) and torch.equal(idx, again)
+    rows = [TASK_VOCAB.decode(r) for r in idx]
+    assert all(any(r.startswith(ex.prompt + ex.answer) for ex in splits.train) for r in rows)
+    model = _tiny_model(n_loops=3)
+    accuracy = task_accuracy(model, splits.test, n_loops=5, batch_size=7)
+    batch = encode_examples(splits.test)
+    with torch.no_grad():
+        expected = answer_accuracy(model(batch.idx, n_loops=5).logits, batch.targets).float().mean(-1)
+    assert accuracy.shape == (5,) and torch.equal(accuracy, expected)
+    results = evaluate_tasks(splits)(model)
+    assert list(results) == ["test_acc", "ood_acc"] and results["test_acc"] == task_accuracy(model, splits.test)[-1].item()
+    with pytest.raises(ValueError, match="split 'ood' has no examples"):
+        evaluate_tasks({"test": splits.test, "ood": []})
+
+
+def test_train_config_errors():
+    cases = [(dict(steps=0), "steps must be an int >= 1, got 0"),
+             (dict(batch_size=2.0), "batch_size must be an int >= 1, got 2.0"),
+             (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
+             (dict(min_lr=0.01), r"min_lr must be a finite number in \[0, 0.003\], got 0.01"),
+             (dict(warmup_steps=500), r"warmup_steps must be an int in \[0, steps=500\), got 500"),
+             (dict(weight_decay=-0.1), r"weight_decay must be a finite number in \[0, inf\]"),
+             (dict(betas=[0.9, 0.95]), "betas must be a tuple of two numbers"),
+             (dict(betas=(0.9, 1.0)), r"betas\[1\] must be a finite number in \[0, 1\), got 1.0"),
+             (dict(grad_clip=0), "grad_clip must be a number > 0"),
+             (dict(eval_every=-1), "eval_every must be an int >= 0"),
+             (dict(seed=None), "seed must be an int >= 0, got None"),
+             (dict(device="gpu"), "device must be a device string"),
+             (dict(autocast=1), "autocast must be True or False"),
+             (dict(progress="no"), "progress must be True or False")]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**change)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            TrainConfig(device="cuda")
+    assert TrainConfig(grad_clip=math.inf).grad_clip == math.inf
+
+
+def test_bad_batches_and_metrics():
+    model, config = _tiny_model(), _tiny_config()
+    good = _copy_batches()
+    cases = [(lambda g: good(g)[0], TypeError, "get_batch must return a pair"),
+             (lambda g: (good(g)[0].float(), good(g)[1]), TypeError, "idx of dtype torch.float32"),
+             (lambda g: (good(g)[0], good(g)[1][:, :4]), ValueError, r"same shape \[B, T\], got \[8, 10\] and \[8, 4\]"),
+             (lambda g: (good(g)[0][:5], good(g)[1][:5]), ValueError, "5 rows but config.batch_size=8")]
+    for get_batch, error, message in cases:
+        with pytest.raises(error, match=message):
+            Trainer(model, get_batch, config).run(until=1)
+    bad_metric = lambda m, i, t: (m(i, targets=t).loss, {"loss": 1.0})
+    with pytest.raises(ValueError, match="metric name 'loss' is not allowed"):
+        Trainer(model, good, config, loss_fn=bad_metric).run(until=1)
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        Trainer(model, good, dataclasses.asdict(config))
+    trainer = Trainer(model, good, config)
+    trainer.run(until=2)
+    with pytest.raises(ValueError, match="until must be an int >= 2, got 1"):
+        trainer.run(until=1)
+    with pytest.raises(ValueError, match=r"state is missing \['generator'"):
+        trainer.load_state_dict({k: v for k, v in trainer.state_dict().items() if k != "generator"})
+
+
+run_tests(test_weight_decay_groups, test_task_helpers, test_train_config_errors, test_bad_batches_and_metrics)
+
+# %% [markdown]
+# ## 3.6 Training a looped model
+#
+# ### The task
+#
+# We train on chapter 0's **stack** task. A prompt is a program of pushes (digits) and pops
+# (`-`), and the answer is what is left on the stack, bottom to top: `K31-4-=` leaves `3`.
+# To write the answer, the model must know, for every push, whether a later pop removes it.
+# That is a matching problem, like parentheses: each pop cancels the nearest unmatched push to
+# its left. A model cannot decide it by looking at one token at a time, which makes it a good
+# test of what depth buys.
+#
+# Programs of 1 to 6 operations are in distribution, 7 to 9 out of distribution:
+
+# %% tags=["nbval-check-output"]
+splits = make_splits("stack", n_train=5000, n_test=500, max_difficulty=6, ood_max_difficulty=9, seed=0)
+print(f"train {len(splits.train)}, test {len(splits.test)}, ood {len(splits.ood)}")
+print("train:", [ex.prompt + ex.answer for ex in splits.train[:5]])
+print("ood:  ", [ex.prompt + ex.answer for ex in splits.ood[:3]])
+
+# %% [markdown]
+# ### The run
+#
+# The model is the simplest looped model: one pre-norm block of width 64 with 4 heads,
+# looped 4 times, no injection, starting from the embedding. It is chapter 2's default
+# `LoopLM`, and Ouro's design at a tiny scale. The training config is `TrainConfig()`'s
+# defaults: 500 steps of 32 examples. The trainer evaluates every 100 steps on the test and
+# out-of-distribution sets.
+
+# %%
+from looplm.train import Trainer, evaluate_tasks, task_accuracy, task_batches, train
+
+train_config = TrainConfig(eval_every=100)
+get_batch = task_batches(splits, batch_size=train_config.batch_size)
+evaluate = evaluate_tasks(splits)
+
+
+def make_model(**changes):
+    """A width-64 LoopLM on the task vocabulary, initialised from seed 0."""
+    torch.manual_seed(0)
+    return LoopLM(LoopLMConfig(VOCAB_SIZE, 64, 4, **changes))
+
+# %% tags=["nbval-check-output"]
+looped = make_model(n_core=1, n_loops=4)
+print(describe(looped.config), "|", sum(p.numel() for p in looped.parameters()), "parameters")
+print("batch shapes:", [tuple(t.shape) for t in get_batch(torch.Generator().manual_seed(0))])
+
+# %%
+looped_trainer = train(looped, get_batch, train_config, evaluate=evaluate)
+for row in looped_trainer.history:
+    if "eval_test_acc" in row:
+        print(f"step {row['step']:3d}  loss {row['loss']:.3f}  test {row['eval_test_acc']:.3f}  ood {row['eval_ood_acc']:.3f}")
+
+# %% [markdown]
+# The loss, per step and smoothed over 25 steps, with the learning rate underneath:
+
+# %%
+def smooth(values, window=25):
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def plot_losses(histories, title):
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(6.5, 4.2), sharex=True, height_ratios=(3, 1))
+    for name, history in histories.items():
+        steps, losses = [r["step"] for r in history], [r["loss"] for r in history]
+        line, = ax.plot(steps, smooth(losses), label=name)
+        ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
+    ax.set(yscale="log", ylabel="training loss", title=title)
+    ax.legend()
+    history = next(iter(histories.values()))
+    ax_lr.plot([r["step"] for r in history], [r["lr"] for r in history], color="gray")
+    ax_lr.set(xlabel="step", ylabel="lr")
+    plt.tight_layout()
+    plt.show()
+
+
+plot_losses({"1 block × 4": looped_trainer.history}, "Looped model on the stack task")
+
+# %% [markdown]
+# ### A readout after every step
+#
+# The model reads out a prediction after each of its 4 steps, but it was trained only on the
+# last one. What do the earlier readouts say? One forward pass with targets gives the
+# per-step losses `step_losses` $[S, B, T]$; averaged over the learned positions:
+
+# %%
+test_batch = encode_examples(splits.test)
+learned = test_batch.targets != IGNORE_INDEX                                # (B, T)
+with torch.no_grad():
+    out = looped(test_batch.idx, targets=test_batch.targets)
+step_loss = out.step_losses.sum(dim=(1, 2)) / learned.sum()                 # (S,)
+step_accuracy = answer_accuracy(out.logits, test_batch.targets).float().mean(dim=1)   # (S,)
+for t in range(4):
+    print(f"step {t + 1}: loss {step_loss[t]:.3f}  exact match {step_accuracy[t]:.3f}")
+
+# %% [markdown]
+# Each step's readout is a prediction of its own. Here is one test program, with the greedy
+# token at every answer position after each step (teacher-forced, as the score is):
+
+# %%
+def readouts(model, example, n_loops):
+    """The answer each step predicts (teacher-forced argmax at the answer positions)."""
+    batch = encode_examples([example])
+    answer = batch.targets[0] != IGNORE_INDEX
+    with torch.no_grad():
+        logits = model(batch.idx, n_loops=n_loops).logits                   # (S, 1, T, V)
+    return [TASK_VOCAB.decode(step[0, answer].argmax(-1)) for step in logits]
+
+
+example = next(ex for ex in splits.test if ex.difficulty == 6 and len(ex.answer) >= 3)
+print(f"{example.prompt}  answer {example.answer + '.'}")
+for t, predicted in enumerate(readouts(looped, example, 4), start=1):
+    print(f"  step {t}: {predicted}")
+
+# %% [markdown]
+# ## 3.7 More or fewer loops than in training
+#
+# The step count is a run-time argument, `model(idx, n_loops=k)`, so a model trained with 4
+# steps can be run with 1, or with 8. Fewer steps cost less; more steps might help if the loop
+# keeps refining its answer. The published models disagree on what happens past the trained
+# depth: Ouro's 1.4B model, trained with 4 steps, loses MMLU points at 8 (67.5 at 4 steps,
+# 64.5 at 8); Yang et al.'s looped transformers stay at a fixed point beyond the trained loop
+# count; Huginn keeps gaining up to about 64 steps. What matters is what the loop has learned
+# to do with extra steps, and nothing in our training asked it to do anything useful with them.
+#
+# `task_accuracy` scores the readout of every step of one run, so a single forward pass with
+# `n_loops=8` gives the accuracy at 1, 2, ..., 8 steps (step $t$ of an 8-step run is exactly
+# a $t$-step run: nothing in the loop depends on how many steps follow).
+
+# %%
+MAX_LOOPS = 8
+looped_curves = {split: task_accuracy(looped, getattr(splits, split), n_loops=MAX_LOOPS)
+                 for split in ("test", "ood")}
+for split, curve in looped_curves.items():
+    print(f"{split:4s}", " ".join(f"{a:.2f}" for a in curve.tolist()))
+
+# %%
+def plot_accuracy_vs_loops(curves, trained=4, baselines=None, title=""):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, split in zip(axes, ("test", "ood")):
+        for name, by_split in curves.items():
+            ax.plot(range(1, len(by_split[split]) + 1), by_split[split], marker="o", label=name)
+        for name, by_split in (baselines or {}).items():
+            ax.axhline(by_split[split], linestyle="--", linewidth=1, color="gray")
+            ax.text(MAX_LOOPS, by_split[split] + 0.015, name, ha="right", fontsize=8, color="gray")
+        ax.axvline(trained, color="gray", linestyle=":", linewidth=1)
+        ax.set(xlabel="loop steps at inference", ylim=(0, 1.02),
+               title=("in distribution (1-6 ops)" if split == "test" else "out of distribution (7-9 ops)"))
+    axes[0].set_ylabel("exact match (teacher-forced)")
+    axes[0].legend(loc="lower right")
+    fig.suptitle(title)
+    plt.tight_layout()
+    plt.show()
+
+
+plot_accuracy_vs_loops({"1 block looped": looped_curves}, title="Trained with 4 steps, run with 1 to 8")
+
+# %% [markdown]
+# The dotted line marks the trained depth. Fewer steps than trained are worse, which is no
+# surprise: the early readouts were never trained. One step past the trained depth the
+# accuracy holds (0.93 on the test set at 5 steps, 0.92 at 4), then it falls, to 0.72 at 8
+# steps: this model learned to produce its answer at step 4, not a computation that can
+# usefully continue. Section 3.9 shows that the injection and the norm placement change how
+# fast it falls.
+
+# %% [markdown]
+# ## 3.8 The experiment: same parameters or same compute?
+#
+# The looped model has the parameters of one block and the depth of four. We train two stacked
+# models next to it, with the same data, steps, optimizer settings and seeds:
+#
+# | model | blocks (parameters) | effective depth (compute) |
+# |---|---|---|
+# | **looped**: 1 block, 4 steps | 1 | 4 |
+# | **same parameters**: 1 layer | 1 | 1 |
+# | **same compute**: 4 distinct layers | 4 | 4 |
+#
+# The stacked models are `LoopLM`s with one step, which chapter 2 showed are exactly GPTs:
+# `n_core` is the number of layers. Built from the same seed, the 1-layer model even starts
+# from the looped model's initial weights, so the only difference between the two is how often
+# the block runs.
+
+# %% tags=["nbval-check-output"]
+models = {
+    "looped 1 block × 4": looped,
+    "same parameters: 1 layer": make_model(n_core=1, n_loops=1),
+    "same compute: 4 layers": make_model(n_core=4, n_loops=1),
+}
+initial = make_model(n_core=1, n_loops=4)
+print("1-layer model starts from the looped model's initial weights:",
+      all(torch.equal(a, b) for a, b in zip(initial.parameters(), models["same parameters: 1 layer"].parameters())))
+for name, model in models.items():
+    print(f"{name:26s} {describe(model.config):28s} depth {model.config.effective_depth()}  "
+          f"parameters {sum(p.numel() for p in model.parameters()):7,d}")
+
+# %%
+histories = {"looped 1 block × 4": looped_trainer.history}
+for name in ("same parameters: 1 layer", "same compute: 4 layers"):
+    histories[name] = train(models[name], get_batch, train_config, evaluate=evaluate).history
+
+# %% [markdown]
+# The results. Accuracy is teacher-forced exact match of the last step's readout (step 4 for
+# the looped model), on the 500 test and 500 out-of-distribution programs; the training loss is
+# the mean of the last 50 steps.
+
+# %%
+print(f"{'model':26s} {'params':>7} {'depth':>5} {'train loss':>10} {'test acc':>8} {'ood acc':>8}")
+results = {}
+for name, model in models.items():
+    accuracy = {split: task_accuracy(model, getattr(splits, split))[-1].item() for split in ("test", "ood")}
+    results[name] = accuracy
+    final_loss = sum(r["loss"] for r in histories[name][-50:]) / 50
+    print(f"{name:26s} {sum(p.numel() for p in model.parameters()):7,d} {model.config.effective_depth():5d} "
+          f"{final_loss:10.4f} {accuracy['test']:8.3f} {accuracy['ood']:8.3f}")
+
+# %%
+plot_losses(histories, "Same data, same optimizer, same seeds")
+
+# %%
+plot_accuracy_vs_loops({"1 block looped": looped_curves},
+                       baselines={"4 layers": results["same compute: 4 layers"],
+                                  "1 layer": results["same parameters: 1 layer"]},
+                       title="Looped model vs stacked baselines (dashed)")
+
+# %% [markdown]
+# What the numbers show, for this task, this budget and this seed:
+#
+# - **Depth matters here.** The 1-layer model is far behind both 4-deep models in and out of
+#   distribution. A single attention layer cannot match every pop to its push.
+# - **Looping recovers most of it.** With exactly the 1-layer model's parameters, and from
+#   the same initial weights, the looped model comes close to the 4-layer model's accuracy:
+#   running the block 4 times buys most of what 3 more blocks buy.
+# - **The same compute still does better with distinct layers**: the 4-layer model, with
+#   about 3.9 times the block parameters, is ahead of the looped one in distribution.
+# - **Out of distribution**, on programs longer than any in training, every model loses
+#   accuracy; the two 4-deep models keep more of it than the 1-layer model.
+#
+# This is one seed of each model on one task, with 500 steps each; differences of a few
+# points between the two 4-deep models are within what another seed could change. The plain
+# loop has no injection: section 3.9 asks whether feeding the input back in changes the
+# picture.
+
+# %% [markdown]
+# ## 3.9 Injection and norm placement, on trained models
+#
+# Three more looped models, trained exactly like the first, with one change each:
+#
+# - **add, pre-norm**: additive injection $h + \mathrm{RMSNorm}(x_0)$;
+# - **add, sandwich**: the same injection with Ouro's sandwich norms in the block, which
+#   normalise each sub-layer's output before it is added to the state;
+# - **concat, pre-norm**: Huginn's adapter on $[h; x_0]$.
+
+# %%
+variant_changes = {
+    "add, pre": dict(injection="add"),
+    "add, sandwich": dict(injection="add", norm_style="sandwich"),
+    "concat, pre": dict(injection="concat"),
+}
+variants = {"none, pre": looped}
+variant_histories = {"none, pre": looped_trainer.history}
+for name, changes in variant_changes.items():
+    variants[name] = make_model(n_core=1, n_loops=4, **changes)
+    variant_histories[name] = train(variants[name], get_batch, train_config, evaluate=evaluate).history
+
+# %% [markdown]
+# Accuracy after 4 steps (the trained depth) and after 8, with the hidden-state diagnostics of
+# section 3.4 on the test programs: the state's RMS at steps 4 and 8, and the relative change
+# $\delta_t$ from step 7 to step 8, averaged over tokens.
+
+# %%
+variant_curves, variant_norms, variant_changes_by_step = {}, {}, {}
+print(f"{'variant':14s} {'test@4':>6} {'ood@4':>6} {'test@8':>6} {'ood@8':>6} {'RMS@4':>6} {'RMS@8':>6} {'δ_8':>6}")
+for name, model in variants.items():
+    variant_curves[name] = {split: task_accuracy(model, getattr(splits, split), n_loops=MAX_LOOPS)
+                            for split in ("test", "ood")}
+    with torch.no_grad():
+        hidden = model(test_batch.idx, n_loops=MAX_LOOPS, return_hidden=True).hidden   # (8, B, T, D)
+    variant_norms[name] = hidden_norms(hidden).mean(dim=(1, 2))                       # (8,)
+    variant_changes_by_step[name] = step_changes(hidden).mean(dim=(1, 2))             # (7,)
+    test, ood = variant_curves[name]["test"], variant_curves[name]["ood"]
+    print(f"{name:14s} {test[3]:6.3f} {ood[3]:6.3f} {test[7]:6.3f} {ood[7]:6.3f} "
+          f"{variant_norms[name][3]:6.2f} {variant_norms[name][7]:6.2f} {variant_changes_by_step[name][6]:6.3f}")
+
+# %%
+plot_accuracy_vs_loops(variant_curves, title="Injection and norm placement: accuracy vs loop steps")
+
+# %%
+fig, (ax_norm, ax_change) = plt.subplots(1, 2, figsize=(10, 3.6))
+for name in variants:
+    ax_norm.plot(range(1, MAX_LOOPS + 1), variant_norms[name], marker="o", label=name)
+    ax_change.plot(range(2, MAX_LOOPS + 1), variant_changes_by_step[name], marker="o", label=name)
+for ax in (ax_norm, ax_change):
+    ax.axvline(4, color="gray", linestyle=":", linewidth=1)
+    ax.set(xlabel="step t", yscale="log")
+ax_norm.set(ylabel=r"RMS of $h_t$", title="Size of the loop state")
+ax_change.set(ylabel=r"$\|h_t - h_{t-1}\| / \|h_{t-1}\|$", title="Relative change per step")
+ax_norm.legend()
+plt.tight_layout()
+plt.show()
+
+# %%
+plot_losses(variant_histories, "Training loss by injection and norm placement")
+
+# %% [markdown]
+# What the table and the plots show (again one seed per model, 500 steps each):
+#
+# - **Concatenation with an adapter** gave the best model at the trained depth: 0.992 test
+#   and 0.724 out-of-distribution accuracy against the plain loop's 0.920 and 0.548. Its
+#   state stays small (RMS about 0.6) but keeps moving: from step 7 to step 8 it still
+#   changes by more than half its size, and the accuracy at 8 steps collapses to 0.150.
+#   Seeing the input at every step helped it compute the answer in 4 steps; nothing made
+#   those steps a computation that settles.
+# - **Additive injection with pre-norm** did not learn the task in 500 steps (0.174 test
+#   accuracy). Its state is about nine times larger than the plain loop's at step 4 and
+#   keeps growing: every step adds a unit-RMS copy of the input to a residual stream that
+#   nothing normalises. **The same injection with sandwich norms** trains (0.964 test,
+#   0.550 out of distribution): normalising each sub-layer's output before it joins the
+#   state bounds what one step can add. This is the combination Ouro uses.
+# - **The plain loop** degrades most gently past its trained depth (0.722 test accuracy at 8
+#   steps), though it too was never asked to do anything useful with extra steps.
+#
+# None of these models extrapolates in depth: training on the last step of a fixed depth
+# teaches a model to answer at that depth. Chapter 4 changes the training (a loss at every
+# step, randomized depth) and measures what that does to the curves past the trained depth.
+
+# %% [markdown]
+# ## Summary
+#
+# We put the loop's design choices into `LoopLMConfig` and measured what they do on trained
+# models:
+#
+# - **Topology**: `n_prelude`, `n_core`, `n_coda` place the loop; the whole stack looped is
+#   Ouro's design, prelude/core/coda is Huginn's and MoR's.
+# - **Injection** `"none"`, `"add"` ($h + \mathrm{RMSNorm}(x_0)$), `"concat"` (Huginn's
+#   adapter on $[h; x_0]$), and the **initial state** `"embedding"`, `"zeros"`, `"random"`
+#   (Huginn's truncated normal of variance $2/5$), each checked against its formula.
+# - A **readout after every step**, so `out.logits` holds $S$ predictions and one forward
+#   pass with `n_loops=k` scores every depth up to $k$.
+# - `looplm.diagnostics`: `hidden_norms` and `step_changes`, the two numbers to watch in a
+#   loop.
+# - `looplm.train`: `TrainConfig`, `lr_at` (warmup and cosine decay), `Trainer` (AdamW with
+#   decay on matrices only, gradient clipping, periodic evaluation, a metrics history, bf16
+#   autocast on CUDA, `state_dict` for exact resumption, a clean stop on a non-finite loss),
+#   `train`, and the task helpers `task_batches`, `task_accuracy`, `evaluate_tasks`.
+#
+# On the stack task, one block looped four times came within a few points of four distinct
+# blocks and far ahead of the single block it is made of; feeding the input back in helped
+# at the trained depth and hurt beyond it.
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise is a module in `exercises/ch03/` with code for you to write, plus a file of
+# graded tests next to it. Open the module, read its docstring, and replace the
+# `raise NotImplementedError(...)`. The reference solutions are in `exercises/solutions/ch03/`,
+# to read after you have tried.
+
+# %% [markdown]
+# **Exercise 3.1: Additive injection** (`ex1_additive_injection.py`). Write
+# `AdditiveInjection`, a module for the `INJECTIONS` registry computing
+# $h + \mathrm{RMSNorm}_g(x_0)$ with its own gain, in float32 whatever the input dtype. The
+# tests compare it with the formula written out, check that the gain is its only parameter
+# and learns, and register it in `INJECTIONS` to check a `LoopLM` built with it against a
+# loop written by hand.
+
+# %% [markdown]
+# **Exercise 3.2: The warmup-cosine schedule** (`ex2_warmup_cosine.py`). Write
+# `warmup_cosine(step, total_steps, warmup_steps, max_lr, min_lr)`, section 3.5's learning
+# rate as a function of numbers, with its argument checks. The tests compare it with values
+# computed by hand at the key steps, and at every step with an independent form of the
+# cosine and with `lr_at`.
+
+# %% [markdown]
+# The next cell grades your versions. Run it again whenever you like; every test fails until
+# you write the code.
+
+# %%
+from looplm.grade import grade
+
+report = grade("ch03")
