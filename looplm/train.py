@@ -1,6 +1,6 @@
-# Generated from book/03_fixed_loops.py: edit the chapter, then run `make export`.
+# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks']
+__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'Recipe', 'RECIPES', 'main']
 # fmt: on
 
 # --- book/03_fixed_loops.py, cell 56 ---
@@ -346,3 +346,336 @@ def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
                 for name, batch in encoded.items()}
 
     return evaluate
+
+# --- book/04_backprop_through_the_loop.py, cell 113 ---
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from looplm import __version__
+from looplm.backprop import STEP_WEIGHTS, make_loop_loss
+from looplm.data import TASK_VOCAB, TASKS, make_splits, make_task
+from looplm.model import INJECTIONS, LoopLM, LoopLMConfig
+
+# --- book/04_backprop_through_the_loop.py, cell 117 ---
+CHECKPOINT_FORMAT = "looplm-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: not a looplm checkpoint, too new, or for another model."""
+
+
+def _config_dict(config):
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+
+
+def save_checkpoint(path, trainer, extra=None):
+    """Write trainer (model config, TrainConfig, state, loss_fn state) to `path`, atomically.
+
+    The file appears complete or not at all: it is written to a temporary file in the same
+    folder and moved onto `path` with os.replace. Refuses (ValueError) a model holding
+    non-finite weights. Returns the path.
+    """
+    path = Path(path)
+    model = trainer.model
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"refusing to save a checkpoint: parameter {name} holds non-finite values")
+    loss_fn = getattr(trainer, "loss_fn", None)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "looplm_version": __version__,
+        "model_config": _config_dict(model.config),
+        "train_config": _config_dict(getattr(trainer, "config", None)),
+        "trainer": trainer.state_dict(),
+        "loss_fn": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
+        "extra": extra,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return path
+
+# --- book/04_backprop_through_the_loop.py, cell 119 ---
+def _version_tuple(version):
+    return tuple(int(part) for part in re.findall(r"\d+", str(version))[:3])
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """The checked contents of a checkpoint file (a dict; see save_checkpoint).
+
+    CheckpointError if the file is not a readable looplm checkpoint or was written by a newer
+    looplm than the one installed. FileNotFoundError if there is no file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (pickle, zip and torch errors all mean "unreadable")
+        reason = (str(e).splitlines() or [""])[0].split(". ")[0][:120]
+        raise CheckpointError(f"{path} is not a readable looplm checkpoint: torch.load failed "
+                              f"({type(e).__name__}: {reason})") from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a looplm checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
+    written_by = payload.get("looplm_version")
+    if _version_tuple(written_by) > _version_tuple(__version__):
+        raise CheckpointError(f"{path} was written by looplm {written_by}, newer than the installed "
+                              f"looplm {__version__}; upgrade looplm to load it")
+    return payload
+
+
+def _config_differences(expected, found):
+    a, b = dataclasses.asdict(expected), dataclasses.asdict(found)
+    return [f"{key}: checkpoint {a[key]!r}, model {b.get(key)!r}" for key in a if a[key] != b.get(key)]
+
+# --- book/04_backprop_through_the_loop.py, cell 121 ---
+def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, evaluate=None,
+                    map_location="cpu"):
+    """A Trainer restored from a checkpoint written by save_checkpoint.
+
+    The model is rebuilt from the stored LoopLMConfig, or `model` is used after checking that its
+    config equals the stored one (CheckpointError listing the differences otherwise). config: a
+    TrainConfig (default: the stored one). loss_fn (default default_loss) gets its state back if
+    it has load_state_dict and the checkpoint holds one.
+    """
+    payload = read_checkpoint(path, map_location)
+    try:
+        stored = LoopLMConfig(**payload["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} holds a model config this looplm cannot build: {e}") from e
+    if model is None:
+        model = LoopLM(stored)
+    elif not isinstance(model, LoopLM):
+        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
+    elif model.config != stored:
+        raise CheckpointError(f"{path} holds a model with another config than the model given: "
+                              + "; ".join(_config_differences(stored, model.config)))
+    if config is None:
+        if payload.get("train_config") is None:
+            raise CheckpointError(f"{path} stores no TrainConfig; pass config=TrainConfig(...)")
+        config = TrainConfig(**payload["train_config"])
+    loss_fn = default_loss if loss_fn is None else loss_fn
+    trainer = Trainer(model, get_batch, config, loss_fn=loss_fn, evaluate=evaluate)
+    trainer.load_state_dict(payload["trainer"])
+    if payload.get("loss_fn") is not None and hasattr(loss_fn, "load_state_dict"):
+        loss_fn.load_state_dict(payload["loss_fn"])
+    return trainer
+
+# --- book/04_backprop_through_the_loop.py, cell 131 ---
+def _task_splits(args):
+    """The command line's TaskSplits: difficulties 1..N for training and testing."""
+    options = {"reverse_answer": True} if args.reverse_answer else {}
+    if args.reverse_answer and args.task != "addition":
+        raise ValueError(f"--reverse-answer applies to the addition task only, not {args.task!r}")
+    return make_splits(make_task(args.task, **options), n_train=args.n_train, n_test=args.n_test,
+                       max_difficulty=args.difficulty, ood_max_difficulty=args.difficulty + 1,
+                       seed=args.seed)
+
+# --- book/04_backprop_through_the_loop.py, cell 133 ---
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Recipe:
+    """A way to train from the command line: `python -m looplm.train --recipe NAME`.
+
+    add_arguments(parser) adds the recipe's own flags (in an argument group);
+    run(args, model, get_batch, config, evaluate) trains and returns the Trainer whose model
+    and history main() saves. resumable: whether --resume can continue one of its runs.
+    """
+
+    help: str
+    add_arguments: Callable
+    run: Callable
+    resumable: bool = False
+
+
+RECIPES = {}
+
+
+def _parser():
+    """The parser, with every registered recipe's flags; -> (parser, {recipe: its flag dests})."""
+    p = argparse.ArgumentParser(prog="python -m looplm.train",
+                                description="Train a looped LM on one of chapter 0's tasks.")
+    data = p.add_argument_group("data")
+    data.add_argument("--task", default="addition", choices=sorted(TASKS))
+    data.add_argument("--difficulty", type=int, default=2, help="train and test on difficulties 1..N (default 2)")
+    data.add_argument("--reverse-answer", action="store_true", help="addition: answer least significant digit first")
+    data.add_argument("--n-train", type=int, default=20000, help="training examples (default 20000)")
+    data.add_argument("--n-test", type=int, default=500, help="test examples (default 500)")
+    model = p.add_argument_group("model")
+    model.add_argument("--n-loops", type=int, default=4, help="loop steps S (default 4)")
+    model.add_argument("--d-model", type=int, default=64)
+    model.add_argument("--n-heads", type=int, default=4)
+    model.add_argument("--n-core", type=int, default=1, help="blocks in the looped core (default 1)")
+    model.add_argument("--injection", default="none", choices=sorted(INJECTIONS))
+    model.add_argument("--norm-style", default="pre", choices=["pre", "sandwich", "huginn"])
+    train = p.add_argument_group("training")
+    train.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
+                       help="; ".join(f"{name}: {r.help}" for name, r in sorted(RECIPES.items())))
+    train.add_argument("--steps", type=int, default=2000, help="optimizer steps in total (default 2000)")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    train.add_argument("--warmup-steps", type=int, default=None, help="default: min(50, steps // 10)")
+    train.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default steps/10)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="runs/run", help="folder for checkpoint.pt and loss.png (default runs/run)")
+    out.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (also off when TQDM_DISABLE or CI is set)")
+    owned = {}
+    for name, recipe in sorted(RECIPES.items()):
+        before = {a.dest for a in p._actions}
+        recipe.add_arguments(p)
+        owned[name] = {a.dest for a in p._actions} - before
+    return p, owned
+
+
+def _reject_foreign_flags(parser, args, owned):
+    """A flag of another recipe than the chosen one would be ignored: an error instead."""
+    for name, dests in owned.items():
+        if name == args.recipe:
+            continue
+        for dest in sorted(dests):
+            if getattr(args, dest) != parser.get_default(dest):
+                flag = "--" + dest.replace("_", "-")
+                parser.error(f"{flag} belongs to the {name!r} recipe, not {args.recipe!r}")
+
+# --- book/04_backprop_through_the_loop.py, cell 135 ---
+def _standard_arguments(parser):
+    loss = parser.add_argument_group("standard recipe: the loss (section 4.7)")
+    loss.add_argument("--step-weights", default="last", choices=STEP_WEIGHTS)
+    loss.add_argument("--grad-steps", type=int, default=None, help="backpropagate through the last k steps only")
+    loss.add_argument("--mean-depth", type=float, default=None, help="randomized depth: Huginn's sampler with this r̄")
+    loss.add_argument("--checkpointing", action="store_true", help="activation checkpointing per loop step")
+    loss.add_argument("--norm-penalty", type=float, default=0.0)
+    loss.add_argument("--consistency", type=float, default=0.0)
+
+
+def _print_progress(trainer, start, steps):
+    recent = [r for r in trainer.history if r["step"] > start]
+    line = f"step {trainer.step:>6d}/{steps}  loss {sum(r['loss'] for r in recent) / len(recent):.4f}"
+    if "eval_test_acc" in recent[-1]:
+        line += f"  test accuracy {recent[-1]['eval_test_acc']:.3f}"
+    print(line, flush=True)
+
+
+def _standard_run(args, model, get_batch, config, evaluate):
+    loss_fn = make_loop_loss(step_weights=args.step_weights, grad_steps=args.grad_steps,
+                             checkpoint=args.checkpointing, sample_depth=args.mean_depth,
+                             norm_penalty=args.norm_penalty, consistency=args.consistency,
+                             seed=args.seed)
+    checkpoint_path = Path(args.out) / "checkpoint.pt"
+    if args.resume:
+        trainer = load_checkpoint(checkpoint_path, get_batch, config, model=model, loss_fn=loss_fn,
+                                  evaluate=evaluate)
+        print(f"resumed from {checkpoint_path} at step {trainer.step}", flush=True)
+    else:
+        trainer = Trainer(model, get_batch, config, loss_fn=loss_fn, evaluate=evaluate)
+    while trainer.step < config.steps:
+        start = trainer.step
+        trainer.run(until=min(config.steps, (start // config.eval_every + 1) * config.eval_every))
+        _print_progress(trainer, start, config.steps)
+        save_checkpoint(checkpoint_path, trainer, extra={"argv": args.argv})
+    return trainer
+
+
+RECIPES["standard"] = Recipe(help="one loss for the whole run, from section 4.7's options",
+                             add_arguments=_standard_arguments, run=_standard_run, resumable=True)
+
+# --- book/04_backprop_through_the_loop.py, cell 137 ---
+def _plot_history(history, path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    ax.plot([r.get("step", i + 1) for i, r in enumerate(history)], [r["loss"] for r in history],
+            linewidth=0.8, label="training loss")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="python -m looplm.train")
+    evaluations = [(r["step"], r["eval_test_acc"]) for r in history if "eval_test_acc" in r]
+    if evaluations:
+        twin = ax.twinx()
+        twin.plot(*zip(*evaluations), "o-", color="C1", label="test accuracy")
+        twin.set(ylabel="test exact match", ylim=(0, 1))
+        twin.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+# --- book/04_backprop_through_the_loop.py, cell 139 ---
+def main(argv=None):
+    """The command line: python -m looplm.train --help. Returns an exit status."""
+    parser, owned = _parser()
+    args = parser.parse_args(argv)
+    _reject_foreign_flags(parser, args, owned)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = RECIPES[args.recipe]
+    out = Path(args.out)
+    checkpoint_path = out / "checkpoint.pt"
+    try:
+        if args.resume and not recipe.resumable:
+            raise ValueError(f"the {args.recipe!r} recipe cannot resume a run; start a new one")
+        if args.resume and not checkpoint_path.exists():
+            raise ValueError(f"--resume: there is no {checkpoint_path} to continue")
+        if checkpoint_path.exists() and not args.resume:
+            raise ValueError(f"{checkpoint_path} exists: pass --resume to continue that run, "
+                             f"or choose another --out")
+        splits = _task_splits(args)
+        seq_len = max(len(e.prompt) + len(e.answer) for e in splits.train + splits.test)
+        model_config = LoopLMConfig(
+            vocab_size=TASK_VOCAB.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
+            n_core=args.n_core, n_loops=args.n_loops, injection=args.injection,
+            norm_style=args.norm_style, max_seq_len=seq_len)
+        if args.eval_every is not None and args.eval_every < 1:
+            raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
+        warmup = min(50, args.steps // 10) if args.warmup_steps is None else args.warmup_steps
+        train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   min_lr=args.lr / 10, warmup_steps=warmup,
+                                   eval_every=args.eval_every or max(1, args.steps // 10),
+                                   seed=args.seed, device=args.device, progress=not args.no_progress)
+        get_batch = task_batches(splits.train, args.batch_size, seq_len)
+        evaluate = evaluate_tasks({"test": splits.test})
+        torch.manual_seed(args.seed)
+        model = LoopLM(model_config)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"task {args.task} (difficulty 1..{args.difficulty}): {len(splits.train)} train, "
+              f"{len(splits.test)} test examples; model {n_params:,} parameters, {args.n_loops} loops, "
+              f"recipe {args.recipe}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        trainer = recipe.run(args, model, get_batch, train_config, evaluate)
+    except (ValueError, TypeError) as e:
+        print(f"python -m looplm.train: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"python -m looplm.train: stopped: {e}; the last checkpoint is unchanged", file=sys.stderr)
+        return 1
+    save_checkpoint(checkpoint_path, trainer, extra={"argv": args.argv})
+    if trainer.history:
+        _plot_history(trainer.history, out / "loss.png")
+    print(f"wrote {checkpoint_path} and {out / 'loss.png'}", flush=True)
+    return 0
+
+# --- book/04_backprop_through_the_loop.py, cell 140 ---
+if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
+    # `python -m looplm.train` (not a notebook, not the chapter run as a script). The export
+    # places this cell last in looplm/train.py, after the recipes later chapters register.
+    sys.exit(main())
