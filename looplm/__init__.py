@@ -6,12 +6,19 @@ public names of the book's API; the submodules hold the rest:
 
     looplm.data     tasks, splits, scoring, the offline tokenizer        (chapter 0)
     looplm.block    RMSNorm, rotary embeddings, attention, SwiGLU, Block (chapter 1)
-    looplm.model    GPT, LoopLM and their configs                        (chapter 2)
+    looplm.model    GPT, LoopLM, their configs, injections, the exit gate (chapters 2, 3, 5)
+    looplm.diagnostics  hidden-state norms and step-to-step change        (chapter 3)
+    looplm.train    the trainer, checkpoints, `python -m looplm.train`   (chapters 3-5)
+    looplm.backprop per-step losses, truncation, checkpointing, depth     (chapter 4)
+    looplm.bench    `python -m looplm.bench`                             (chapter 4)
+    looplm.adaptive exit distribution, the two stages, exit rules        (chapter 5)
     looplm.grade    the exercise grader                                  (appendix A)
 """
 
 __version__ = "0.1.0"
 
 from looplm.model import GPT, GPTConfig, LoopLM, LoopLMConfig, LoopOutput  # noqa: E402
+from looplm.adaptive import exit_distribution, q_exit_steps, stage1_loss, stage2_gate_loss  # noqa: E402
 
-__all__ = ["GPT", "GPTConfig", "LoopLM", "LoopLMConfig", "LoopOutput", "__version__"]
+__all__ = ["GPT", "GPTConfig", "LoopLM", "LoopLMConfig", "LoopOutput", "exit_distribution", "q_exit_steps",
+           "stage1_loss", "stage2_gate_loss", "__version__"]

@@ -1,6 +1,6 @@
-# Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py: edit the chapter, then run `make export`.
+# Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py, book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit']
+__all__ = ['GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate']
 # fmt: on
 
 # --- book/02_one_step_is_a_gpt.py, cell 8 ---
@@ -491,3 +491,27 @@ class RandomInit(nn.Module):
 
 # --- book/03_fixed_loops.py, cell 38 ---
 INIT_STATES.update({"zeros": ZerosInit, "random": RandomInit})
+
+# --- book/05_learning_when_to_stop.py, cell 9 ---
+class LinearExitGate(nn.Module):
+    """Ouro's exit gate: λ_t = sigmoid(Linear(d_model, 1)(z_t)), one value per token per step.
+
+    z_t is the normed state the LM head reads. forward(z [B, T, D]) -> λ [B, T] in (0, 1),
+    float32. exit_probs(gate [S, B, T]) -> p(t | x) [S, B, T] (looplm.adaptive.exit_distribution).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Linear(config.d_model, 1)            # bias on, as in Ouro
+        nn.init.normal_(self.proj.weight, mean=0.0, std=config.init_std)
+        nn.init.zeros_(self.proj.bias)                      # every gate starts near 1/2
+
+    def forward(self, z):
+        return torch.sigmoid(self.proj(z).float()).squeeze(-1)   # (B, T)
+
+    def exit_probs(self, gate):
+        from looplm.adaptive import exit_distribution        # adaptive.py imports nothing from here
+        return exit_distribution(gate)
+
+
+EXIT_GATES["linear"] = LinearExitGate

@@ -1,6 +1,6 @@
-# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py: edit the chapter, then run `make export`.
+# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'Recipe', 'RECIPES', 'main']
+__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'Recipe', 'RECIPES', 'main', 'train_two_stage']
 # fmt: on
 
 # --- book/03_fixed_loops.py, cell 56 ---
@@ -673,6 +673,86 @@ def main(argv=None):
         _plot_history(trainer.history, out / "loss.png")
     print(f"wrote {checkpoint_path} and {out / 'loss.png'}", flush=True)
     return 0
+
+# --- book/05_learning_when_to_stop.py, cell 176 ---
+from looplm.adaptive import AdaptiveLoss, GateLoss, gate_only
+from looplm.model import LoopLM
+
+
+def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, gamma=0.005,
+                    stage2_lr=None, evaluate=None):
+    """Ouro's recipe: Stage I (model and gate, Eq. 4, entropy weight beta) for
+    config.steps - stage2_steps updates, then Stage II (the gate alone, Eq. 6, the rest frozen)
+    for stage2_steps updates. -> the Stage II Trainer; its history holds both stages' rows
+    (key "stage": 1 or 2; "step" counted through both).
+    """
+    if not isinstance(model, LoopLM) or model.exit_gate is None:
+        raise ValueError("the two-stage recipe trains an exit gate: build the model with "
+                         "LoopLMConfig(..., exit_gate=True)")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _require_int("stage2_steps", stage2_steps, 1)
+    stage1_steps = config.steps - stage2_steps
+    if stage1_steps < 1:
+        raise ValueError(f"stage2_steps={stage2_steps} leaves no Stage I update out of "
+                         f"config.steps={config.steps}; use stage2_steps < steps")
+    stage2_lr = config.lr if stage2_lr is None else stage2_lr
+    stage1_config = dataclasses.replace(config, steps=stage1_steps,
+                                        warmup_steps=min(config.warmup_steps, stage1_steps - 1))
+    stage2_config = dataclasses.replace(config, steps=stage2_steps, lr=stage2_lr,
+                                        min_lr=min(config.min_lr, stage2_lr),
+                                        warmup_steps=min(config.warmup_steps, stage2_steps // 10),
+                                        seed=config.seed + 1)
+    stage1 = Trainer(model, get_batch, stage1_config, loss_fn=AdaptiveLoss("stage1", beta=beta),
+                     evaluate=evaluate)
+    stage1.run()
+    with gate_only(model):                    # the optimizer below holds the gate's parameters only
+        stage2 = Trainer(model, get_batch, stage2_config, loss_fn=GateLoss(k, gamma), evaluate=evaluate)
+        stage2.run()
+    stage2.history = ([{**row, "stage": 1} for row in stage1.history]
+                      + [{**row, "stage": 2, "step": row["step"] + stage1_steps} for row in stage2.history])
+    return stage2
+
+# --- book/05_learning_when_to_stop.py, cell 180 ---
+def _two_stage_arguments(parser):
+    group = parser.add_argument_group("two-stage recipe (chapter 5)")
+    group.add_argument("--stage2-steps", type=int, default=None,
+                       help="updates of Stage II, the gate alone (default: a fifth of --steps)")
+    group.add_argument("--beta", type=float, default=0.1, help="Stage I entropy weight (default 0.1)")
+    group.add_argument("--stage2-k", type=float, default=50.0, help="Stage II label slope k (default 50)")
+    group.add_argument("--stage2-gamma", type=float, default=0.005,
+                       help="Stage II improvement threshold gamma (default 0.005)")
+    group.add_argument("--stage2-lr", type=float, default=None, help="Stage II peak learning rate (default --lr)")
+
+
+def _with_gate(model):
+    """The model itself if it has an exit gate, else a copy with a fresh gate and the same weights."""
+    if model.exit_gate is not None:
+        return model
+    gated = LoopLM(dataclasses.replace(model.config, exit_gate=True))
+    missing, unexpected = gated.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("exit_gate.") for name in missing):
+        raise ValueError(f"cannot add a gate to this model: missing {missing}, unexpected {unexpected}")
+    first = next(model.parameters())
+    return gated.to(device=first.device, dtype=first.dtype)
+
+
+def _two_stage_run(args, model, get_batch, config, evaluate):
+    stage2_steps = args.stage2_steps if args.stage2_steps is not None else max(1, config.steps // 5)
+    trainer = train_two_stage(_with_gate(model), get_batch, config, stage2_steps, beta=args.beta,
+                              k=args.stage2_k, gamma=args.stage2_gamma, stage2_lr=args.stage2_lr,
+                              evaluate=evaluate)
+    for stage in (1, 2):
+        last = [row for row in trainer.history if row["stage"] == stage][-1]
+        mass = " ".join(f"{last[f'mass_{t}']:.2f}" for t in range(1, model.config.n_loops + 1))
+        print(f"stage {stage} done at step {last['step']}: last-step loss {last['last_loss']:.4f}, "
+              f"exit mass per step [{mass}], E[t] {last['depth']:.2f}", flush=True)
+    return trainer
+
+
+RECIPES["two-stage"] = Recipe(
+    help="Ouro's two stages: model and exit gate with an entropy bonus, then the gate alone",
+    add_arguments=_two_stage_arguments, run=_two_stage_run)
 
 # --- book/04_backprop_through_the_loop.py, cell 140 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
