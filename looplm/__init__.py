@@ -12,6 +12,7 @@ public names of the book's API; the submodules hold the rest:
     looplm.backprop per-step losses, truncation, checkpointing, depth     (chapter 4)
     looplm.bench    `python -m looplm.bench`                             (chapter 4)
     looplm.adaptive exit distribution, the two stages, exit rules        (chapter 5)
+    looplm.generate KV-cached decoding, cache strategies, early exit     (chapter 6)
     looplm.grade    the exercise grader                                  (appendix A)
 """
 
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 
 from looplm.model import GPT, GPTConfig, LoopLM, LoopLMConfig, LoopOutput  # noqa: E402
 from looplm.adaptive import exit_distribution, q_exit_steps, stage1_loss, stage2_gate_loss  # noqa: E402
+from looplm.generate import GenerationResult, generate, load_model, save_model  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "LoopLM", "LoopLMConfig", "LoopOutput", "exit_distribution", "q_exit_steps",
-           "stage1_loss", "stage2_gate_loss", "__version__"]
+           "stage1_loss", "stage2_gate_loss", "generate", "GenerationResult", "save_model", "load_model",
+           "__version__"]

@@ -1,6 +1,6 @@
-# Generated from book/04_backprop_through_the_loop.py: edit the chapter, then run `make export`.
+# Generated from book/04_backprop_through_the_loop.py, book/06_inference.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main']
+__all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'bench_decode', 'format_decode_table', 'plot_decode']
 # fmt: on
 
 # --- book/04_backprop_through_the_loop.py, cell 150 ---
@@ -223,6 +223,162 @@ def main(argv=None):
         add_arguments(commands.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
     return BENCHMARKS[args.benchmark][2](args)
+
+# --- book/06_inference.py, cell 51 ---
+import statistics as _statistics
+
+from looplm.adaptive import make_exit_rule
+from looplm.data import TASK_VOCAB, decode_answer
+from looplm.generate import RULE_DEFAULTS, generate, load_model
+
+# (cache strategy, exit rule name or None): the rules use RULE_DEFAULTS' thresholds
+DECODE_SETTINGS = (("exact", None), ("last", None), ("first", None), ("average", None), ("mod-2", None),
+                   ("exact", "q_exit"), ("exact", "confidence"), ("exact", "kl"), ("exact", "hidden_change"),
+                   ("exact", "fixed"), ("last", "q_exit"))
+
+
+def _decode_rule(name):
+    if name is None:
+        return None
+    threshold = RULE_DEFAULTS[name]
+    return make_exit_rule(name, int(threshold) if name == "fixed" else threshold)
+
+
+def bench_decode(model, examples, settings=DECODE_SETTINGS, batch_size=64, speed_examples=32, repeats=3,
+                 vocab=TASK_VOCAB):
+    """Decode `examples` (chapter 0 Examples) under each (cache, exit rule) setting. -> dict with
+    "rows" (one dict per setting) and "settings"."""
+    model.eval()
+    prompts = [vocab.encode(e.prompt) for e in examples]
+    max_new = max(len(e.answer) for e in examples) + 1
+    n_steps = model.config.n_loops
+
+    def run(cache, rule, batch):
+        return generate(model, batch, max_new, cache=cache, exit_rule=rule, stop_tokens=[vocab.eos_id],
+                        pad_id=vocab.pad_id)
+
+    rows = []
+    for cache, rule_name in settings:
+        rule = _decode_rule(rule_name)
+        answers, steps, decoded, kib = [], [], [], None
+        for start in range(0, len(prompts), batch_size):
+            res = run(cache, rule, prompts[start:start + batch_size])
+            kib = res.cache_bytes / 1024 if kib is None else kib
+            answers += [decode_answer(row, vocab) for row in res.new_tokens]
+            steps.append(res.steps[res.steps > 0])
+            later = res.steps[:, 1:]
+            decoded.append(later[later > 0])
+        correct = [a == e.answer for a, e in zip(answers, examples)]
+        rows.append({"cache": cache, "rule": rule_name or "none", "kib": kib,
+                     "accuracy": sum(correct) / len(correct), "steps": torch.cat(steps).float().mean().item(),
+                     "decode_steps": torch.cat(decoded).float().mean().item(), "seconds": {1: [], batch_size: []},
+                     "tokens": {}})
+    for _ in range(repeats):                         # timed turns, the settings interleaved
+        for row, (cache, rule_name) in zip(rows, settings):
+            rule = _decode_rule(rule_name)
+            for size in (1, batch_size):
+                batches = ([[p] for p in prompts[:speed_examples]] if size == 1 else [prompts[:batch_size]])
+                seconds, tokens = 0.0, 0
+                for batch in batches:
+                    res = run(cache, rule, batch)
+                    seconds += res.seconds["decode"]
+                    tokens += int((res.steps[:, 1:] > 0).sum())
+                row["seconds"][size].append(seconds)
+                row["tokens"][size] = tokens
+    for row in rows:
+        for size in (1, batch_size):
+            row[f"tok_s_{size}"] = row["tokens"][size] / _statistics.median(row["seconds"][size])
+    for row in rows:
+        base = next((r for r in rows if r["cache"] == row["cache"] and r["rule"] == "none"), rows[0])
+        row["ideal"] = n_steps / row["decode_steps"]
+        for size in (1, batch_size):
+            row[f"speedup_{size}"] = row[f"tok_s_{size}"] / base[f"tok_s_{size}"]
+    settings_info = dict(n_examples=len(examples), batch_size=batch_size, speed_examples=speed_examples,
+                         repeats=repeats, n_loops=n_steps, threads=torch.get_num_threads())
+    return {"rows": rows, "settings": settings_info}
+
+
+def format_decode_table(result):
+    s = result["settings"]
+    b = s["batch_size"]
+    lines = [f"decoding {s['n_examples']} held-out examples, S = {s['n_loops']} steps, greedy; tok/s of the "
+             f"decode phase at batch 1 ({s['speed_examples']} prompts) and batch {b}, median of {s['repeats']} "
+             f"turns, {s['threads']} thread(s)",
+             "",
+             f"{'cache':8s} {'exit rule':14s} {'KiB':>7s} {'accuracy':>8s} {'steps/tok':>9s} {'tok/s@1':>8s} "
+             f"{f'tok/s@{b}':>9s} {'speedup@1':>9s} {f'speedup@{b}':>10s} {'ideal':>6s}"]
+    for r in result["rows"]:
+        lines.append(f"{r['cache']:8s} {r['rule']:14s} {r['kib']:7.1f} {r['accuracy']:8.3f} {r['steps']:9.2f} "
+                     f"{r['tok_s_1']:8.0f} {r[f'tok_s_{b}']:9.0f} {r['speedup_1']:9.2f} {r[f'speedup_{b}']:10.2f} "
+                     f"{r['ideal']:6.2f}")
+    return "\n".join(lines)
+
+
+def plot_decode(result, path):
+    from matplotlib.figure import Figure
+
+    rows, b = result["rows"], result["settings"]["batch_size"]
+    labels = [f"{r['cache']} / {r['rule']}" for r in rows]
+    fig = Figure(figsize=(11, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.barh(labels[::-1], [r["kib"] for r in rows][::-1], color="C0")
+    ax1.set(xlabel=f"KV cache KiB (batch of {b})", title="memory")
+    y = range(len(rows))
+    ax2.barh([i + 0.2 for i in y], [r["speedup_1"] for r in rows][::-1], height=0.2, label="measured, batch 1")
+    ax2.barh(list(y), [r[f"speedup_{b}"] for r in rows][::-1], height=0.2, label=f"measured, batch {b}")
+    ax2.barh([i - 0.2 for i in y], [r["ideal"] for r in rows][::-1], height=0.2, label="ideal S / steps")
+    ax2.set(yticks=list(y), yticklabels=labels[::-1], xlabel="decode speedup vs full depth, same cache",
+            title="python -m looplm.bench decode")
+    ax2.axvline(1.0, color="gray", linewidth=0.8)
+    ax2.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+# --- book/06_inference.py, cell 53 ---
+def _decode_arguments(parser):
+    parser.add_argument("--checkpoint", default=None, help="a saved model (default: train a small one first)")
+    parser.add_argument("--task", default="stack", help="the chapter 0 task of the held-out examples (default stack)")
+    parser.add_argument("--difficulty", type=int, default=4, help="difficulties 1..N (default 4)")
+    parser.add_argument("--n-test", type=int, default=200, help="held-out examples (default 200)")
+    parser.add_argument("--train-steps", type=int, default=400, help="updates when training first (default 400)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--speed-examples", type=int, default=16, help="prompts timed one at a time (default 16)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="build/bench/decode.png", help="plot (default build/bench/decode.png)")
+
+
+def _decode_command(args):
+    from looplm.data import make_splits, make_task
+    from looplm.train import TrainConfig, task_batches, train_two_stage
+
+    torch.manual_seed(0)
+    task = make_task(args.task)
+    splits = make_splits(task, n_train=4000, n_test=args.n_test, max_difficulty=args.difficulty,
+                         ood_max_difficulty=args.difficulty + 1, seed=0)
+    if args.checkpoint is not None:
+        model = load_model(args.checkpoint)
+    else:
+        seq_len = task.max_seq_len(args.difficulty + 1)
+        model = LoopLM(LoopLMConfig(vocab_size=TASK_VOCAB.vocab_size, d_model=64, n_heads=4, n_loops=4,
+                                    exit_gate=True, max_seq_len=seq_len))
+        config = TrainConfig(steps=args.train_steps, batch_size=32, lr=5e-3, min_lr=5e-4,
+                             warmup_steps=min(50, args.train_steps // 10), weight_decay=0.0,
+                             eval_every=args.train_steps, seed=0, progress=False)
+        train_two_stage(model, task_batches(splits.train, 32, seq_len), config,
+                        stage2_steps=max(1, args.train_steps // 5))
+        print(f"trained a gated LoopLM for {args.train_steps} updates on {args.task} (difficulty <= {args.difficulty})")
+    result = bench_decode(model, splits.test, batch_size=args.batch_size, speed_examples=args.speed_examples,
+                          repeats=args.repeats)
+    print(format_decode_table(result))
+    print(f"\nsaved {plot_decode(result, args.out)}")
+    return 0
+
+
+BENCHMARKS["decode"] = ("KV-cache strategies and per-token early exit while decoding", _decode_arguments,
+                        _decode_command)
 
 # --- book/04_backprop_through_the_loop.py, cell 159 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
