@@ -1646,7 +1646,7 @@ def read_checkpoint(path, map_location="cpu"):
     """The checked contents of a checkpoint file (a dict; see save_checkpoint).
 
     CheckpointError if the file is not a readable looplm checkpoint or was written by a newer
-    looplm than the one installed. FileNotFoundError if there is no file.
+    (or an unrecognisable) looplm version. FileNotFoundError if there is no file.
     """
     path = Path(path)
     if not path.is_file():
@@ -1660,6 +1660,8 @@ def read_checkpoint(path, map_location="cpu"):
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a looplm checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
     written_by = payload.get("looplm_version")
+    if not isinstance(written_by, str) or len(_version_tuple(written_by)) != 3:
+        raise CheckpointError(f"{path} was written by an unknown looplm version {written_by!r}")
     if _version_tuple(written_by) > _version_tuple(__version__):
         raise CheckpointError(f"{path} was written by looplm {written_by}, newer than the installed "
                               f"looplm {__version__}; upgrade looplm to load it")
@@ -1669,6 +1671,23 @@ def read_checkpoint(path, map_location="cpu"):
 def _config_differences(expected, found):
     a, b = dataclasses.asdict(expected), dataclasses.asdict(found)
     return [f"{key}: checkpoint {a[key]!r}, model {b.get(key)!r}" for key in a if a[key] != b.get(key)]
+
+
+def checkpoint_model(path, payload, model=None):
+    """The LoopLM for a checkpoint's payload (from read_checkpoint): built from the stored config,
+    or `model` after checking that its config is the stored one. Weights are not loaded."""
+    try:
+        stored = LoopLMConfig(**payload["model_config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} holds a model config this looplm cannot build: {e}") from e
+    if model is None:
+        return LoopLM(stored)
+    if not isinstance(model, LoopLM):
+        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
+    if model.config != stored:
+        raise CheckpointError(f"{path} holds a model with another config than the model given: "
+                              + "; ".join(_config_differences(stored, model.config)))
+    return model
 
 # %% [markdown]
 # `load_checkpoint` rebuilds the model from the stored config, or checks the config of a
@@ -1688,17 +1707,7 @@ def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, e
     it has load_state_dict and the checkpoint holds one.
     """
     payload = read_checkpoint(path, map_location)
-    try:
-        stored = LoopLMConfig(**payload["model_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} holds a model config this looplm cannot build: {e}") from e
-    if model is None:
-        model = LoopLM(stored)
-    elif not isinstance(model, LoopLM):
-        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
-    elif model.config != stored:
-        raise CheckpointError(f"{path} holds a model with another config than the model given: "
-                              + "; ".join(_config_differences(stored, model.config)))
+    model = checkpoint_model(path, payload, model)
     if config is None:
         if payload.get("train_config") is None:
             raise CheckpointError(f"{path} stores no TrainConfig; pass config=TrainConfig(...)")
@@ -2640,7 +2649,8 @@ run_tests(test_bad_arguments_get_clear_errors)
 # | `LoopLoss`, `make_loop_loss(step_weights="last", grad_steps=None, checkpoint=False, sample_depth=None, norm_penalty=0.0, consistency=0.0, **options)` | a `loss_fn` for `Trainer` with all of the above; `state_dict()` for exact resumption |
 #
 # `looplm/train.py` gains `save_checkpoint(path, trainer, extra=None)` (atomic),
-# `read_checkpoint(path)`, `load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, evaluate=None)`,
+# `read_checkpoint(path)`, `checkpoint_model(path, payload, model=None)`,
+# `load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, evaluate=None)`,
 # `CheckpointError`, and the command line `python -m looplm.train` (`main(argv)`).
 # `looplm/bench.py` holds `python -m looplm.bench train`, `MinimalLoopedLM` and `bench_train`.
 

@@ -96,8 +96,7 @@ import torch.nn.functional as F
 from looplm.adaptive import EXIT_RULES, ExitRule, StepView, exit_steps, make_exit_rule
 from looplm.data import TASK_VOCAB
 from looplm.model import LoopLM, LoopLMConfig, _require_int
-from looplm.train import (CheckpointError, _config_differences, _version_tuple, read_checkpoint,
-                          save_checkpoint)
+from looplm.train import CheckpointError, checkpoint_model, read_checkpoint, save_checkpoint
 
 # %% [markdown]
 # ## 6.1 Why the loop breaks the naive KV cache
@@ -1059,20 +1058,7 @@ def load_model(path, model=None, map_location="cpu"):
     """The LoopLM stored at `path` (by save_model or python -m looplm.train), built from its config,
     or loaded into `model` after checking that its config is the stored one. CheckpointError otherwise."""
     payload = read_checkpoint(path, map_location)
-    version = payload.get("looplm_version")
-    if not isinstance(version, str) or len(_version_tuple(version)) != 3:
-        raise CheckpointError(f"{path} was written by an unknown looplm version {version!r}")
-    try:
-        stored = LoopLMConfig(**payload["model_config"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} holds a model config this looplm cannot build: {e}") from e
-    if model is None:
-        model = LoopLM(stored)
-    elif not isinstance(model, LoopLM):
-        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
-    elif model.config != stored:
-        raise CheckpointError(f"{path} holds a model with another config than the model given: "
-                              + "; ".join(_config_differences(stored, model.config)))
+    model = checkpoint_model(path, payload, model)
     try:
         model.load_state_dict(payload["trainer"]["model"])
     except (KeyError, TypeError, RuntimeError) as e:

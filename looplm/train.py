@@ -1,6 +1,6 @@
 # Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'Recipe', 'RECIPES', 'main', 'train_two_stage']
+__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'checkpoint_model', 'load_checkpoint', 'Recipe', 'RECIPES', 'main', 'train_two_stage']
 # fmt: on
 
 # --- book/03_fixed_loops.py, cell 56 ---
@@ -421,7 +421,7 @@ def read_checkpoint(path, map_location="cpu"):
     """The checked contents of a checkpoint file (a dict; see save_checkpoint).
 
     CheckpointError if the file is not a readable looplm checkpoint or was written by a newer
-    looplm than the one installed. FileNotFoundError if there is no file.
+    (or an unrecognisable) looplm version. FileNotFoundError if there is no file.
     """
     path = Path(path)
     if not path.is_file():
@@ -435,6 +435,8 @@ def read_checkpoint(path, map_location="cpu"):
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a looplm checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
     written_by = payload.get("looplm_version")
+    if not isinstance(written_by, str) or len(_version_tuple(written_by)) != 3:
+        raise CheckpointError(f"{path} was written by an unknown looplm version {written_by!r}")
     if _version_tuple(written_by) > _version_tuple(__version__):
         raise CheckpointError(f"{path} was written by looplm {written_by}, newer than the installed "
                               f"looplm {__version__}; upgrade looplm to load it")
@@ -444,6 +446,23 @@ def read_checkpoint(path, map_location="cpu"):
 def _config_differences(expected, found):
     a, b = dataclasses.asdict(expected), dataclasses.asdict(found)
     return [f"{key}: checkpoint {a[key]!r}, model {b.get(key)!r}" for key in a if a[key] != b.get(key)]
+
+
+def checkpoint_model(path, payload, model=None):
+    """The LoopLM for a checkpoint's payload (from read_checkpoint): built from the stored config,
+    or `model` after checking that its config is the stored one. Weights are not loaded."""
+    try:
+        stored = LoopLMConfig(**payload["model_config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} holds a model config this looplm cannot build: {e}") from e
+    if model is None:
+        return LoopLM(stored)
+    if not isinstance(model, LoopLM):
+        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
+    if model.config != stored:
+        raise CheckpointError(f"{path} holds a model with another config than the model given: "
+                              + "; ".join(_config_differences(stored, model.config)))
+    return model
 
 # --- book/04_backprop_through_the_loop.py, cell 121 ---
 def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, evaluate=None,
@@ -456,17 +475,7 @@ def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, e
     it has load_state_dict and the checkpoint holds one.
     """
     payload = read_checkpoint(path, map_location)
-    try:
-        stored = LoopLMConfig(**payload["model_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} holds a model config this looplm cannot build: {e}") from e
-    if model is None:
-        model = LoopLM(stored)
-    elif not isinstance(model, LoopLM):
-        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
-    elif model.config != stored:
-        raise CheckpointError(f"{path} holds a model with another config than the model given: "
-                              + "; ".join(_config_differences(stored, model.config)))
+    model = checkpoint_model(path, payload, model)
     if config is None:
         if payload.get("train_config") is None:
             raise CheckpointError(f"{path} stores no TrainConfig; pass config=TrainConfig(...)")

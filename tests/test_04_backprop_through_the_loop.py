@@ -17,6 +17,7 @@ from looplm.train import (  # noqa: F401
     CheckpointError,
     save_checkpoint,
     read_checkpoint,
+    checkpoint_model,
     load_checkpoint,
     Recipe,
     RECIPES,
