@@ -1441,9 +1441,11 @@ display(Image(filename=plot_path))
 # - **Speed.** A token that exits at step $e$ runs $e$ steps of the core instead of $S$, and its
 #   row leaves the batch. When every row exits at the same step (the `fixed` rule), decoding
 #   comes closest to the ideal $S / \bar s$: only the fixed costs per token (embedding, sampling,
-#   Python) are not divided by the steps saved. When rows exit at different steps, each later step
-#   gathers the remaining rows' cache entries out of the batch, and for a model this small that
-#   copy costs about as much as the block itself, so the measured speedup stays below the ideal;
+#   Python) are not divided by the steps saved. When rows exit at different steps, the batch
+#   keeps stepping until its slowest row has exited, and every one of those steps pays a fixed
+#   cost per block however few rows remain (launching each operation, in Python and in
+#   PyTorch), plus a gather of the remaining rows' cache entries out of the batch. For a model
+#   this small those costs are most of a step, so the measured speedup stays below the ideal;
 #   the rules that read the gate or the logits also pay for computing the gate and the rule's
 #   score at every step. The work skipped is real, as the batch-1 column shows; the fraction of
 #   it that turns into wall time grows with the model's width, where the block's matrix
