@@ -20,8 +20,25 @@ __version__ = "0.1.0"
 
 from looplm.model import GPT, GPTConfig, LoopLM, LoopLMConfig, LoopOutput  # noqa: E402
 from looplm.adaptive import exit_distribution, q_exit_steps, stage1_loss, stage2_gate_loss  # noqa: E402
-from looplm.generate import GenerationResult, generate, load_model, save_model  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "LoopLM", "LoopLMConfig", "LoopOutput", "exit_distribution", "q_exit_steps",
            "stage1_loss", "stage2_gate_loss", "generate", "GenerationResult", "save_model", "load_model",
            "__version__"]
+
+# The decoding API is imported on first use, not here: looplm.generate imports looplm.train, and
+# importing either with the package would make `python -m looplm.train` and
+# `python -m looplm.generate` run a module that is already imported (runpy warns about that).
+_LAZY = {"generate": "looplm.generate", "GenerationResult": "looplm.generate",
+         "save_model": "looplm.generate", "load_model": "looplm.generate"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'looplm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
