@@ -24,7 +24,8 @@ help:
 	@echo "make lab      JupyterLab on the chapters in book/"
 	@echo "make grade    score your exercises (python -m looplm.grade [chNN] works too)"
 	@echo "make export   regenerate looplm/, kernels/ and tests/ from the chapters"
-	@echo "make execute  re-execute chapters and store their outputs (CHAPTER=01 for one)"
+	@echo "make execute  re-execute chapters and store their outputs (CHAPTER=01 for one;"
+	@echo "              LOOPLM_FRESH_TIMINGS=1 also replaces stored timings)"
 	@echo "make check    fast: chapters and notebooks in sync, generated files up to date"
 
 $(STAMP): pyproject.toml tools/install.sh

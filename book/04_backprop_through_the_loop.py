@@ -895,7 +895,7 @@ plt.show()
 # training step (forward, backward, optimizer) both ways, as the median of several runs.
 # Timings vary from machine to machine and run to run, so this cell is not checked.
 
-# %%
+# %% tags=["timing"]
 def median_step_seconds(loss_fn, model, repeats=9, warmup=2):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
@@ -2485,13 +2485,13 @@ if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("
 # this cell is not checked; the numbers discussed below are from the run stored with the
 # notebook.
 
-# %%
+# %% tags=["timing"]
 bench_plot = Path(tempfile.mkdtemp(prefix="looplm-bench-")) / "train.png"
 bench = subprocess.run([sys.executable, "-m", "looplm.bench", "train", "--steps", "3", "--repeats", "5",
                         "--out", str(bench_plot)], capture_output=True, text=True)
 print(bench.stdout.replace(str(bench_plot), "train.png"), bench.stderr[-2000:])
 
-# %%
+# %% tags=["timing"]
 display(Image(filename=bench_plot))
 
 # %% [markdown]

@@ -1414,13 +1414,13 @@ BENCHMARKS["decode"] = ("KV-cache strategies and per-token early exit while deco
 # %% [markdown]
 # The chapter's run, on the model trained above and all 300 held-out examples:
 
-# %%
+# %% tags=["timing"]
 start = time.perf_counter()
 decode_result = bench_decode(model, splits.test, batch_size=64, speed_examples=32, repeats=5)
 print(format_decode_table(decode_result))
 bench_seconds = time.perf_counter() - start
 
-# %%
+# %% tags=["timing"]
 plot_path = plot_decode(decode_result, Path(tempfile.gettempdir()) / "looplm_decode.png")
 from IPython.display import Image, display
 
@@ -1458,7 +1458,7 @@ display(Image(filename=plot_path))
 # %% [markdown]
 # The benchmark from the command line (a quick setting: 120 training updates, 60 examples):
 
-# %%
+# %% tags=["timing"]
 bench_run = subprocess.run([sys.executable, "-m", "looplm.bench", "decode", "--train-steps", "120", "--n-test", "60",
                             "--repeats", "1", "--speed-examples", "4", "--out", str(Path(tempfile.gettempdir()) / "decode.png")],
                            capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})

@@ -151,3 +151,39 @@ def test_main_guard_goes_last_in_its_module(book):
     assert run(book, "export.py").returncode == 0
     module = (book / "looplm" / "toy.py").read_text()
     assert module.index("LATER = 1") < module.index("def main") < module.index("__main__")
+
+
+TIMED = CHAPTER.split("# %% [markdown]")[0] + textwrap.dedent('''\
+    # %% [markdown]
+    # # Chapter 7: A timed toy
+
+    # %%
+    import time
+    SIZE = 3
+
+    # %% tags=["timing"]
+    print(SIZE, time.perf_counter_ns())
+    ''')
+
+
+def execute_toy(book, *args):
+    spec = importlib.util.spec_from_file_location("tool_execute", book / "tools" / "execute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert module.main(list(args)) == 0
+    cell = jupytext.read(book / "book" / "07_toy.ipynb").cells[-1]
+    return "".join(output["text"] for output in cell.outputs)
+
+
+def test_execute_keeps_unchanged_timings_and_refreshes_changed_ones(book):
+    shutil.copy(ROOT / "tools" / "execute.py", book / "tools" / "execute.py")
+    chapter = book / "book" / "07_toy.py"
+    chapter.write_text(TIMED)
+    first = execute_toy(book)
+    assert first.startswith("3 ")
+    assert execute_toy(book) == first                      # nothing changed: the stored timing stays
+    fresh = execute_toy(book, "--fresh-timings")            # asked for: new timings
+    assert fresh.startswith("3 ") and fresh != first
+    chapter.write_text(TIMED.replace("SIZE = 3", "SIZE = 4"))
+    assert execute_toy(book).startswith("4 ")               # an earlier cell changed: re-measured

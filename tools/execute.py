@@ -6,10 +6,16 @@
 The notebook is rebuilt from the .py source each time, executed top to bottom with a fresh kernel
 in book/, and written without timestamps or Python's version, so executing twice leaves git clean.
 An output holding a memory address is an error: it would change on every run.
+
+Cells tagged "timing" print wall-clock measurements, which differ on every run. Such a cell keeps
+the output stored by an earlier execution when nothing it can depend on has changed since: the
+earlier chapters and this chapter's cells up to and including it (their hash is stored in the
+cell's metadata). Pass --fresh-timings (or set LOOPLM_FRESH_TIMINGS=1) to store new timings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -53,13 +59,52 @@ def scrub(nb) -> list[str]:
     return with_address
 
 
-def execute(py: Path) -> float:
+TIMING_TAG = "timing"
+
+
+def inputs_hash(py: Path, nb, index: int) -> str:
+    """What cell `index` of chapter `py` can depend on: earlier chapters and cells 0..index."""
+    digest = hashlib.sha256()
+    for earlier in sorted(BOOK.glob("[0-9][0-9]_*.py")):
+        if earlier.name < py.name:
+            digest.update(earlier.read_bytes())
+    for cell in nb.cells[: index + 1]:
+        digest.update(cell.cell_type.encode() + b"\0" + cell.source.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def keep_stored_timings(py: Path, nb) -> list[int]:
+    """Give unchanged "timing" cells their stored outputs back; return their indices."""
+    stored_path = py.with_suffix(".ipynb")
+    stored = jupytext.read(stored_path).cells if stored_path.exists() else []
+    kept = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or TIMING_TAG not in cell.metadata.get("tags", []):
+            continue
+        key = inputs_hash(py, nb, i)
+        cell.metadata["inputs_hash"] = key
+        old = stored[i] if i < len(stored) else None
+        if old is not None and old.metadata.get("inputs_hash") == key and old.source == cell.source:
+            cell.outputs, cell.execution_count = old.outputs, old.get("execution_count")
+            kept.append(i)
+    return kept
+
+
+def execute(py: Path, fresh_timings: bool = False) -> float:
     nb = jupytext.read(py)
     start = time.perf_counter()
     client = NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(BOOK)}})
     client.execute()
     seconds = time.perf_counter() - start
+    if fresh_timings:
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type == "code" and TIMING_TAG in cell.metadata.get("tags", []):
+                cell.metadata["inputs_hash"] = inputs_hash(py, nb, i)
+    else:
+        kept = keep_stored_timings(py, nb)
+        if kept:
+            print(f"  kept the stored outputs of unchanged timing cells {kept}")
     bad = scrub(nb)
     if bad:
         raise SystemExit(f"{py.name}: cells {bad} print a memory address; assign the result "
@@ -72,6 +117,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("PYTHONHASHSEED", "0")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    fresh_timings = "--fresh-timings" in argv or os.environ.get("LOOPLM_FRESH_TIMINGS") == "1"
+    argv = [a for a in argv if a != "--fresh-timings"]
     chosen = sorted(BOOK.glob("[0-9][0-9]_*.py"))
     if argv:
         chosen = [p for p in chosen if any(p.name.startswith(a) for a in argv)]
@@ -80,7 +127,7 @@ def main(argv: list[str]) -> int:
             return 1
     for py in chosen:
         print(f"executing {py.relative_to(ROOT)} ...", flush=True)
-        seconds = execute(py)
+        seconds = execute(py, fresh_timings)
         print(f"  stored outputs in {py.with_suffix('.ipynb').relative_to(ROOT)} ({seconds:.1f} s)")
     return 0
 
