@@ -18,27 +18,22 @@ public names of the book's API; the submodules hold the rest:
 
 __version__ = "0.1.0"
 
+import warnings  # noqa: E402
+
+# `python -m looplm.train` (or .generate, .bench) first imports this package, which imports
+# those modules for the names below, and runpy then warns that the module it is about to run as
+# __main__ is already imported. The command lines are written for that: each main() uses only
+# the objects of its own copy of the module and the package's shared ones, so the warning says
+# nothing useful here. It is silenced for looplm's own modules only.
+warnings.filterwarnings("ignore", message=r"'looplm\.\w+' found in sys\.modules after import of package "
+                        r"'looplm'", category=RuntimeWarning)
+
 from looplm.model import GPT, GPTConfig, LoopLM, LoopLMConfig, LoopOutput  # noqa: E402
 from looplm.adaptive import exit_distribution, q_exit_steps, stage1_loss, stage2_gate_loss  # noqa: E402
+# the function generate, bound after the submodule of the same name is imported, so the package
+# attribute stays the function however the submodule is imported later
+from looplm.generate import GenerationResult, generate, load_model, save_model  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "LoopLM", "LoopLMConfig", "LoopOutput", "exit_distribution", "q_exit_steps",
            "stage1_loss", "stage2_gate_loss", "generate", "GenerationResult", "save_model", "load_model",
            "__version__"]
-
-# The decoding API is imported on first use, not here: looplm.generate imports looplm.train, and
-# importing either with the package would make `python -m looplm.train` and
-# `python -m looplm.generate` run a module that is already imported (runpy warns about that).
-_LAZY = {"generate": "looplm.generate", "GenerationResult": "looplm.generate",
-         "save_model": "looplm.generate", "load_model": "looplm.generate"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'looplm' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
