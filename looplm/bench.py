@@ -319,7 +319,7 @@ def plot_decode(result, path):
 
     rows, b = result["rows"], result["settings"]["batch_size"]
     labels = [f"{r['cache']} / {r['rule']}" for r in rows]
-    fig = Figure(figsize=(11, 3.6))
+    fig = Figure(figsize=(11, 4.2))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.barh(labels[::-1], [r["kib"] for r in rows][::-1], color="C0")
     ax1.set(xlabel=f"KV cache KiB (batch of {b})", title="memory")
@@ -330,8 +330,8 @@ def plot_decode(result, path):
     ax2.set(yticks=list(y), yticklabels=labels[::-1], xlabel="decode speedup vs full depth, same cache",
             title="python -m looplm.bench decode")
     ax2.axvline(1.0, color="gray", linewidth=0.8)
-    ax2.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.legend(*ax2.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
