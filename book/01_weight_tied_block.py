@@ -369,7 +369,8 @@ plt.show()
 # %%
 #| export
 def _check_rope_tables(x, cos, sin):
-    """Raise unless cos and sin are [T, head_dim // 2] for x [B, n_heads, T, head_dim]."""
+    """Raise unless cos and sin are [T, head_dim // 2] (or [B, T, head_dim // 2], one table per
+    row) for x [B, n_heads, T, head_dim]."""
     _check_floating(x)
     if x.ndim != 4:
         raise ValueError(f"x must have shape [B, n_heads, T, head_dim], got {list(x.shape)}")
@@ -377,9 +378,11 @@ def _check_rope_tables(x, cos, sin):
     if hs % 2:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {hs}")
     for name, table in (("cos", cos), ("sin", sin)):
-        if table.ndim != 2 or table.shape[1] != hs // 2:
-            raise ValueError(f"{name} must have shape [T, head_dim // 2 = {hs // 2}], "
-                             f"got {list(table.shape)}")
+        per_row = table.ndim == 3 and table.shape[0] == x.shape[0]
+        if table.ndim not in (2, 3) or table.shape[-1] != hs // 2 or (table.ndim == 3 and not per_row):
+            raise ValueError(f"{name} must have shape [T, head_dim // 2 = {hs // 2}] (or [B = {x.shape[0]}, "
+                             f"T, {hs // 2}]), got {list(table.shape)}")
+        table = table[0] if per_row else table
         if table.shape[0] < T:
             raise ValueError(f"{name} covers {table.shape[0]} positions but x has T={T}: the "
                              f"sequence is longer than the rope tables (build them with "
@@ -399,12 +402,15 @@ def apply_rope(x, cos, sin):
 
     x: [B, n_heads, T, head_dim]. cos, sin: [T, head_dim // 2], the table rows for the T
     positions of x. Slice the tables yourself, e.g. cos[start:start + T] when a KV cache holds
-    the earlier positions. Returns a tensor of x's shape and dtype.
+    the earlier positions. When the rows of a batch sit at different positions, pass one table
+    per row, [B, T, head_dim // 2]. Returns a tensor of x's shape and dtype.
     """
     _check_rope_tables(x, cos, sin)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]          # (B, nh, T, hs/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)    # (T, hs/2): broadcast over B and nh
+    if cos.ndim == 3:                              # one table per row: (B, 1, T, hs/2)
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)    # broadcast over B (unless per row) and nh
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 # %% [markdown]
@@ -516,6 +522,30 @@ def test_rope_scores_depend_only_on_offset():
 
 
 run_tests(test_rope_scores_depend_only_on_offset)
+
+# %% [markdown]
+# When the rows of a batch sit at different positions (prompts of different lengths, chapter
+# 6), `apply_rope` takes one table per row, $[B, T, h_s/2]$. Row by row it must equal the
+# shared-table version:
+
+# %% tags=["nbval-check-output"]
+#| test
+def test_rope_per_row_tables_match_row_by_row():
+    torch.manual_seed(0)
+    cos, sin = rope_angles(16, 64)
+    x = torch.randn(3, 2, 5, 16)
+    starts = (0, 7, 30)
+    rows_cos = torch.stack([cos[s : s + 5] for s in starts])          # (B, T, hs/2)
+    rows_sin = torch.stack([sin[s : s + 5] for s in starts])
+    together = apply_rope(x, rows_cos, rows_sin)
+    for b, s in enumerate(starts):
+        torch.testing.assert_close(together[b : b + 1], apply_rope(x[b : b + 1], cos[s : s + 5], sin[s : s + 5]),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cos must have shape"):
+        apply_rope(x, rows_cos[:2], rows_sin[:2])                     # 2 tables for 3 rows
+
+
+run_tests(test_rope_per_row_tables_match_row_by_row)
 
 # %% [markdown]
 # ### Keeping the tables
@@ -737,10 +767,15 @@ class CausalSelfAttention(nn.Module):
         B, nh, T, hs = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, attend=None):
+        """attend(q, k, v) -> [B, nh, T, hs] replaces the causal attention op (a KV cache passes
+        one, chapter 6); by default it is scaled_dot_product_attention(is_causal=True)."""
         _check_hidden(x, self.d_model)
         q, k, v = self.project_qkv(x, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if attend is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        else:
+            y = attend(q, k, v)
         return self.project_out(y)
 
 # %%
@@ -1017,19 +1052,20 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.mlp = SwiGLU(d_model, d_hidden)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, attend=None):
+        """attend: passed to the attention (None: causal attention over x itself)."""
         _check_hidden(x, self.d_model)
         if self.norm_style == "pre":
             n1, n2 = self.norms
-            x = x + self.attn(n1(x), cos, sin)
+            x = x + self.attn(n1(x), cos, sin, attend)
             x = x + self.mlp(n2(x))
         elif self.norm_style == "sandwich":
             n1, n2, n3, n4 = self.norms
-            x = x + n2(self.attn(n1(x), cos, sin))
+            x = x + n2(self.attn(n1(x), cos, sin, attend))
             x = x + n4(self.mlp(n3(x)))
         else:  # "huginn"
             n1, n2, n3, n4 = self.norms
-            x = n2(x + self.attn(n1(x), cos, sin))
+            x = n2(x + self.attn(n1(x), cos, sin, attend))
             x = n4(x + self.mlp(n3(x)))
         return x
 
@@ -1037,6 +1073,30 @@ class Block(nn.Module):
 _ = torch.manual_seed(0)
 block = Block(d_model=64, n_heads=4, norm_style="sandwich")
 print(block)
+
+# %% [markdown]
+# The attention op itself can be replaced: `attend(q, k, v)` receives the rotated queries and
+# keys and the values, and returns what attention would. Chapter 6 passes a function that
+# also reads and writes a KV cache. Passing plain causal attention must change nothing, in
+# the block too, for every norm placement:
+
+# %% tags=["nbval-check-output"]
+#| test
+def test_attend_hook_replaces_the_attention_op():
+    torch.manual_seed(0)
+    cos, sin = RotaryEmbedding(8, 16)(16)
+    x = torch.randn(2, 16, 32)
+    causal = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    for style in ("pre", "sandwich", "huginn"):
+        block = Block(32, 4, norm_style=style)
+        torch.testing.assert_close(block(x, cos, sin, attend=causal), block(x, cos, sin), rtol=0, atol=0)
+    seen = []
+    attn = CausalSelfAttention(32, 4)
+    attn(x, cos, sin, attend=lambda q, k, v: seen.append(q.shape) or v)
+    assert seen == [(2, 4, 16, 8)]
+
+
+run_tests(test_attend_hook_replaces_the_attention_op)
 
 # %% [markdown]
 # Four norms, one attention layer, one MLP. A `"pre"` block has the same parts with two

@@ -134,58 +134,20 @@ from looplm.train import CheckpointError, checkpoint_model, read_checkpoint, sav
 # %% [markdown]
 # ## 6.2 A block that attends through a cache
 #
-# Chapter 1 split attention into `project_qkv`, the attention op, and `project_out`, for this
-# chapter. We need one more change. Batched prompts have different lengths; we left-pad
+# Chapter 1 built two things into the block for this chapter. The first is for batches of
+# prompts with different lengths. We left-pad
 # them to a common length so that every row writes its next token at the same column. Then
 # the position of column $c$ in row $b$ is $c - \text{pad}_b$, different per row, and the
 # rotary tables must be gathered per row: `cos`, `sin` of shape $[B, T, h_s/2]$ instead of
-# $[T, h_s/2]$. `_rope_rows` is chapter 1's `apply_rope` with that one change.
+# $[T, h_s/2]$. Chapter 1's `apply_rope` accepts exactly that.
 #
-# `block_forward` replays `Block.forward` for all three norm styles, with the attention op
-# replaced by a function `attend(q, k, v)` that the cache provides: it stores the new keys
-# and values and attends over the cached ones plus the new ones.
-
-# %%
-#| export
-def _rope_rows(x, cos, sin):
-    """apply_rope with a table per row: x [B, nh, T, hs], cos and sin [B, T, hs/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)    # (B, 1, T, hs/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-def block_forward(block, x, cos, sin, attend):
-    """Block.forward(x, ...) with per-row rope tables and attention done by attend(q, k, v).
-
-    x [B, T, D]; cos, sin [B, T, hs/2] (each row's positions); attend(q, k, v) gets q, k, v
-    [B, nh, T, hs] with rope applied and returns the attention output [B, nh, T, hs].
-    """
-    a = block.attn
-
-    def attention(u):
-        B, T, C = u.shape
-        q, k, v = a.qkv(u).split(C, dim=-1)
-        q, k, v = (t.view(B, T, a.n_heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
-        return a.project_out(attend(_rope_rows(q, cos, sin), _rope_rows(k, cos, sin), v))
-
-    if block.norm_style == "pre":
-        n1, n2 = block.norms
-        x = x + attention(n1(x))
-        x = x + block.mlp(n2(x))
-    elif block.norm_style == "sandwich":
-        n1, n2, n3, n4 = block.norms
-        x = x + n2(attention(n1(x)))
-        x = x + n4(block.mlp(n3(x)))
-    else:  # "huginn"
-        n1, n2, n3, n4 = block.norms
-        x = n2(x + attention(n1(x)))
-        x = n4(x + block.mlp(n3(x)))
-    return x
-
-# %% [markdown]
-# A first check: with plain causal attention as `attend` and every row at positions
-# $0..T-1$, `block_forward` gives what the block gives, for every norm style.
+# The second is the attention op. `Block.forward(x, cos, sin, attend)` hands it to a
+# function `attend(q, k, v)` when one is given, and the cache provides that function: it
+# stores the new keys and values and attends over the cached ones plus the new ones. The norm
+# placements, the MLP and the projections stay chapter 1's code.
+#
+# A first check: with plain causal attention as `attend` and per-row tables that put every
+# row at positions $0..T-1$, the block gives what it gives without them, for every norm style.
 
 # %% tags=["nbval-check-output"]
 from looplm.block import Block
@@ -196,8 +158,8 @@ for style in ("pre", "sandwich", "huginn"):
     x = torch.randn(2, 7, 32)
     cos, sin = looplm.LoopLM(LoopLMConfig(vocab_size=8, d_model=32, n_heads=4)).rope(7)
     causal = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mine = block_forward(block, x, cos.expand(2, -1, -1), sin.expand(2, -1, -1), causal)
-    print(f"{style:9s} max |block_forward - Block| = {(mine - block(x, cos, sin)).abs().max().item():.1e}")
+    mine = block(x, cos.expand(2, -1, -1), sin.expand(2, -1, -1), causal)
+    print(f"{style:9s} max |per-row tables and attend - Block| = {(mine - block(x, cos, sin)).abs().max().item():.1e}")
 
 # %% [markdown]
 # ## 6.3 The cache and its strategies
@@ -580,7 +542,7 @@ def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
 def _readout(model, h, cos, sin, attend_for, last_only=False):
     """(logits, z) like model.readout, with the coda attending through attend_for(j)."""
     for j, block in enumerate(model.coda):
-        h = block_forward(block, h, cos, sin, attend_for(j))
+        h = block(h, cos, sin, attend_for(j))
     z = model.norm(h[:, -1:] if last_only else h)
     return model.lm_head(z), z
 
@@ -591,13 +553,13 @@ def _prefill(model, cache, prompt, positions, n_steps):
     cos, sin = model.rope.cos[positions], model.rope.sin[positions]       # (B, Tp, hs/2)
     x0 = model.embed(prompt)                                              # (B, Tp, D)
     for i, block in enumerate(model.prelude):
-        x0 = block_forward(block, x0, cos, sin, cache.prefill_attend("prelude", i, 1))
+        x0 = block(x0, cos, sin, cache.prefill_attend("prelude", i, 1))
     h = model.init_state(x0)
     logits, gates, hidden = [], [], []
     for s in range(1, n_steps + 1):
         h = model.injection(h, x0)
         for l, block in enumerate(model.core):
-            h = block_forward(block, h, cos, sin, cache.prefill_attend("core", l, s))
+            h = block(h, cos, sin, cache.prefill_attend("core", l, s))
         step_logits, z = _readout(model, h, cos, sin, lambda j: cache.prefill_attend("coda", j, s), last_only=True)
         logits.append(step_logits[:, 0])
         hidden.append(h[:, -1])
@@ -634,7 +596,7 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps):
     cos, sin = model.rope.cos[positions][:, None], model.rope.sin[positions][:, None]   # (R, 1, hs/2)
     x0 = model.embed(tokens)[:, None]                                                   # (R, 1, D)
     for i, block in enumerate(model.prelude):
-        x0 = block_forward(block, x0, cos, sin, cache.decode_attend("prelude", i, 1, rows))
+        x0 = block(x0, cos, sin, cache.decode_attend("prelude", i, 1, rows))
     h = model.init_state(x0)
     out_logits = torch.empty(R, model.config.vocab_size, device=tokens.device)
     out_steps = torch.full((R,), n_steps, dtype=torch.long, device=tokens.device)
@@ -647,7 +609,7 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps):
     for s in range(1, n_steps + 1):
         h = model.injection(h, x0)
         for l, block in enumerate(model.core):
-            h = block_forward(block, h, cos, sin, cache.decode_attend("core", l, s, sub))
+            h = block(h, cos, sin, cache.decode_attend("core", l, s, sub))
         logits, z = _readout(model, h, cos, sin, lambda j: cache.decode_attend("coda", j, s, sub))
         logits, state = logits[:, 0], h[:, 0]                                           # (r, V), (r, D)
         if s == n_steps:
@@ -1544,7 +1506,7 @@ run_tests(test_bad_input_gets_clear_errors, test_command_line)
 # | `GenerationResult` | `tokens` [B, T_prompt + new], `steps` [B, new] (from 1; 0 after a stop), `logits` [B, new, V], `prompt_lengths`, `cache_bytes`, `seconds`, `cache`; `new_tokens`, `sequences()` |
 # | `cache_strategy(name)`, `CacheStrategy`, `CACHE_STRATEGIES` | `"exact"`, `"last"`, `"first"`, `"average"`, `"mod-K"`: how decoded tokens are cached (the prompt always per step) |
 # | `LoopKVCache`, `LayerCache` | one entry per (block, step) for every block that runs at that step; `length`, `nbytes()`, `fill_deeper(rows, exit_step)` (the deepest-state fill rule) |
-# | `block_forward(block, x, cos, sin, attend)` | `Block.forward` with per-row rope tables and attention through a cache |
+# | `block(x, cos, sin, attend)` | `Block.forward` with per-row rope tables and attention through a cache |
 # | `choose_tokens(logits, temperature, top_k, generator)` | greedy or tempered top-k sampling |
 # | `save_model(path, model)`, `load_model(path, model=None)` | checkpoints with the loop's config and the looplm version, atomic; `CheckpointError` on a mismatch |
 # | `main(argv)`, `RULE_DEFAULTS` | `python -m looplm.generate --checkpoint … --prompt …` |

@@ -224,7 +224,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     return BENCHMARKS[args.benchmark][2](args)
 
-# --- book/06_inference.py, cell 51 ---
+# --- book/06_inference.py, cell 49 ---
 import statistics as _statistics
 
 from looplm.adaptive import make_exit_rule
@@ -337,7 +337,7 @@ def plot_decode(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/06_inference.py, cell 53 ---
+# --- book/06_inference.py, cell 51 ---
 def _decode_arguments(parser):
     parser.add_argument("--checkpoint", default=None, help="a saved model (default: train a small one first)")
     parser.add_argument("--task", default="stack", help="the chapter 0 task of the held-out examples (default stack)")

@@ -82,7 +82,8 @@ def rope_angles(head_dim, max_seq_len, base=10000.0):
 
 # --- book/01_weight_tied_block.py, cell 39 ---
 def _check_rope_tables(x, cos, sin):
-    """Raise unless cos and sin are [T, head_dim // 2] for x [B, n_heads, T, head_dim]."""
+    """Raise unless cos and sin are [T, head_dim // 2] (or [B, T, head_dim // 2], one table per
+    row) for x [B, n_heads, T, head_dim]."""
     _check_floating(x)
     if x.ndim != 4:
         raise ValueError(f"x must have shape [B, n_heads, T, head_dim], got {list(x.shape)}")
@@ -90,9 +91,11 @@ def _check_rope_tables(x, cos, sin):
     if hs % 2:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {hs}")
     for name, table in (("cos", cos), ("sin", sin)):
-        if table.ndim != 2 or table.shape[1] != hs // 2:
-            raise ValueError(f"{name} must have shape [T, head_dim // 2 = {hs // 2}], "
-                             f"got {list(table.shape)}")
+        per_row = table.ndim == 3 and table.shape[0] == x.shape[0]
+        if table.ndim not in (2, 3) or table.shape[-1] != hs // 2 or (table.ndim == 3 and not per_row):
+            raise ValueError(f"{name} must have shape [T, head_dim // 2 = {hs // 2}] (or [B = {x.shape[0]}, "
+                             f"T, {hs // 2}]), got {list(table.shape)}")
+        table = table[0] if per_row else table
         if table.shape[0] < T:
             raise ValueError(f"{name} covers {table.shape[0]} positions but x has T={T}: the "
                              f"sequence is longer than the rope tables (build them with "
@@ -107,15 +110,18 @@ def apply_rope(x, cos, sin):
 
     x: [B, n_heads, T, head_dim]. cos, sin: [T, head_dim // 2], the table rows for the T
     positions of x. Slice the tables yourself, e.g. cos[start:start + T] when a KV cache holds
-    the earlier positions. Returns a tensor of x's shape and dtype.
+    the earlier positions. When the rows of a batch sit at different positions, pass one table
+    per row, [B, T, head_dim // 2]. Returns a tensor of x's shape and dtype.
     """
     _check_rope_tables(x, cos, sin)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]          # (B, nh, T, hs/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)    # (T, hs/2): broadcast over B and nh
+    if cos.ndim == 3:                              # one table per row: (B, 1, T, hs/2)
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)    # broadcast over B (unless per row) and nh
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
-# --- book/01_weight_tied_block.py, cell 57 ---
+# --- book/01_weight_tied_block.py, cell 59 ---
 class RotaryEmbedding(nn.Module):
     """The rope tables for positions 0 .. max_seq_len - 1, as non-persistent buffers.
 
@@ -143,7 +149,7 @@ class RotaryEmbedding(nn.Module):
     def extra_repr(self):
         return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, base={self.base:g}"
 
-# --- book/01_weight_tied_block.py, cell 65 ---
+# --- book/01_weight_tied_block.py, cell 67 ---
 def causal_mask(t_q, t_k, device=None, dtype=torch.float32):
     """Additive causal mask [t_q, t_k]: 0 where query i may see key j, -inf elsewhere.
 
@@ -157,7 +163,7 @@ def causal_mask(t_q, t_k, device=None, dtype=torch.float32):
     mask = torch.full((t_q, t_k), float("-inf"), device=device, dtype=dtype)
     return mask.triu(diagonal=t_k - t_q + 1)
 
-# --- book/01_weight_tied_block.py, cell 69 ---
+# --- book/01_weight_tied_block.py, cell 71 ---
 def attention_reference(q, k, v, causal=True):
     """softmax(q kᵀ / sqrt(hs) + mask) v, written out. For checking, not for speed.
 
@@ -169,7 +175,7 @@ def attention_reference(q, k, v, causal=True):
         scores = scores + causal_mask(q.shape[-2], k.shape[-2], q.device, scores.dtype)
     return scores.softmax(dim=-1) @ v                            # (B, nh, Tq, hs)
 
-# --- book/01_weight_tied_block.py, cell 79 ---
+# --- book/01_weight_tied_block.py, cell 81 ---
 def _check_heads(d_model, n_heads):
     _check_positive_int("d_model", d_model)
     _check_positive_int("n_heads", n_heads)
@@ -179,7 +185,7 @@ def _check_heads(d_model, n_heads):
         raise ValueError(f"head_dim = d_model // n_heads = {d_model // n_heads} must be even for "
                          f"rotary embeddings (d_model={d_model}, n_heads={n_heads})")
 
-# --- book/01_weight_tied_block.py, cell 81 ---
+# --- book/01_weight_tied_block.py, cell 83 ---
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary embeddings and no biases.
 
@@ -207,13 +213,18 @@ class CausalSelfAttention(nn.Module):
         B, nh, T, hs = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, attend=None):
+        """attend(q, k, v) -> [B, nh, T, hs] replaces the causal attention op (a KV cache passes
+        one, chapter 6); by default it is scaled_dot_product_attention(is_causal=True)."""
         _check_hidden(x, self.d_model)
         q, k, v = self.project_qkv(x, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if attend is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        else:
+            y = attend(q, k, v)
         return self.project_out(y)
 
-# --- book/01_weight_tied_block.py, cell 101 ---
+# --- book/01_weight_tied_block.py, cell 103 ---
 def default_d_hidden(d_model, multiple_of=8):
     """The default SwiGLU hidden size: 8/3 * d_model rounded up to a multiple of `multiple_of`.
 
@@ -224,7 +235,7 @@ def default_d_hidden(d_model, multiple_of=8):
     _check_positive_int("multiple_of", multiple_of)
     return multiple_of * -(-8 * d_model // (3 * multiple_of))  # integer ceiling division
 
-# --- book/01_weight_tied_block.py, cell 104 ---
+# --- book/01_weight_tied_block.py, cell 106 ---
 class SwiGLU(nn.Module):
     """Gated MLP without biases: W_down(silu(W_gate x) * W_up x) (arXiv 2002.05202).
 
@@ -243,7 +254,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))  # (..., d_hidden) -> (..., d_model)
 
-# --- book/01_weight_tied_block.py, cell 113 ---
+# --- book/01_weight_tied_block.py, cell 115 ---
 NORM_STYLES = ("pre", "sandwich", "huginn")
 
 
@@ -257,7 +268,7 @@ def _check_block_args(d_model, n_heads, d_hidden, norm_style):
         raise ValueError(f"norm_style must be one of {allowed}; got {norm_style!r}")
     return d_hidden
 
-# --- book/01_weight_tied_block.py, cell 115 ---
+# --- book/01_weight_tied_block.py, cell 117 ---
 class Block(nn.Module):
     """A transformer block: causal self-attention and a SwiGLU MLP with residual adds.
 
@@ -279,23 +290,24 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.mlp = SwiGLU(d_model, d_hidden)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, attend=None):
+        """attend: passed to the attention (None: causal attention over x itself)."""
         _check_hidden(x, self.d_model)
         if self.norm_style == "pre":
             n1, n2 = self.norms
-            x = x + self.attn(n1(x), cos, sin)
+            x = x + self.attn(n1(x), cos, sin, attend)
             x = x + self.mlp(n2(x))
         elif self.norm_style == "sandwich":
             n1, n2, n3, n4 = self.norms
-            x = x + n2(self.attn(n1(x), cos, sin))
+            x = x + n2(self.attn(n1(x), cos, sin, attend))
             x = x + n4(self.mlp(n3(x)))
         else:  # "huginn"
             n1, n2, n3, n4 = self.norms
-            x = n2(x + self.attn(n1(x), cos, sin))
+            x = n2(x + self.attn(n1(x), cos, sin, attend))
             x = n4(x + self.mlp(n3(x)))
         return x
 
-# --- book/01_weight_tied_block.py, cell 138 ---
+# --- book/01_weight_tied_block.py, cell 142 ---
 def block_param_count(d_model, n_heads, d_hidden=None, norm_style="pre"):
     """Parameters of Block(d_model, n_heads, d_hidden, norm_style), from the formula.
 

@@ -1,6 +1,6 @@
 # Generated from book/06_inference.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['block_forward', 'CacheStrategy', 'CACHE_STRATEGIES', 'cache_strategy', 'LayerCache', 'LoopKVCache', 'GenerationResult', 'choose_tokens', 'generate', 'save_model', 'load_model', 'RULE_DEFAULTS', 'main']
+__all__ = ['CacheStrategy', 'CACHE_STRATEGIES', 'cache_strategy', 'LayerCache', 'LoopKVCache', 'GenerationResult', 'choose_tokens', 'generate', 'save_model', 'load_model', 'RULE_DEFAULTS', 'main']
 # fmt: on
 
 # --- book/06_inference.py, cell 6 ---
@@ -18,44 +18,7 @@ from looplm.data import TASK_VOCAB
 from looplm.model import LoopLM, LoopLMConfig, _require_int
 from looplm.train import CheckpointError, checkpoint_model, read_checkpoint, save_checkpoint
 
-# --- book/06_inference.py, cell 10 ---
-def _rope_rows(x, cos, sin):
-    """apply_rope with a table per row: x [B, nh, T, hs], cos and sin [B, T, hs/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)    # (B, 1, T, hs/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-def block_forward(block, x, cos, sin, attend):
-    """Block.forward(x, ...) with per-row rope tables and attention done by attend(q, k, v).
-
-    x [B, T, D]; cos, sin [B, T, hs/2] (each row's positions); attend(q, k, v) gets q, k, v
-    [B, nh, T, hs] with rope applied and returns the attention output [B, nh, T, hs].
-    """
-    a = block.attn
-
-    def attention(u):
-        B, T, C = u.shape
-        q, k, v = a.qkv(u).split(C, dim=-1)
-        q, k, v = (t.view(B, T, a.n_heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
-        return a.project_out(attend(_rope_rows(q, cos, sin), _rope_rows(k, cos, sin), v))
-
-    if block.norm_style == "pre":
-        n1, n2 = block.norms
-        x = x + attention(n1(x))
-        x = x + block.mlp(n2(x))
-    elif block.norm_style == "sandwich":
-        n1, n2, n3, n4 = block.norms
-        x = x + n2(attention(n1(x)))
-        x = x + n4(block.mlp(n3(x)))
-    else:  # "huginn"
-        n1, n2, n3, n4 = block.norms
-        x = n2(x + attention(n1(x)))
-        x = n4(x + block.mlp(n3(x)))
-    return x
-
-# --- book/06_inference.py, cell 14 ---
+# --- book/06_inference.py, cell 12 ---
 @dataclass(frozen=True)
 class CacheStrategy:
     """How the decoded tokens' keys and values are stored; the prompt is always exact.
@@ -96,7 +59,7 @@ def cache_strategy(name):
     raise ValueError(f"unknown cache strategy {name!r}; valid: 'exact', 'last', 'first', 'average', "
                      f"or 'mod-K' with K >= 1 slots (e.g. 'mod-2')")
 
-# --- book/06_inference.py, cell 16 ---
+# --- book/06_inference.py, cell 14 ---
 class LayerCache:
     """Keys and values of one block: prompt part [C, B, nh, Tp, hs], decoded part [K, B, nh, N, hs]."""
 
@@ -215,7 +178,7 @@ class LoopKVCache:
                 layer.new_k[target, rows, :, n] = layer.new_k[source, rows, :, n]
                 layer.new_v[target, rows, :, n] = layer.new_v[source, rows, :, n]
 
-# --- book/06_inference.py, cell 20 ---
+# --- book/06_inference.py, cell 18 ---
 @dataclass
 class GenerationResult:
     """What generate() returns. new = max_new_tokens columns (pad_id, step 0 after a stop)."""
@@ -244,7 +207,7 @@ class GenerationResult:
             out.append(prompt.tolist() + new.tolist())
         return out
 
-# --- book/06_inference.py, cell 22 ---
+# --- book/06_inference.py, cell 20 ---
 def _prompt_batch(idx, vocab_size, pad_id, room):
     """-> (padded [B, Tp] LongTensor, lengths [B]) from a [B, T] tensor or a list of sequences."""
     if isinstance(idx, torch.Tensor):
@@ -316,7 +279,7 @@ def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
                          f"one: use LoopLMConfig(..., exit_gate=True) or another rule")
     return n_loops, stops, exit_rule
 
-# --- book/06_inference.py, cell 24 ---
+# --- book/06_inference.py, cell 22 ---
 def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     """logits [R, V] -> token ids [R]: argmax if temperature == 0, else a tempered top-k draw."""
     if temperature == 0:
@@ -328,11 +291,11 @@ def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-# --- book/06_inference.py, cell 26 ---
+# --- book/06_inference.py, cell 24 ---
 def _readout(model, h, cos, sin, attend_for, last_only=False):
     """(logits, z) like model.readout, with the coda attending through attend_for(j)."""
     for j, block in enumerate(model.coda):
-        h = block_forward(block, h, cos, sin, attend_for(j))
+        h = block(h, cos, sin, attend_for(j))
     z = model.norm(h[:, -1:] if last_only else h)
     return model.lm_head(z), z
 
@@ -343,13 +306,13 @@ def _prefill(model, cache, prompt, positions, n_steps):
     cos, sin = model.rope.cos[positions], model.rope.sin[positions]       # (B, Tp, hs/2)
     x0 = model.embed(prompt)                                              # (B, Tp, D)
     for i, block in enumerate(model.prelude):
-        x0 = block_forward(block, x0, cos, sin, cache.prefill_attend("prelude", i, 1))
+        x0 = block(x0, cos, sin, cache.prefill_attend("prelude", i, 1))
     h = model.init_state(x0)
     logits, gates, hidden = [], [], []
     for s in range(1, n_steps + 1):
         h = model.injection(h, x0)
         for l, block in enumerate(model.core):
-            h = block_forward(block, h, cos, sin, cache.prefill_attend("core", l, s))
+            h = block(h, cos, sin, cache.prefill_attend("core", l, s))
         step_logits, z = _readout(model, h, cos, sin, lambda j: cache.prefill_attend("coda", j, s), last_only=True)
         logits.append(step_logits[:, 0])
         hidden.append(h[:, -1])
@@ -357,7 +320,7 @@ def _prefill(model, cache, prompt, positions, n_steps):
             gates.append(model.exit_gate(z)[:, 0])
     return torch.stack(logits), (torch.stack(gates) if gates else None), torch.stack(hidden)
 
-# --- book/06_inference.py, cell 28 ---
+# --- book/06_inference.py, cell 26 ---
 def _decode_position(model, cache, tokens, positions, rows, rule, n_steps):
     """Run one new token per row; -> (logits [R, V] at each token's exit step, steps [R] from 1).
 
@@ -367,7 +330,7 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps):
     cos, sin = model.rope.cos[positions][:, None], model.rope.sin[positions][:, None]   # (R, 1, hs/2)
     x0 = model.embed(tokens)[:, None]                                                   # (R, 1, D)
     for i, block in enumerate(model.prelude):
-        x0 = block_forward(block, x0, cos, sin, cache.decode_attend("prelude", i, 1, rows))
+        x0 = block(x0, cos, sin, cache.decode_attend("prelude", i, 1, rows))
     h = model.init_state(x0)
     out_logits = torch.empty(R, model.config.vocab_size, device=tokens.device)
     out_steps = torch.full((R,), n_steps, dtype=torch.long, device=tokens.device)
@@ -380,7 +343,7 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps):
     for s in range(1, n_steps + 1):
         h = model.injection(h, x0)
         for l, block in enumerate(model.core):
-            h = block_forward(block, h, cos, sin, cache.decode_attend("core", l, s, sub))
+            h = block(h, cos, sin, cache.decode_attend("core", l, s, sub))
         logits, z = _readout(model, h, cos, sin, lambda j: cache.decode_attend("coda", j, s, sub))
         logits, state = logits[:, 0], h[:, 0]                                           # (r, V), (r, D)
         if s == n_steps:
@@ -407,7 +370,7 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps):
         prev_logits, prev_hidden = logits, state
     return out_logits, out_steps
 
-# --- book/06_inference.py, cell 30 ---
+# --- book/06_inference.py, cell 28 ---
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_tokens=None, cache="exact",
              exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False):
@@ -469,7 +432,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     return GenerationResult(torch.cat([prompt, tokens], dim=1), steps, all_logits, lengths, kv.nbytes(),
                             strategy.name, seconds, kv)
 
-# --- book/06_inference.py, cell 39 ---
+# --- book/06_inference.py, cell 37 ---
 class _ModelOnly:
     """What save_checkpoint needs from a trainer, for a model without one."""
 
@@ -498,7 +461,7 @@ def load_model(path, model=None, map_location="cpu"):
         raise CheckpointError(f"{path} holds no usable weights for this config: {str(e)[:200]}") from e
     return model
 
-# --- book/06_inference.py, cell 42 ---
+# --- book/06_inference.py, cell 40 ---
 RULE_DEFAULTS = {"q_exit": 0.5, "confidence": 0.9, "kl": 5e-4, "hidden_change": 0.03, "fixed": 2}
 
 
@@ -553,6 +516,6 @@ def main(argv=None):
         print(f"{text} -> {completion}   steps per token {[s for _, s in kept]}")
     return 0
 
-# --- book/06_inference.py, cell 43 ---
+# --- book/06_inference.py, cell 41 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     sys.exit(main())

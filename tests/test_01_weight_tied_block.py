@@ -87,7 +87,22 @@ def test_rope_scores_depend_only_on_offset():
         torch.testing.assert_close(scores, scores[:1].expand(4), rtol=0, atol=1e-4)
     assert not torch.allclose(score(3, 0), score(0, 3))  # the sign of the offset matters
 
-# --- book/01_weight_tied_block.py, cell 94 ---
+# --- book/01_weight_tied_block.py, cell 56 ---
+def test_rope_per_row_tables_match_row_by_row():
+    torch.manual_seed(0)
+    cos, sin = rope_angles(16, 64)
+    x = torch.randn(3, 2, 5, 16)
+    starts = (0, 7, 30)
+    rows_cos = torch.stack([cos[s : s + 5] for s in starts])          # (B, T, hs/2)
+    rows_sin = torch.stack([sin[s : s + 5] for s in starts])
+    together = apply_rope(x, rows_cos, rows_sin)
+    for b, s in enumerate(starts):
+        torch.testing.assert_close(together[b : b + 1], apply_rope(x[b : b + 1], cos[s : s + 5], sin[s : s + 5]),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cos must have shape"):
+        apply_rope(x, rows_cos[:2], rows_sin[:2])                     # 2 tables for 3 rows
+
+# --- book/01_weight_tied_block.py, cell 96 ---
 def test_reference_attention_matches_sdpa():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 20, 16).unbind(0)
@@ -97,7 +112,7 @@ def test_reference_attention_matches_sdpa():
     torch.testing.assert_close(attention_reference(q, k, v, causal=False), full,
                                rtol=1e-5, atol=1e-6)
 
-# --- book/01_weight_tied_block.py, cell 96 ---
+# --- book/01_weight_tied_block.py, cell 98 ---
 def test_causal_mask_aligns_queries_to_last_keys():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 1, 2, 9, 8).unbind(0)
@@ -106,7 +121,7 @@ def test_causal_mask_aligns_queries_to_last_keys():
     allowed = causal_mask(2, 5) == 0
     assert allowed.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
 
-# --- book/01_weight_tied_block.py, cell 98 ---
+# --- book/01_weight_tied_block.py, cell 100 ---
 def _changes_only_from(module_call, x, t0):
     """Change x from position t0 on; return (max change before t0, max change from t0)."""
     x2 = x.clone()
@@ -125,7 +140,21 @@ def test_attention_is_causal():
     before, after = _changes_only_from(lambda x: attn(x, cos, sin), torch.randn(2, 16, 32), 9)
     assert before < 1e-6 and after > 1e-3
 
-# --- book/01_weight_tied_block.py, cell 130 ---
+# --- book/01_weight_tied_block.py, cell 120 ---
+def test_attend_hook_replaces_the_attention_op():
+    torch.manual_seed(0)
+    cos, sin = RotaryEmbedding(8, 16)(16)
+    x = torch.randn(2, 16, 32)
+    causal = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    for style in ("pre", "sandwich", "huginn"):
+        block = Block(32, 4, norm_style=style)
+        torch.testing.assert_close(block(x, cos, sin, attend=causal), block(x, cos, sin), rtol=0, atol=0)
+    seen = []
+    attn = CausalSelfAttention(32, 4)
+    attn(x, cos, sin, attend=lambda q, k, v: seen.append(q.shape) or v)
+    assert seen == [(2, 4, 16, 8)]
+
+# --- book/01_weight_tied_block.py, cell 134 ---
 def test_shapes():
     torch.manual_seed(0)
     x = torch.randn(2, 10, 48)
@@ -139,7 +168,7 @@ def test_shapes():
     for style in NORM_STYLES:
         assert Block(48, 4, d_hidden=96, norm_style=style)(x, cos, sin).shape == x.shape
 
-# --- book/01_weight_tied_block.py, cell 132 ---
+# --- book/01_weight_tied_block.py, cell 136 ---
 def test_block_is_causal():
     for style in NORM_STYLES:
         torch.manual_seed(0)
@@ -148,7 +177,7 @@ def test_block_is_causal():
         before, after = _changes_only_from(lambda x: block(x, cos, sin), torch.randn(2, 16, 32), 5)
         assert before < 1e-5 and after > 1e-3, style
 
-# --- book/01_weight_tied_block.py, cell 134 ---
+# --- book/01_weight_tied_block.py, cell 138 ---
 def test_gradients_are_finite():
     for style in NORM_STYLES:
         torch.manual_seed(0)
@@ -161,7 +190,7 @@ def test_gradients_are_finite():
         for name, p in block.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), (style, name)
 
-# --- book/01_weight_tied_block.py, cell 146 ---
+# --- book/01_weight_tied_block.py, cell 150 ---
 def test_param_count_formula():
     for d_model, n_heads, d_hidden in [(32, 2, None), (48, 4, 100), (64, 8, 64)]:
         for style in NORM_STYLES:
@@ -171,7 +200,7 @@ def test_param_count_formula():
     assert block_param_count(64, 4, 176, "pre") == 4 * 64**2 + 3 * 64 * 176 + 2 * 64
     assert default_d_hidden(64) == 176 and default_d_hidden(768) == 2048
 
-# --- book/01_weight_tied_block.py, cell 155 ---
+# --- book/01_weight_tied_block.py, cell 159 ---
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="n_heads=3 must divide d_model=100"):
         Block(100, 3)
@@ -182,7 +211,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="norm_style must be one of 'pre', 'sandwich', 'huginn'"):
         Block(64, 4, norm_style="post")
 
-# --- book/01_weight_tied_block.py, cell 157 ---
+# --- book/01_weight_tied_block.py, cell 161 ---
 def test_bad_sizes_raise():
     for bad in (0, -8, 2.5, True):
         with pytest.raises(ValueError, match="d_model must be a positive int"):
@@ -194,7 +223,7 @@ def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="eps must be a positive number"):
         RMSNorm(64, eps=0.0)
 
-# --- book/01_weight_tied_block.py, cell 159 ---
+# --- book/01_weight_tied_block.py, cell 163 ---
 def test_bad_inputs_raise():
     torch.manual_seed(0)
     block = Block(64, 4)
@@ -209,7 +238,7 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         RMSNorm(8)(torch.ones(3, 8, dtype=torch.long))
 
-# --- book/01_weight_tied_block.py, cell 161 ---
+# --- book/01_weight_tied_block.py, cell 165 ---
 def test_bad_positions_raise():
     torch.manual_seed(0)
     block = Block(64, 4)

@@ -1,6 +1,5 @@
 # Generated from book/06_inference.py: edit the chapter, then run `make export`.
 from looplm.generate import (  # noqa: F401
-    block_forward,
     CacheStrategy,
     CACHE_STRATEGIES,
     cache_strategy,
@@ -21,7 +20,7 @@ from looplm.bench import (  # noqa: F401
     plot_decode,
 )
 
-# --- book/06_inference.py, cell 32 ---
+# --- book/06_inference.py, cell 30 ---
 import pytest
 import torch
 
@@ -92,7 +91,7 @@ def test_cache_length_equals_tokens_seen():
         assert len(log) == 6 * (1 + 3 * (2 + 1))                   # per token: prelude + S x (core + coda)
         assert all(keys == seen for *_, keys, seen in log)
 
-# --- book/06_inference.py, cell 34 ---
+# --- book/06_inference.py, cell 32 ---
 def test_strategy_identities_and_bytes():
     model = small_model(**LAYOUTS[1])                       # 1 prelude, 2 core, 1 coda block, S = 3
     prompt = [[1, 5, 7, 3, 9]]
@@ -109,7 +108,7 @@ def test_strategy_identities_and_bytes():
         expected = position * (1 * (5 + 7) + (2 + 1) * (3 * 5 + slots * 7))
         assert res.cache_bytes == expected, name
 
-# --- book/06_inference.py, cell 36 ---
+# --- book/06_inference.py, cell 34 ---
 from looplm.adaptive import ExitRule, exit_steps, select_exit_logits
 
 
@@ -183,7 +182,7 @@ class ParityExit(ExitRule):
     def score(self, view):
         return (view.logits.argmax(-1) % 2 == 0).float()
 
-# --- book/06_inference.py, cell 37 ---
+# --- book/06_inference.py, cell 35 ---
 def test_a_rule_that_never_fires_is_full_depth():
     for options in LAYOUTS:
         model = small_model(n_loops=4, **options)
@@ -247,7 +246,7 @@ def test_fill_rule_copies_the_exit_step():
                 assert torch.equal(layer.new_k[t - 1, 0, :, n], layer.new_k[e - 1, 0, :, n])
                 assert torch.equal(layer.new_v[t - 1, 0, :, n], layer.new_v[e - 1, 0, :, n])
 
-# --- book/06_inference.py, cell 40 ---
+# --- book/06_inference.py, cell 38 ---
 import os
 import tempfile
 from pathlib import Path
@@ -294,7 +293,7 @@ def test_bad_checkpoints_are_refused():
             save_model(Path(folder) / "nan.pt", bad)
         assert sorted(os.listdir(folder)) == before                 # nothing written
 
-# --- book/06_inference.py, cell 63 ---
+# --- book/06_inference.py, cell 61 ---
 import subprocess
 import sys
 
