@@ -64,8 +64,8 @@
 
 # %% [markdown]
 # First, what are we running on? This cell prints the versions of the main libraries, and
-# whether a GPU and Triton (used in the kernels chapter) are present. Your output will differ
-# from the stored one, and that is fine.
+# whether a GPU and Triton (a compiler for GPU kernels) are present. The book runs without
+# either. Your output will differ from the stored one, and that is fine.
 
 # %%
 import platform
@@ -154,6 +154,7 @@ run_tests(test_arithmetic_still_works, test_sorted_sorts)
 #| default_exp data
 #| export
 import importlib.resources
+import inspect
 import random
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -707,6 +708,11 @@ def make_task(name: str, **options) -> Task:
     """The task called `name` (a key of `TASKS`); `options` go to its constructor."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    known = [p for p in inspect.signature(TASKS[name]).parameters if p != "self"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"takes the options {', '.join(known)}" if known else "takes no options"
+        raise ValueError(f"task {name!r} {takes}; got {', '.join(unknown)}")
     return TASKS[name](**options)
 
 
@@ -757,6 +763,10 @@ def test_task_errors():
         AdditionTask().solve("S12=")
     with pytest.raises(TypeError, match="reverse_answer"):
         AdditionTask(reverse_answer="yes")
+    with pytest.raises(ValueError, match="task 'sorting' takes no options; got reverse_answer"):
+        make_task("sorting", reverse_answer=True)
+    with pytest.raises(ValueError, match="task 'addition' takes the options reverse_answer; got carry"):
+        make_task("addition", carry=True)
 
 
 run_tests(test_generators_are_reproducible_and_depend_on_the_seed, test_pinned_examples,
@@ -892,6 +902,24 @@ print("test prompts also in train:", sum(ex.prompt in train_prompts for ex in sp
 # %% [markdown]
 # There are no one-digit sums in the test set: the 656 one-digit training draws have already
 # covered all 100 of them.
+#
+# The same rule makes every test set skew harder than its training set, because the easy
+# prompts are the ones training has already used up. The stack task shows it most: short
+# programs often pop everything, so their answer is empty, and those are exactly the
+# programs training draws again and again. With the split of chapters 5 and 6 (difficulties
+# 1 to 5):
+
+# %% tags=["nbval-check-output"]
+stack_splits = make_splits("stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0)
+for split_name in ("train", "test"):
+    examples = getattr(stack_splits, split_name)
+    empty = sum(ex.answer == "" for ex in examples) / len(examples)
+    mean_difficulty = sum(ex.difficulty for ex in examples) / len(examples)
+    print(f"stack {split_name:>5}: empty answers {empty:.1%}, mean difficulty {mean_difficulty:.2f}")
+
+# %% [markdown]
+# A test accuracy below the training accuracy is therefore partly a harder test set, not only
+# overfitting.
 #
 # The tests check the promises of `make_splits` for every task: sizes, disjointness, the
 # difficulty ranges, reproducibility, and a clear error when a test set cannot be filled.
@@ -1230,6 +1258,9 @@ def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
         raise ValueError(f"targets hold ids outside [0, {vocab_size}) other than IGNORE_INDEX")
     if not answer.any(dim=1).all():
         raise ValueError("every row of targets needs at least one answer position")
+    if torch.isnan(logits).any():
+        raise ValueError("logits hold NaN values: the model that produced them has diverged or holds "
+                         "non-finite weights, and an argmax over NaN means nothing")
     predicted = logits.argmax(dim=-1)  # [..., B, T]
     return ((predicted == targets) | ~answer).all(dim=-1)  # [..., B]
 
@@ -1280,6 +1311,10 @@ def test_answer_accuracy_errors():
         answer_accuracy(torch.zeros(2, 4, 6, dtype=torch.long), targets)
     with pytest.raises(ValueError, match="outside"):
         answer_accuracy(torch.zeros(2, 4, 6), targets + 6)
+    nan_logits = torch.zeros(2, 4, 6)
+    nan_logits[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="logits hold NaN values"):
+        answer_accuracy(nan_logits, targets)
 
 
 def test_exact_match_takes_functions_strings_and_token_ids():

@@ -179,7 +179,9 @@ print(f"max |simple - by hand| = {diff:.1e}")
 # - **argument checks**;
 # - a **float32 computation** when the input is float16 or bfloat16. In those formats the sum
 #   of squares loses precision, and in float16 it overflows once $x_i^2$ passes 65504. The
-#   result is cast back to the input's dtype;
+#   result is cast back to the input's dtype. A float64 input is computed in float64, so a
+#   model converted with `.double()` can be checked against a float64 reference digit for
+#   digit;
 # - a **gain parameter** `weight`, initialised to ones so that a fresh norm only rescales.
 
 # %%
@@ -187,9 +189,9 @@ print(f"max |simple - by hand| = {diff:.1e}")
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the last dimension (arXiv 1910.07467).
 
-    y = x / sqrt(mean(x**2) + eps) * weight, computed in float32 and returned in x's dtype.
-    `weight` is the learned gain g, initialised to ones. There is no bias and no mean
-    subtraction. x: [..., dim] -> [..., dim].
+    y = x / sqrt(mean(x**2) + eps) * weight, computed in float32 (float64 for a float64 input)
+    and returned in x's dtype. `weight` is the learned gain g, initialised to ones. There is no
+    bias and no mean subtraction. x: [..., dim] -> [..., dim].
     """
 
     def __init__(self, dim, eps=1e-6):
@@ -205,9 +207,9 @@ class RMSNorm(nn.Module):
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension dim={self.dim}, "
                              f"got shape {list(x.shape)}")
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))   # float32, or float64 as given
+        y = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(wide.dtype)).to(x.dtype)
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"
@@ -256,7 +258,26 @@ def test_rmsnorm_matches_float64_reference():
     torch.testing.assert_close(norm(x).double(), expected, rtol=1e-5, atol=1e-6)
 
 
-run_tests(test_rmsnorm_matches_float64_reference)
+def test_rmsnorm_eps_on_small_and_zero_rows():
+    # rows whose mean square (1e-8) is far below eps (1e-5), and an all-zero row: there eps sets
+    # the output, so a norm that dropped eps, or added it outside the root, fails this
+    torch.manual_seed(0)
+    norm = RMSNorm(32, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+    x = 1e-4 * torch.randn(3, 32, dtype=torch.float64)
+    x = torch.cat([x, torch.zeros(1, 32, dtype=torch.float64)])
+    y = norm(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _rmsnorm_float64(x, norm.weight, 1e-5), rtol=1e-12, atol=1e-15)
+    assert torch.equal(y[-1], torch.zeros(32, dtype=torch.float64))
+    # the same rows in float32 agree with the float64 formula to float32 precision
+    y32 = RMSNorm(32, eps=1e-5)(x.float())
+    torch.testing.assert_close(y32.double(), _rmsnorm_float64(x.float(), torch.ones(32), 1e-5),
+                               rtol=1e-5, atol=1e-7)
+
+
+run_tests(test_rmsnorm_matches_float64_reference, test_rmsnorm_eps_on_small_and_zero_rows)
 
 # %% [markdown]
 # The second feeds it float16 values near 300. Their squares overflow float16, so only a
@@ -297,16 +318,17 @@ run_tests(test_rmsnorm_low_precision_input)
 # %% [markdown]
 # The first step is the table of $\cos(m\theta_i)$ and $\sin(m\theta_i)$ for every
 # position up to some `max_seq_len`. We compute the angles in float64 so that large
-# positions keep their precision, then store float32 tables.
+# positions keep their precision, then store the tables in float32 (or in the dtype asked
+# for: a float64 model gets float64 tables).
 
 # %%
 #| export
-def rope_angles(head_dim, max_seq_len, base=10000.0):
+def rope_angles(head_dim, max_seq_len, base=10000.0, dtype=torch.float32, device=None):
     """Cosine and sine tables for rotary position embeddings (RoFormer, arXiv 2104.09864).
 
     Position m and pair i (0 <= i < head_dim // 2) get the angle m * base**(-2i / head_dim).
-    Returns (cos, sin), each float32 of shape [max_seq_len, head_dim // 2]. The angles are
-    computed in float64 so that large positions keep their precision.
+    Returns (cos, sin), each of shape [max_seq_len, head_dim // 2] in `dtype` (float32 by
+    default). The angles are computed in float64 so that large positions keep their precision.
     """
     _check_positive_int("head_dim", head_dim)
     _check_positive_int("max_seq_len", max_seq_len)
@@ -314,10 +336,10 @@ def rope_angles(head_dim, max_seq_len, base=10000.0):
         raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
         raise ValueError(f"base must be a number > 1, got {base!r}")
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hs/2,)
-    positions = torch.arange(max_seq_len, dtype=torch.float64)                          # (T,)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    positions = torch.arange(max_seq_len, dtype=torch.float64, device=device)           # (T,)
     angles = torch.outer(positions, inv_freq)                                           # (T, hs/2)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 # %%
 cos, sin = rope_angles(head_dim=16, max_seq_len=64)
@@ -555,8 +577,11 @@ run_tests(test_rope_per_row_tables_match_row_by_row)
 # every loop step: token $m$ is still at position $m$ on the fourth pass through the block.
 # So one pair of tables serves every application of the block. `RotaryEmbedding` holds the
 # tables as buffers. Buffers move with `.to(device)`, and these ones are non-persistent, so
-# they are not saved in a checkpoint. The module hands out the rows a call needs. Asking for
-# positions past the end of the tables is an error, not a silent truncation.
+# they are not saved in a checkpoint. A change of dtype (`model.double()`, `model.half()`)
+# recomputes them from the float64 angles rather than widening or rounding the stored
+# float32 values, so a float64 model gets tables exact to float64. The module hands out the
+# rows a call needs. Asking for positions past the end of the tables is an error, not a
+# silent truncation.
 
 # %%
 #| export
@@ -574,6 +599,14 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.max_seq_len, self.base = head_dim, max_seq_len, float(base)
         self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, hs/2)
         self.register_buffer("sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .double(), .half() and .cuda() cast buffers; recompute the tables in the new
+        # dtype and on the new device from float64 angles instead of keeping rounded values
+        super()._apply(fn, recurse)
+        self.cos, self.sin = rope_angles(self.head_dim, self.max_seq_len, self.base,
+                                         self.cos.dtype, self.cos.device)
+        return self
 
     def forward(self, seq_len, start=0):
         _check_positive_int("seq_len", seq_len)
@@ -597,6 +630,21 @@ print("state_dict keys:", list(rope.state_dict()))
 # %% [markdown]
 # The rows for positions 10 to 14 are the same rows as in the full table, and the
 # `state_dict` is empty: a checkpoint stores weights, and the tables are not weights.
+# Converted to float64, the module holds the float64 tables, not widened float32 ones:
+
+# %% tags=["nbval-check-output"]
+#| test
+def test_rope_tables_follow_the_dtype():
+    rope = RotaryEmbedding(head_dim=16, max_seq_len=300).double()
+    cos64, sin64 = rope_angles(16, 300, dtype=torch.float64)
+    assert rope.cos.dtype == torch.float64
+    assert torch.equal(rope.cos, cos64) and torch.equal(rope.sin, sin64)
+    assert not torch.equal(rope.cos, cos64.float().double())   # more than float32's digits
+    rope = rope.float()
+    assert rope.cos.dtype == torch.float32 and torch.equal(rope.cos, rope_angles(16, 300)[0])
+
+
+run_tests(test_rope_tables_follow_the_dtype)
 
 # %% [markdown]
 # ## 1.4 Causal self-attention

@@ -78,13 +78,14 @@ print("vocabulary:", VOCAB_SIZE, "tokens")
 # %%
 #| export
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding, block_param_count
+from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding, block_param_count, default_d_hidden
 from looplm.data import IGNORE_INDEX
 
 # %% [markdown]
@@ -96,46 +97,57 @@ from looplm.data import IGNORE_INDEX
 # instead of surfacing later as a shape error deep inside attention.
 
 # %% [markdown]
-# The checks are four small functions. Each raises a `ValueError` that reads like a sentence.
+# The checks are four small functions. Each raises a `ValueError` that reads like a sentence,
+# and returns the value it checked, so a caller can write `n = _require_int("n", n, 1)`.
 # `bool` is refused where an int is expected: Python treats `True` as `1`, and `n_layers=True`
 # is almost certainly a mistake.
 
 # %%
 #| export
-def _require_int(name, value, low):
-    """ValueError unless `value` is an int >= low (a bool does not count as an int here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+def _require_int(name, value, low, high=None):
+    """`value` if it is an int in [low, high] (a bool does not count as an int here), else ValueError."""
+    if (isinstance(value, bool) or not isinstance(value, int) or value < low
+            or (high is not None and value > high)):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+    return value
 
 
 def _require_number(name, value, above):
-    """ValueError unless `value` is a finite number > above."""
+    """`value` if it is a finite number > above, else ValueError."""
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not math.isfinite(value) or not value > above):
         raise ValueError(f"{name} must be a finite number > {above}, got {value!r}")
+    return value
 
 
 def _require_bool(name, value):
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _require_choice(name, value, allowed):
     if not isinstance(value, str) or value not in allowed:
         names = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"{name} must be one of {names}; got {value!r}")
+    return value
 
 # %% [markdown]
 # The GPT and the looped model share most of their fields: the vocabulary, the width, the
 # heads, the block's settings, the rope tables and the initialisation. One function checks
 # those for both configs. A head count must divide the width, and the head dimension must be
-# even because rotary embeddings rotate pairs of coordinates (chapter 1, section 1.3).
+# even because rotary embeddings rotate pairs of coordinates (chapter 1, section 1.3). The
+# vocabulary is capped at $2^{31} - 1$ because token ids may come as int32 tensors.
 
 # %%
 #| export
+MAX_VOCAB_SIZE = 2**31 - 1   # token ids may arrive as int32 tensors
+
+
 def _validate_common(cfg):
     """The checks GPTConfig and LoopLMConfig share."""
-    _require_int("vocab_size", cfg.vocab_size, 1)
+    _require_int("vocab_size", cfg.vocab_size, 1, MAX_VOCAB_SIZE)
     _require_int("d_model", cfg.d_model, 1)
     _require_int("n_heads", cfg.n_heads, 1)
     if cfg.d_model % cfg.n_heads:
@@ -152,6 +164,38 @@ def _validate_common(cfg):
     _require_number("rope_base", cfg.rope_base, 1)
     _require_number("eps", cfg.eps, 0)
     _require_number("init_std", cfg.init_std, 0)
+
+# %% [markdown]
+# A config can be valid field by field and still describe a model that no machine holds:
+# `vocab_size=10**9` with `d_model=4096` is 16 TB of embedding. Rather than let the allocator
+# fail with a message about bytes, a model estimates its size before building anything (its
+# weights in float32, plus the rope tables) and refuses, naming the field that makes it large,
+# when that exceeds the machine's memory.
+
+# %%
+#| export
+def _physical_memory_bytes():
+    """Total RAM of this machine, or None where the OS does not say (then nothing is checked)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits_in_memory(cfg, n_blocks, available=None):
+    """ValueError, naming the largest part, when the float32 model would not fit in `available`
+    bytes (default: this machine's RAM)."""
+    d, hidden = cfg.d_model, cfg.d_hidden or default_d_hidden(cfg.d_model)
+    parts = {"vocab_size": cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2),
+             "d_model": n_blocks * (4 * d * d + 3 * d * hidden),
+             "max_seq_len": cfg.max_seq_len * cfg.head_dim}             # cos and sin: 2 x T x hs/2
+    needed = 4 * sum(parts.values())
+    available = _physical_memory_bytes() if available is None else available
+    if available is not None and needed > available:
+        field = max(parts, key=parts.get)
+        raise ValueError(f"{field}={getattr(cfg, field)} makes this model too large: its float32 weights "
+                         f"and rope tables need {needed / 2**30:,.1f} GiB, and this machine has "
+                         f"{available / 2**30:,.1f} GiB of memory; use a smaller {field}")
 
 # %% [markdown]
 # Now the GPT's config. Four fields are required: vocabulary size, width, heads and number of
@@ -277,6 +321,7 @@ class GPT(nn.Module):
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        _check_fits_in_memory(config, config.n_layers)
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.rope = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_base)
@@ -399,8 +444,9 @@ with torch.no_grad():
 # The readout's norm is a side branch too: the next step continues from $h_t$, not from
 # $\mathrm{RMSNorm}(h_t)$. Ouro's code normalises inside the loop and feeds the normed state
 # to the next step. Chapter 1 showed why some renormalisation of the stream matters when one
-# block runs many times. With `norm_style="huginn"` every block already ends in a norm, and
-# chapter 3 compares the choices.
+# block runs many times. With `norm_style="huginn"` every block already ends in a norm. The
+# chapter on real looped models adds Ouro's normed feedback as an option and compares it with
+# the raw state.
 
 # %% [markdown]
 # ### Extension points
@@ -439,7 +485,7 @@ class EmbeddingInit(nn.Module):
     def __init__(self, config):
         super().__init__()
 
-    def forward(self, x0):
+    def forward(self, x0, generator=None):
         return x0
 
 # %% [markdown]
@@ -448,7 +494,7 @@ class EmbeddingInit(nn.Module):
 # | registry | factory | module's `forward` |
 # |---|---|---|
 # | `INJECTIONS` | `(config) -> nn.Module` | `(h [B, T, D], x0 [B, T, D]) -> [B, T, D]`, applied before the core at every step |
-# | `INIT_STATES` | `(config) -> nn.Module` | `(x0 [B, T, D]) -> h_0 [B, T, D]`, once per forward |
+# | `INIT_STATES` | `(config) -> nn.Module` | `(x0 [B, T, D], generator=None) -> h_0 [B, T, D]`, once per forward; a random state draws from `generator` |
 # | `EXIT_GATES` | `(config) -> nn.Module` | `(z [B, T, D]) -> λ_t [B, T]` in $(0, 1)$ at every step, plus `exit_probs(gate [S, B, T]) -> [S, B, T]` |
 
 # %% [markdown]
@@ -612,19 +658,21 @@ class LoopOutput:
 # %% [markdown]
 # `F.cross_entropy` with `reduction="none"` computes $\ell$, already zero at ignored targets.
 # One call covers all steps at once: the targets are the same for every step, so we broadcast
-# them over the step dimension. The logits go to float32 first, since the log-softmax of
-# low-precision logits loses digits.
+# them over the step dimension. The logits go to float32 first (unless they are float64), since
+# the log-softmax of low-precision logits loses digits.
 
 # %%
 #| export
 def token_losses(logits, targets):
     """Per-token cross-entropy: logits [..., B, T, V], targets [B, T] -> [..., B, T].
 
-    Positions whose target is IGNORE_INDEX get loss 0. Computed in float32.
+    Positions whose target is IGNORE_INDEX get loss 0. Computed in float32 (float64 logits:
+    in float64).
     """
     lead = logits.shape[:-3]                                  # e.g. (S,)
     targets = targets.long().expand(*lead, *targets.shape)    # (..., B, T)
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    losses = F.cross_entropy(wide.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="none")
     return losses.view(targets.shape)                         # (..., B, T)
 
@@ -666,7 +714,27 @@ def _check_targets(targets, idx, vocab_size):
 
 # %% [markdown]
 # `forward` runs them: `encode` once, then `step` and `readout` in turn, $S$ times. It collects
-# the readouts into the output record and, given targets, the per-step losses.
+# the readouts into the output record and, given targets, the per-step losses. Two optional
+# arguments control where the loop starts: `state0=` gives $h_0$ explicitly, and
+# `generator=` (a `torch.Generator`) drives every random draw of the forward, so that a
+# random initial state (chapter 3) is reproducible call by call. Both are checked first:
+
+# %%
+#| export
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def _check_state0(state0, x0):
+    """state0 as the loop's h_0: a floating tensor of x0's shape, in x0's dtype and device."""
+    if not isinstance(state0, torch.Tensor) or not state0.is_floating_point():
+        raise TypeError(f"state0 must be a floating-point tensor [B, T, d_model], got "
+                        f"{getattr(state0, 'dtype', type(state0).__name__)}")
+    if state0.shape != x0.shape:
+        raise ValueError(f"state0 must have shape [B, T, d_model] = {list(x0.shape)}, got {list(state0.shape)}")
+    return state0.to(device=x0.device, dtype=x0.dtype)
 
 # %%
 #| export
@@ -684,6 +752,7 @@ class LoopLM(nn.Module):
         super().__init__()
         if not isinstance(config, LoopLMConfig):
             raise TypeError(f"config must be a LoopLMConfig, got {type(config).__name__}")
+        _check_fits_in_memory(config, config.n_prelude + config.n_core + config.n_coda)
         self.config = c = config
 
         def blocks(n):
@@ -724,18 +793,23 @@ class LoopLM(nn.Module):
         z = self.norm(h)
         return self.lm_head(z), z
 
-    def forward(self, idx, targets=None, n_loops=None, return_hidden=False):
+    def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None):
+        """state0: an explicit h_0 [B, T, D] instead of init_state's; generator: a torch.Generator
+        for every random draw of this forward (a random initial state)."""
         c = self.config
         _check_token_ids("idx", idx, c.vocab_size, c.max_seq_len)
         if targets is not None:
             _check_targets(targets, idx, c.vocab_size)
-        n_loops = c.n_loops if n_loops is None else n_loops
-        _require_int("n_loops", n_loops, 1)
+        n_loops = c.n_loops if n_loops is None else _require_int("n_loops", n_loops, 1)
         _require_bool("return_hidden", return_hidden)
+        _check_generator(generator)
 
         cos, sin = self.rope(idx.shape[1])                    # (T, hs/2) each
         x0 = self.encode(idx, cos, sin)                       # (B, T, D)
-        h = self.init_state(x0)                               # h_0: (B, T, D)
+        if state0 is None:
+            h = self.init_state(x0, generator=generator)      # h_0: (B, T, D)
+        else:
+            h = _check_state0(state0, x0)
         logits, gates, hidden = [], [], []
         for _ in range(n_loops):
             h = self.step(h, x0, cos, sin)                    # h_t: (B, T, D)
@@ -959,6 +1033,7 @@ with torch.no_grad():
 # %% tags=["nbval-check-output"]
 #| test
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -1116,8 +1191,80 @@ def test_seed_gives_identical_outputs():
     assert torch.equal(outputs[0], outputs[1])
 
 
+def _reference_logits_float64(model, idx, n_loops):
+    """Every step's logits of a LoopLM (injection "none", init "embedding"), from the formulas in
+    float64 with plain tensor operations: no module of the package is called."""
+    c, f64 = model.config, torch.float64
+    W = {name: t.detach().to(f64) for name, t in model.state_dict().items()}
+    T, hs = idx.shape[1], c.head_dim
+    angles = torch.arange(T, dtype=f64)[:, None] * c.rope_base ** (-torch.arange(0, hs, 2, dtype=f64) / hs)
+    cos, sin = angles.cos(), angles.sin()                      # (T, hs/2)
+
+    def norm(x, w):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + c.eps) * w
+
+    def rotate(x):                                             # (B, nh, T, hs), rotate-half pairs
+        a, b = x[..., : hs // 2], x[..., hs // 2:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+    def attention(x, p):
+        B = x.shape[0]
+        q, k, v = (x @ W[p + "attn.qkv.weight"].T).split(c.d_model, dim=-1)
+        q, k, v = (t.view(B, T, c.n_heads, hs).transpose(1, 2) for t in (q, k, v))
+        scores = rotate(q) @ rotate(k).transpose(-2, -1) / math.sqrt(hs)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, c.d_model)
+        return y @ W[p + "attn.proj.weight"].T
+
+    def mlp(x, p):
+        g, u = x @ W[p + "mlp.gate.weight"].T, x @ W[p + "mlp.up.weight"].T
+        return (g * torch.sigmoid(g) * u) @ W[p + "mlp.down.weight"].T
+
+    def block(x, p):
+        n = [W[f"{p}norms.{i}.weight"] for i in range(2 if c.norm_style == "pre" else 4)]
+        if c.norm_style == "pre":
+            x = x + attention(norm(x, n[0]), p)
+            return x + mlp(norm(x, n[1]), p)
+        if c.norm_style == "sandwich":
+            x = x + norm(attention(norm(x, n[0]), p), n[1])
+            return x + norm(mlp(norm(x, n[2]), p), n[3])
+        x = norm(x + attention(norm(x, n[0]), p), n[1])
+        return norm(x + mlp(norm(x, n[2]), p), n[3])
+
+    x = W["embed.weight"][idx]
+    for i in range(c.n_prelude):
+        x = block(x, f"prelude.{i}.")
+    h, steps = x, []
+    for _ in range(n_loops):
+        for i in range(c.n_core):
+            h = block(h, f"core.{i}.")
+        out = h
+        for i in range(c.n_coda):
+            out = block(out, f"coda.{i}.")
+        steps.append(norm(out, W["norm.weight"]) @ W["lm_head.weight"].T)
+    return torch.stack(steps)
+
+
+def test_float64_model_computes_in_float64():
+    # a model converted with .double() must match a float64 reference to float64 precision:
+    # a float32 step anywhere (norm, rope tables, losses) would leave errors near 1e-7
+    for style in NORM_STYLES:
+        torch.manual_seed(0)
+        model = LoopLM(_small_loop_config(norm_style=style, tie_embeddings=style != "pre")).double()
+        idx = torch.randint(0, 37, (2, 9))
+        with torch.no_grad():
+            out = model(idx, targets=idx, return_hidden=True)
+        assert out.logits.dtype == out.hidden.dtype == out.step_losses.dtype == torch.float64
+        expected = _reference_logits_float64(model, idx, 3)
+        torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-12)
+        by_hand = F.cross_entropy(expected.reshape(-1, 37), idx.repeat(3, 1).reshape(-1),
+                                  reduction="none").view(3, 2, 9)
+        torch.testing.assert_close(out.step_losses, by_hand, rtol=0, atol=1e-12)
+
+
 run_tests(test_output_shapes_and_n_loops_override, test_step_losses_match_cross_entropy,
-          test_whole_model_is_causal, test_seed_gives_identical_outputs)
+          test_whole_model_is_causal, test_seed_gives_identical_outputs,
+          test_float64_model_computes_in_float64)
 
 # %% [markdown]
 # ## 2.9 Parameter accounting
@@ -1411,11 +1558,14 @@ show_error(lambda: small(ids, n_loops=0))
 
 # %% tags=["nbval-check-output"]
 #| test
+import re
+
+
 def test_config_validation_errors():
     base = dict(vocab_size=50, d_model=32, n_heads=4)
     cases = [
-        (dict(vocab_size=0), "vocab_size must be an int >= 1, got 0"),
-        (dict(vocab_size=True), "vocab_size must be an int >= 1, got True"),
+        (dict(vocab_size=0), "vocab_size must be an int in [1, 2147483647], got 0"),
+        (dict(vocab_size=True), "vocab_size must be an int in [1, 2147483647], got True"),
         (dict(d_model=0), "d_model must be an int >= 1, got 0"),
         (dict(d_model=32.0), "d_model must be an int >= 1, got 32.0"),
         (dict(n_heads=0), "n_heads must be an int >= 1, got 0"),
@@ -1430,9 +1580,9 @@ def test_config_validation_errors():
         (dict(init_std=float("nan")), "init_std must be a finite number > 0, got nan"),
     ]
     for change, message in cases:
-        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             GPTConfig(**{**base, "n_layers": 2, **change})
-        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             LoopLMConfig(**{**base, **change})
     with pytest.raises(ValueError, match="n_layers must be an int >= 1, got 0"):
         GPTConfig(**base, n_layers=0)
@@ -1490,7 +1640,51 @@ def test_model_input_errors():
         GPT(GPTConfig(20, 32, 4, 1))(torch.tensor([[25]]))
 
 
-run_tests(test_config_validation_errors, test_model_input_errors)
+def test_config_defaults():
+    # the defaults the public API documents: one core block looped 4 times, nothing else
+    cfg = LoopLMConfig(vocab_size=20, d_model=32, n_heads=4)
+    assert (cfg.n_prelude, cfg.n_core, cfg.n_coda, cfg.n_loops) == (0, 1, 0, 4)
+    assert (cfg.exit_gate, cfg.injection, cfg.init_state, cfg.norm_style) == (False, "none", "embedding", "pre")
+    assert cfg.tie_embeddings and cfg.d_hidden is None and cfg.max_seq_len == 256
+    torch.manual_seed(0)
+    assert LoopLM(cfg)(torch.randint(0, 20, (1, 3))).logits.shape == (4, 1, 3, 20)
+
+
+def test_oversized_models_are_refused():
+    from looplm.model import _check_fits_in_memory
+
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 2147483647\], got 10+"):
+        LoopLMConfig(vocab_size=10**15, d_model=64, n_heads=4)
+    # each too large for any machine: a clear error before anything is allocated
+    with pytest.raises(ValueError, match=r"max_seq_len=10+ makes this model too large: .* GiB"):
+        LoopLM(LoopLMConfig(vocab_size=20, d_model=64, n_heads=4, max_seq_len=10**15))
+    with pytest.raises(ValueError, match=r"vocab_size=2147483647 makes this model too large"):
+        GPT(GPTConfig(vocab_size=2**31 - 1, d_model=4096, n_heads=32, n_layers=1))
+    # the estimate against a given budget: 1,000 x 64 tied embedding floats are 256,000 bytes
+    small = LoopLMConfig(vocab_size=1000, d_model=64, n_heads=4, max_seq_len=8)
+    _check_fits_in_memory(small, 1, available=2**30)
+    with pytest.raises(ValueError, match="vocab_size=1000 makes this model too large"):
+        _check_fits_in_memory(small, 0, available=255_000)
+
+
+def test_state0_and_generator_arguments():
+    torch.manual_seed(0)
+    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, n_loops=2))
+    idx = torch.randint(0, 20, (2, 5))
+    x0 = model.embed(idx)
+    # h_0 = x0 given explicitly is the default start
+    torch.testing.assert_close(model(idx, state0=x0).logits, model(idx).logits, rtol=0, atol=0)
+    assert not torch.equal(model(idx, state0=torch.zeros_like(x0)).logits, model(idx).logits)
+    with pytest.raises(ValueError, match=r"state0 must have shape \[B, T, d_model\] = \[2, 5, 32\]"):
+        model(idx, state0=x0[:, :3])
+    with pytest.raises(TypeError, match="state0 must be a floating-point tensor"):
+        model(idx, state0=idx)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        model(idx, generator=0)
+
+
+run_tests(test_config_validation_errors, test_model_input_errors, test_config_defaults,
+          test_oversized_models_are_refused, test_state0_and_generator_arguments)
 
 # %% [markdown]
 # Last, the hooks. The registries must hold this chapter's entries; the gate must be refused

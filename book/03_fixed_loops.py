@@ -412,7 +412,7 @@ class ZerosInit(nn.Module):
         super().__init__()
         _require_injection(config, "zeros")
 
-    def forward(self, x0):
+    def forward(self, x0, generator=None):
         return torch.zeros_like(x0)                           # (B, T, D)
 
 # %% [markdown]
@@ -423,19 +423,21 @@ class ZerosInit(nn.Module):
 # the random start is about 30 times larger than the embedding; what reaches the core at step
 # 1 is set by the injection.
 #
-# A random draw must still be reproducible. `RandomInit` draws from `self.generator` if one is
-# set (a `torch.Generator` on the device of $x_0$), and otherwise from torch's global random
+# A random draw must still be reproducible. `RandomInit` draws from the `generator` it is
+# called with: `model(idx, generator=g)` passes one down, and so does chapter 6's decoder.
+# Without one it uses `self.generator` if that is set, and otherwise torch's global random
 # number generator, so that `torch.manual_seed` fixes it. The trainer below saves and restores
 # the global generator's state, so a resumed run draws the same starts as an uninterrupted one.
-# The draw is made in float32 and then cast to $x_0$'s dtype.
+# The draw is made on the generator's device in float32 (float64 for a float64 model) and then
+# moved to $x_0$'s device and dtype.
 
 # %%
 #| export
 class RandomInit(nn.Module):
     """init_state="random": h_0 ~ Normal(0, 2/5) truncated at ±3σ, a fresh draw per forward (Huginn).
 
-    Draws come from `self.generator` when it is set (a torch.Generator on x0's device), else
-    from torch's global generator (seeded by torch.manual_seed). Needs an injection.
+    Draws come from `generator` (a torch.Generator), else from `self.generator` when it is set,
+    else from torch's global generator (seeded by torch.manual_seed). Needs an injection.
     """
 
     std = math.sqrt(2 / 5)
@@ -445,11 +447,13 @@ class RandomInit(nn.Module):
         _require_injection(config, "random")
         self.generator = None
 
-    def forward(self, x0):
-        h0 = torch.empty(x0.shape, device=x0.device, dtype=torch.float32)
+    def forward(self, x0, generator=None):
+        generator = self.generator if generator is None else generator
+        device = x0.device if generator is None else generator.device
+        h0 = torch.empty(x0.shape, device=device, dtype=torch.promote_types(x0.dtype, torch.float32))
         nn.init.trunc_normal_(h0, mean=0.0, std=self.std, a=-3 * self.std, b=3 * self.std,
-                              generator=self.generator)
-        return h0.to(x0.dtype)                                # (B, T, D)
+                              generator=generator)
+        return h0.to(device=x0.device, dtype=x0.dtype)        # (B, T, D)
 
 # %%
 #| export
@@ -580,6 +584,22 @@ def test_random_state_is_reproducible():
     assert torch.equal(a, model(idx).logits)
 
 
+def test_forward_generator_drives_the_random_state():
+    cfg = LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, injection="add", init_state="random")
+    torch.manual_seed(0)
+    model = LoopLM(cfg)
+    idx = torch.randint(0, 30, (2, 6))
+    global_state = torch.get_rng_state()
+    a = model(idx, generator=torch.Generator().manual_seed(4)).logits
+    b = model(idx, generator=torch.Generator().manual_seed(4)).logits
+    c = model(idx, generator=torch.Generator().manual_seed(5)).logits
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), global_state)     # the global generator was not used
+    # a float64 model draws its start in float64
+    assert INIT_STATES["random"](cfg)(torch.zeros(1, 2, 32, dtype=torch.float64),
+                                      generator=torch.Generator()).dtype == torch.float64
+
+
 def test_state_without_input_is_refused():
     for name in ("zeros", "random"):
         with pytest.raises(ValueError, match=f"init_state='{name}' starts the loop without the input"):
@@ -589,7 +609,8 @@ def test_state_without_input_is_refused():
 
 
 run_tests(test_zero_and_embedding_states, test_random_state_is_truncated_normal_with_variance_two_fifths,
-          test_random_state_is_reproducible, test_state_without_input_is_refused)
+          test_random_state_is_reproducible, test_forward_generator_drives_the_random_state,
+          test_state_without_input_is_refused)
 
 # %% [markdown]
 # ## 3.4 Watching the loop state

@@ -36,9 +36,9 @@ def _check_hidden(x, d_model, name="x"):
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the last dimension (arXiv 1910.07467).
 
-    y = x / sqrt(mean(x**2) + eps) * weight, computed in float32 and returned in x's dtype.
-    `weight` is the learned gain g, initialised to ones. There is no bias and no mean
-    subtraction. x: [..., dim] -> [..., dim].
+    y = x / sqrt(mean(x**2) + eps) * weight, computed in float32 (float64 for a float64 input)
+    and returned in x's dtype. `weight` is the learned gain g, initialised to ones. There is no
+    bias and no mean subtraction. x: [..., dim] -> [..., dim].
     """
 
     def __init__(self, dim, eps=1e-6):
@@ -54,20 +54,20 @@ class RMSNorm(nn.Module):
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension dim={self.dim}, "
                              f"got shape {list(x.shape)}")
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))   # float32, or float64 as given
+        y = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(wide.dtype)).to(x.dtype)
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"
 
 # --- book/01_weight_tied_block.py, cell 30 ---
-def rope_angles(head_dim, max_seq_len, base=10000.0):
+def rope_angles(head_dim, max_seq_len, base=10000.0, dtype=torch.float32, device=None):
     """Cosine and sine tables for rotary position embeddings (RoFormer, arXiv 2104.09864).
 
     Position m and pair i (0 <= i < head_dim // 2) get the angle m * base**(-2i / head_dim).
-    Returns (cos, sin), each float32 of shape [max_seq_len, head_dim // 2]. The angles are
-    computed in float64 so that large positions keep their precision.
+    Returns (cos, sin), each of shape [max_seq_len, head_dim // 2] in `dtype` (float32 by
+    default). The angles are computed in float64 so that large positions keep their precision.
     """
     _check_positive_int("head_dim", head_dim)
     _check_positive_int("max_seq_len", max_seq_len)
@@ -75,10 +75,10 @@ def rope_angles(head_dim, max_seq_len, base=10000.0):
         raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
         raise ValueError(f"base must be a number > 1, got {base!r}")
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hs/2,)
-    positions = torch.arange(max_seq_len, dtype=torch.float64)                          # (T,)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    positions = torch.arange(max_seq_len, dtype=torch.float64, device=device)           # (T,)
     angles = torch.outer(positions, inv_freq)                                           # (T, hs/2)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 # --- book/01_weight_tied_block.py, cell 39 ---
 def _check_rope_tables(x, cos, sin):
@@ -137,6 +137,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, hs/2)
         self.register_buffer("sin", sin, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .double(), .half() and .cuda() cast buffers; recompute the tables in the new
+        # dtype and on the new device from float64 angles instead of keeping rounded values
+        super()._apply(fn, recurse)
+        self.cos, self.sin = rope_angles(self.head_dim, self.max_seq_len, self.base,
+                                         self.cos.dtype, self.cos.device)
+        return self
+
     def forward(self, seq_len, start=0):
         _check_positive_int("seq_len", seq_len)
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
@@ -149,7 +157,7 @@ class RotaryEmbedding(nn.Module):
     def extra_repr(self):
         return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, base={self.base:g}"
 
-# --- book/01_weight_tied_block.py, cell 67 ---
+# --- book/01_weight_tied_block.py, cell 68 ---
 def causal_mask(t_q, t_k, device=None, dtype=torch.float32):
     """Additive causal mask [t_q, t_k]: 0 where query i may see key j, -inf elsewhere.
 
@@ -163,7 +171,7 @@ def causal_mask(t_q, t_k, device=None, dtype=torch.float32):
     mask = torch.full((t_q, t_k), float("-inf"), device=device, dtype=dtype)
     return mask.triu(diagonal=t_k - t_q + 1)
 
-# --- book/01_weight_tied_block.py, cell 71 ---
+# --- book/01_weight_tied_block.py, cell 72 ---
 def attention_reference(q, k, v, causal=True):
     """softmax(q kᵀ / sqrt(hs) + mask) v, written out. For checking, not for speed.
 
@@ -175,7 +183,7 @@ def attention_reference(q, k, v, causal=True):
         scores = scores + causal_mask(q.shape[-2], k.shape[-2], q.device, scores.dtype)
     return scores.softmax(dim=-1) @ v                            # (B, nh, Tq, hs)
 
-# --- book/01_weight_tied_block.py, cell 81 ---
+# --- book/01_weight_tied_block.py, cell 82 ---
 def _check_heads(d_model, n_heads):
     _check_positive_int("d_model", d_model)
     _check_positive_int("n_heads", n_heads)
@@ -185,7 +193,7 @@ def _check_heads(d_model, n_heads):
         raise ValueError(f"head_dim = d_model // n_heads = {d_model // n_heads} must be even for "
                          f"rotary embeddings (d_model={d_model}, n_heads={n_heads})")
 
-# --- book/01_weight_tied_block.py, cell 83 ---
+# --- book/01_weight_tied_block.py, cell 84 ---
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary embeddings and no biases.
 
@@ -224,7 +232,7 @@ class CausalSelfAttention(nn.Module):
             y = attend(q, k, v)
         return self.project_out(y)
 
-# --- book/01_weight_tied_block.py, cell 103 ---
+# --- book/01_weight_tied_block.py, cell 104 ---
 def default_d_hidden(d_model, multiple_of=8):
     """The default SwiGLU hidden size: 8/3 * d_model rounded up to a multiple of `multiple_of`.
 
@@ -235,7 +243,7 @@ def default_d_hidden(d_model, multiple_of=8):
     _check_positive_int("multiple_of", multiple_of)
     return multiple_of * -(-8 * d_model // (3 * multiple_of))  # integer ceiling division
 
-# --- book/01_weight_tied_block.py, cell 106 ---
+# --- book/01_weight_tied_block.py, cell 107 ---
 class SwiGLU(nn.Module):
     """Gated MLP without biases: W_down(silu(W_gate x) * W_up x) (arXiv 2002.05202).
 
@@ -254,7 +262,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))  # (..., d_hidden) -> (..., d_model)
 
-# --- book/01_weight_tied_block.py, cell 115 ---
+# --- book/01_weight_tied_block.py, cell 116 ---
 NORM_STYLES = ("pre", "sandwich", "huginn")
 
 
@@ -268,7 +276,7 @@ def _check_block_args(d_model, n_heads, d_hidden, norm_style):
         raise ValueError(f"norm_style must be one of {allowed}; got {norm_style!r}")
     return d_hidden
 
-# --- book/01_weight_tied_block.py, cell 117 ---
+# --- book/01_weight_tied_block.py, cell 118 ---
 class Block(nn.Module):
     """A transformer block: causal self-attention and a SwiGLU MLP with residual adds.
 
@@ -307,7 +315,7 @@ class Block(nn.Module):
             x = n4(x + self.mlp(n3(x)))
         return x
 
-# --- book/01_weight_tied_block.py, cell 142 ---
+# --- book/01_weight_tied_block.py, cell 143 ---
 def block_param_count(d_model, n_heads, d_hidden=None, norm_style="pre"):
     """Parameters of Block(d_model, n_heads, d_hidden, norm_style), from the formula.
 

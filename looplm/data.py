@@ -5,6 +5,7 @@ __all__ = ['CharVocab', 'TASK_VOCAB', 'Example', 'Task', 'AdditionTask', 'Parent
 
 # --- book/00_tasks_and_tokens.py, cell 10 ---
 import importlib.resources
+import inspect
 import random
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -268,6 +269,11 @@ def make_task(name: str, **options) -> Task:
     """The task called `name` (a key of `TASKS`); `options` go to its constructor."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    known = [p for p in inspect.signature(TASKS[name]).parameters if p != "self"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"takes the options {', '.join(known)}" if known else "takes no options"
+        raise ValueError(f"task {name!r} {takes}; got {', '.join(unknown)}")
     return TASKS[name](**options)
 
 # --- book/00_tasks_and_tokens.py, cell 61 ---
@@ -325,7 +331,7 @@ def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
     ood = _draw(task, n_test, ood_range, rng("ood"), seen, unique=True, split="ood")
     return TaskSplits(train, test, ood)
 
-# --- book/00_tasks_and_tokens.py, cell 71 ---
+# --- book/00_tasks_and_tokens.py, cell 73 ---
 IGNORE_INDEX = -100  # the target value F.cross_entropy skips (its default ignore_index)
 
 
@@ -345,7 +351,7 @@ class TaskBatch:
     def to(self, device) -> "TaskBatch":
         return TaskBatch(self.idx.to(device), self.targets.to(device), self.difficulty.to(device))
 
-# --- book/00_tasks_and_tokens.py, cell 73 ---
+# --- book/00_tasks_and_tokens.py, cell 75 ---
 def encode_examples(examples: Sequence[Example], vocab: CharVocab = TASK_VOCAB,
                     seq_len: int | None = None) -> TaskBatch:
     """Batch examples for next-token training where only the answer (and its end) is learned."""
@@ -373,14 +379,14 @@ def encode_examples(examples: Sequence[Example], vocab: CharVocab = TASK_VOCAB,
     difficulty = torch.tensor([example.difficulty for example in examples])  # [B]
     return TaskBatch(idx, targets, difficulty)
 
-# --- book/00_tasks_and_tokens.py, cell 81 ---
+# --- book/00_tasks_and_tokens.py, cell 83 ---
 def decode_answer(ids, vocab: CharVocab = TASK_VOCAB) -> str:
     """The answer in predicted token ids: everything before the first end (or pad) token."""
     text = vocab.decode(ids)
     ends = [text.index(mark) for mark in (vocab.chars[vocab.eos_id], vocab.chars[vocab.pad_id]) if mark in text]
     return text[: min(ends)] if ends else text
 
-# --- book/00_tasks_and_tokens.py, cell 84 ---
+# --- book/00_tasks_and_tokens.py, cell 86 ---
 class ExactMatch(NamedTuple):
     correct: list[bool]  # one per example
     accuracy: float  # the fraction correct
@@ -405,7 +411,7 @@ def exact_match(predictions, examples: Sequence[Example], vocab: CharVocab = TAS
     correct = [answer == example.answer for answer, example in zip(answers, examples)]
     return ExactMatch(correct, sum(correct) / len(correct))
 
-# --- book/00_tasks_and_tokens.py, cell 92 ---
+# --- book/00_tasks_and_tokens.py, cell 94 ---
 def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Teacher-forced exact match: [..., B, T, V] logits, [B, T] targets -> [..., B] bools.
 
@@ -428,21 +434,24 @@ def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
         raise ValueError(f"targets hold ids outside [0, {vocab_size}) other than IGNORE_INDEX")
     if not answer.any(dim=1).all():
         raise ValueError("every row of targets needs at least one answer position")
+    if torch.isnan(logits).any():
+        raise ValueError("logits hold NaN values: the model that produced them has diverged or holds "
+                         "non-finite weights, and an argmax over NaN means nothing")
     predicted = logits.argmax(dim=-1)  # [..., B, T]
     return ((predicted == targets) | ~answer).all(dim=-1)  # [..., B]
 
-# --- book/00_tasks_and_tokens.py, cell 100 ---
+# --- book/00_tasks_and_tokens.py, cell 102 ---
 def load_corpus() -> str:
     """The Shakespeare excerpt shipped with the package (about 110,000 characters)."""
     resource = importlib.resources.files("looplm") / "assets" / "tiny_shakespeare.txt"
     return resource.read_text(encoding="utf-8")
 
-# --- book/00_tasks_and_tokens.py, cell 105 ---
+# --- book/00_tasks_and_tokens.py, cell 107 ---
 def _single_byte_ids(encoding) -> list[int]:
     """The ids of the 256 single-byte tokens of a tiktoken encoding, in byte order."""
     return [encoding.encode_single_token(bytes([b])) for b in range(256)]
 
-# --- book/00_tasks_and_tokens.py, cell 108 ---
+# --- book/00_tasks_and_tokens.py, cell 110 ---
 class CompactTokenizer:
     """A tiktoken encoding cut down to the ids a corpus uses, plus all 256 single-byte tokens.
 
@@ -506,7 +515,7 @@ class CompactTokenizer:
     def __repr__(self):
         return f"CompactTokenizer(base={self.base!r}, vocab_size={self.vocab_size})"
 
-# --- book/00_tasks_and_tokens.py, cell 119 ---
+# --- book/00_tasks_and_tokens.py, cell 121 ---
 def _check_token_tensor(tokens):
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 1 or tokens.is_floating_point() \
             or tokens.dtype == torch.bool:
@@ -522,7 +531,7 @@ def train_val_split(tokens: torch.Tensor, val_fraction: float = 0.1):
     n_train = len(tokens) - max(1, round(val_fraction * len(tokens)))
     return tokens[:n_train], tokens[n_train:]
 
-# --- book/00_tasks_and_tokens.py, cell 122 ---
+# --- book/00_tasks_and_tokens.py, cell 124 ---
 def text_batches(tokens: torch.Tensor, batch_size: int, seq_len: int,
                  generator: torch.Generator | None = None):
     """Random windows of a token stream [N] -> (idx [B, T], targets [B, T]), targets shifted by one."""

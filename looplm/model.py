@@ -1,47 +1,57 @@
 # Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py, book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate']
+__all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate']
 # fmt: on
 
 # --- book/02_one_step_is_a_gpt.py, cell 8 ---
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding, block_param_count
+from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding, block_param_count, default_d_hidden
 from looplm.data import IGNORE_INDEX
 
 # --- book/02_one_step_is_a_gpt.py, cell 11 ---
-def _require_int(name, value, low):
-    """ValueError unless `value` is an int >= low (a bool does not count as an int here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+def _require_int(name, value, low, high=None):
+    """`value` if it is an int in [low, high] (a bool does not count as an int here), else ValueError."""
+    if (isinstance(value, bool) or not isinstance(value, int) or value < low
+            or (high is not None and value > high)):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+    return value
 
 
 def _require_number(name, value, above):
-    """ValueError unless `value` is a finite number > above."""
+    """`value` if it is a finite number > above, else ValueError."""
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not math.isfinite(value) or not value > above):
         raise ValueError(f"{name} must be a finite number > {above}, got {value!r}")
+    return value
 
 
 def _require_bool(name, value):
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _require_choice(name, value, allowed):
     if not isinstance(value, str) or value not in allowed:
         names = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"{name} must be one of {names}; got {value!r}")
+    return value
 
 # --- book/02_one_step_is_a_gpt.py, cell 13 ---
+MAX_VOCAB_SIZE = 2**31 - 1   # token ids may arrive as int32 tensors
+
+
 def _validate_common(cfg):
     """The checks GPTConfig and LoopLMConfig share."""
-    _require_int("vocab_size", cfg.vocab_size, 1)
+    _require_int("vocab_size", cfg.vocab_size, 1, MAX_VOCAB_SIZE)
     _require_int("d_model", cfg.d_model, 1)
     _require_int("n_heads", cfg.n_heads, 1)
     if cfg.d_model % cfg.n_heads:
@@ -60,6 +70,30 @@ def _validate_common(cfg):
     _require_number("init_std", cfg.init_std, 0)
 
 # --- book/02_one_step_is_a_gpt.py, cell 15 ---
+def _physical_memory_bytes():
+    """Total RAM of this machine, or None where the OS does not say (then nothing is checked)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits_in_memory(cfg, n_blocks, available=None):
+    """ValueError, naming the largest part, when the float32 model would not fit in `available`
+    bytes (default: this machine's RAM)."""
+    d, hidden = cfg.d_model, cfg.d_hidden or default_d_hidden(cfg.d_model)
+    parts = {"vocab_size": cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2),
+             "d_model": n_blocks * (4 * d * d + 3 * d * hidden),
+             "max_seq_len": cfg.max_seq_len * cfg.head_dim}             # cos and sin: 2 x T x hs/2
+    needed = 4 * sum(parts.values())
+    available = _physical_memory_bytes() if available is None else available
+    if available is not None and needed > available:
+        field = max(parts, key=parts.get)
+        raise ValueError(f"{field}={getattr(cfg, field)} makes this model too large: its float32 weights "
+                         f"and rope tables need {needed / 2**30:,.1f} GiB, and this machine has "
+                         f"{available / 2**30:,.1f} GiB of memory; use a smaller {field}")
+
+# --- book/02_one_step_is_a_gpt.py, cell 17 ---
 @dataclass(frozen=True)
 class GPTConfig:
     """A standard decoder-only transformer: embedding, n_layers distinct blocks, norm, head.
@@ -88,7 +122,7 @@ class GPTConfig:
     def head_dim(self):
         return self.d_model // self.n_heads
 
-# --- book/02_one_step_is_a_gpt.py, cell 21 ---
+# --- book/02_one_step_is_a_gpt.py, cell 23 ---
 def _check_token_ids(name, ids, vocab_size, max_seq_len):
     """Raise unless `ids` is an integer [B, T] tensor, T <= max_seq_len, ids in [0, vocab_size)."""
     if not isinstance(ids, torch.Tensor):
@@ -104,7 +138,7 @@ def _check_token_ids(name, ids, vocab_size, max_seq_len):
         raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): "
                          f"min {low}, max {high}")
 
-# --- book/02_one_step_is_a_gpt.py, cell 23 ---
+# --- book/02_one_step_is_a_gpt.py, cell 25 ---
 def _init_weights(modules, std):
     """Normal(0, std) for every Linear and Embedding weight inside `modules`; norm gains stay 1."""
     for module in modules:
@@ -112,7 +146,7 @@ def _init_weights(modules, std):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
 
-# --- book/02_one_step_is_a_gpt.py, cell 25 ---
+# --- book/02_one_step_is_a_gpt.py, cell 27 ---
 class GPT(nn.Module):
     """A standard causal LM: embed -> n_layers distinct Blocks -> RMSNorm -> LM head.
 
@@ -124,6 +158,7 @@ class GPT(nn.Module):
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        _check_fits_in_memory(config, config.n_layers)
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.rope = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_base)
@@ -144,7 +179,7 @@ class GPT(nn.Module):
             h = block(h, cos, sin)               # (B, T, D)
         return self.lm_head(self.norm(h))        # (B, T, V)
 
-# --- book/02_one_step_is_a_gpt.py, cell 43 ---
+# --- book/02_one_step_is_a_gpt.py, cell 45 ---
 class NoInjection(nn.Module):
     """injection="none": the core sees only its previous output, inject(h, x0) = h (Ouro)."""
 
@@ -161,15 +196,15 @@ class EmbeddingInit(nn.Module):
     def __init__(self, config):
         super().__init__()
 
-    def forward(self, x0):
+    def forward(self, x0, generator=None):
         return x0
 
-# --- book/02_one_step_is_a_gpt.py, cell 46 ---
+# --- book/02_one_step_is_a_gpt.py, cell 48 ---
 INJECTIONS = {"none": NoInjection}          # chapter 3 adds "add" and "concat"
 INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random"
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
 
-# --- book/02_one_step_is_a_gpt.py, cell 51 ---
+# --- book/02_one_step_is_a_gpt.py, cell 53 ---
 def _validate_exit_gate(cfg):
     _require_bool("exit_gate", cfg.exit_gate)
     if not isinstance(cfg.gate_head, str):
@@ -181,7 +216,7 @@ def _validate_exit_gate(cfg):
                          "until chapter 5 (adaptive depth) registers one; use exit_gate=False")
     _require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
-# --- book/02_one_step_is_a_gpt.py, cell 53 ---
+# --- book/02_one_step_is_a_gpt.py, cell 55 ---
 @dataclass(frozen=True)
 class LoopLMConfig:
     """A looped LM: embed -> prelude (once) -> core (n_loops times, shared weights) -> readout.
@@ -230,7 +265,7 @@ class LoopLMConfig:
         _require_int("n_loops", n_loops, 1)
         return self.n_prelude + self.n_core * n_loops + self.n_coda
 
-# --- book/02_one_step_is_a_gpt.py, cell 57 ---
+# --- book/02_one_step_is_a_gpt.py, cell 59 ---
 @dataclass
 class LoopOutput:
     """What LoopLM.forward returns. S is the number of loop steps that ran."""
@@ -242,19 +277,21 @@ class LoopOutput:
     loss: torch.Tensor | None = None         # scalar: mean of step_losses[-1] over learned tokens
     hidden: torch.Tensor | None = None       # [S, B, T, D] loop states h_1..h_S (return_hidden)
 
-# --- book/02_one_step_is_a_gpt.py, cell 60 ---
+# --- book/02_one_step_is_a_gpt.py, cell 62 ---
 def token_losses(logits, targets):
     """Per-token cross-entropy: logits [..., B, T, V], targets [B, T] -> [..., B, T].
 
-    Positions whose target is IGNORE_INDEX get loss 0. Computed in float32.
+    Positions whose target is IGNORE_INDEX get loss 0. Computed in float32 (float64 logits:
+    in float64).
     """
     lead = logits.shape[:-3]                                  # e.g. (S,)
     targets = targets.long().expand(*lead, *targets.shape)    # (..., B, T)
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    losses = F.cross_entropy(wide.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="none")
     return losses.view(targets.shape)                         # (..., B, T)
 
-# --- book/02_one_step_is_a_gpt.py, cell 62 ---
+# --- book/02_one_step_is_a_gpt.py, cell 64 ---
 def _check_targets(targets, idx, vocab_size):
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
@@ -271,7 +308,23 @@ def _check_targets(targets, idx, vocab_size):
         raise ValueError(f"targets holds ids outside [0, vocab_size={vocab_size}) other than "
                          f"IGNORE_INDEX={IGNORE_INDEX}, e.g. {targets[bad][0].item()}")
 
-# --- book/02_one_step_is_a_gpt.py, cell 65 ---
+# --- book/02_one_step_is_a_gpt.py, cell 67 ---
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def _check_state0(state0, x0):
+    """state0 as the loop's h_0: a floating tensor of x0's shape, in x0's dtype and device."""
+    if not isinstance(state0, torch.Tensor) or not state0.is_floating_point():
+        raise TypeError(f"state0 must be a floating-point tensor [B, T, d_model], got "
+                        f"{getattr(state0, 'dtype', type(state0).__name__)}")
+    if state0.shape != x0.shape:
+        raise ValueError(f"state0 must have shape [B, T, d_model] = {list(x0.shape)}, got {list(state0.shape)}")
+    return state0.to(device=x0.device, dtype=x0.dtype)
+
+# --- book/02_one_step_is_a_gpt.py, cell 68 ---
 class LoopLM(nn.Module):
     """A looped (weight-tied) causal LM with a readout after every loop step.
 
@@ -286,6 +339,7 @@ class LoopLM(nn.Module):
         super().__init__()
         if not isinstance(config, LoopLMConfig):
             raise TypeError(f"config must be a LoopLMConfig, got {type(config).__name__}")
+        _check_fits_in_memory(config, config.n_prelude + config.n_core + config.n_coda)
         self.config = c = config
 
         def blocks(n):
@@ -326,18 +380,23 @@ class LoopLM(nn.Module):
         z = self.norm(h)
         return self.lm_head(z), z
 
-    def forward(self, idx, targets=None, n_loops=None, return_hidden=False):
+    def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None):
+        """state0: an explicit h_0 [B, T, D] instead of init_state's; generator: a torch.Generator
+        for every random draw of this forward (a random initial state)."""
         c = self.config
         _check_token_ids("idx", idx, c.vocab_size, c.max_seq_len)
         if targets is not None:
             _check_targets(targets, idx, c.vocab_size)
-        n_loops = c.n_loops if n_loops is None else n_loops
-        _require_int("n_loops", n_loops, 1)
+        n_loops = c.n_loops if n_loops is None else _require_int("n_loops", n_loops, 1)
         _require_bool("return_hidden", return_hidden)
+        _check_generator(generator)
 
         cos, sin = self.rope(idx.shape[1])                    # (T, hs/2) each
         x0 = self.encode(idx, cos, sin)                       # (B, T, D)
-        h = self.init_state(x0)                               # h_0: (B, T, D)
+        if state0 is None:
+            h = self.init_state(x0, generator=generator)      # h_0: (B, T, D)
+        else:
+            h = _check_state0(state0, x0)
         logits, gates, hidden = [], [], []
         for _ in range(n_loops):
             h = self.step(h, x0, cos, sin)                    # h_t: (B, T, D)
@@ -383,7 +442,7 @@ class LoopLM(nn.Module):
         model.load_state_dict(state)  # strict: every weight is matched by name, or this raises
         return model
 
-# --- book/02_one_step_is_a_gpt.py, cell 104 ---
+# --- book/02_one_step_is_a_gpt.py, cell 107 ---
 def gpt_param_count(config):
     """Parameters of GPT(config): V d (x2 if untied) + n_layers * block + d (final norm)."""
     c = config
@@ -465,15 +524,15 @@ class ZerosInit(nn.Module):
         super().__init__()
         _require_injection(config, "zeros")
 
-    def forward(self, x0):
+    def forward(self, x0, generator=None):
         return torch.zeros_like(x0)                           # (B, T, D)
 
 # --- book/03_fixed_loops.py, cell 37 ---
 class RandomInit(nn.Module):
     """init_state="random": h_0 ~ Normal(0, 2/5) truncated at ±3σ, a fresh draw per forward (Huginn).
 
-    Draws come from `self.generator` when it is set (a torch.Generator on x0's device), else
-    from torch's global generator (seeded by torch.manual_seed). Needs an injection.
+    Draws come from `generator` (a torch.Generator), else from `self.generator` when it is set,
+    else from torch's global generator (seeded by torch.manual_seed). Needs an injection.
     """
 
     std = math.sqrt(2 / 5)
@@ -483,11 +542,13 @@ class RandomInit(nn.Module):
         _require_injection(config, "random")
         self.generator = None
 
-    def forward(self, x0):
-        h0 = torch.empty(x0.shape, device=x0.device, dtype=torch.float32)
+    def forward(self, x0, generator=None):
+        generator = self.generator if generator is None else generator
+        device = x0.device if generator is None else generator.device
+        h0 = torch.empty(x0.shape, device=device, dtype=torch.promote_types(x0.dtype, torch.float32))
         nn.init.trunc_normal_(h0, mean=0.0, std=self.std, a=-3 * self.std, b=3 * self.std,
-                              generator=self.generator)
-        return h0.to(x0.dtype)                                # (B, T, D)
+                              generator=generator)
+        return h0.to(device=x0.device, dtype=x0.dtype)        # (B, T, D)
 
 # --- book/03_fixed_loops.py, cell 38 ---
 INIT_STATES.update({"zeros": ZerosInit, "random": RandomInit})

@@ -138,8 +138,12 @@ def test_task_errors():
         AdditionTask().solve("S12=")
     with pytest.raises(TypeError, match="reverse_answer"):
         AdditionTask(reverse_answer="yes")
+    with pytest.raises(ValueError, match="task 'sorting' takes no options; got reverse_answer"):
+        make_task("sorting", reverse_answer=True)
+    with pytest.raises(ValueError, match="task 'addition' takes the options reverse_answer; got carry"):
+        make_task("addition", carry=True)
 
-# --- book/00_tasks_and_tokens.py, cell 69 ---
+# --- book/00_tasks_and_tokens.py, cell 71 ---
 def test_splits_are_disjoint_and_in_range():
     for name in TASKS:
         splits = make_splits(name, n_train=500, n_test=100, max_difficulty=6, ood_max_difficulty=8, seed=0)
@@ -166,7 +170,7 @@ def test_split_errors():
     with pytest.raises(ValueError, match="n_test"):
         make_splits("parentheses", 10, 50, max_difficulty=1, ood_max_difficulty=2)
 
-# --- book/00_tasks_and_tokens.py, cell 79 ---
+# --- book/00_tasks_and_tokens.py, cell 81 ---
 def test_batch_targets_are_exactly_the_answers():
     examples = []
     for name in TASKS:
@@ -198,7 +202,7 @@ def test_max_seq_len_is_enough_and_seq_len_pads():
     with pytest.raises(ValueError, match="seq_len=8 is too short"):
         encode_examples(AdditionTask().sample(2, 3, seed=0), seq_len=8)
 
-# --- book/00_tasks_and_tokens.py, cell 96 ---
+# --- book/00_tasks_and_tokens.py, cell 98 ---
 def test_answer_accuracy_on_hand_built_logits():
     targets = torch.tensor([[IGNORE_INDEX, 4, 5, IGNORE_INDEX],
                             [IGNORE_INDEX, IGNORE_INDEX, 2, 1]])  # [B=2, T=4]
@@ -223,6 +227,10 @@ def test_answer_accuracy_errors():
         answer_accuracy(torch.zeros(2, 4, 6, dtype=torch.long), targets)
     with pytest.raises(ValueError, match="outside"):
         answer_accuracy(torch.zeros(2, 4, 6), targets + 6)
+    nan_logits = torch.zeros(2, 4, 6)
+    nan_logits[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="logits hold NaN values"):
+        answer_accuracy(nan_logits, targets)
 
 
 def test_exact_match_takes_functions_strings_and_token_ids():
@@ -238,7 +246,7 @@ def test_exact_match_takes_functions_strings_and_token_ids():
     with pytest.raises(ValueError, match="predictions has 2 entries"):
         exact_match(["1", "2"], examples)
 
-# --- book/00_tasks_and_tokens.py, cell 117 ---
+# --- book/00_tasks_and_tokens.py, cell 119 ---
 import functools
 
 import tiktoken
@@ -293,7 +301,7 @@ def test_tokenizer_errors():
     with pytest.raises(ValueError, match="1-D integer tensor"):
         tokenizer.decode(torch.zeros(2, 3, dtype=torch.long))
 
-# --- book/00_tasks_and_tokens.py, cell 127 ---
+# --- book/00_tasks_and_tokens.py, cell 129 ---
 def test_text_batches_are_shifted_windows_of_the_stream():
     tokens = torch.arange(1000)
     idx, targets = text_batches(tokens, batch_size=8, seq_len=16, generator=torch.Generator().manual_seed(0))

@@ -35,6 +35,25 @@ def test_rmsnorm_matches_float64_reference():
     expected = _rmsnorm_float64(x, norm.weight, 1e-5)
     torch.testing.assert_close(norm(x).double(), expected, rtol=1e-5, atol=1e-6)
 
+
+def test_rmsnorm_eps_on_small_and_zero_rows():
+    # rows whose mean square (1e-8) is far below eps (1e-5), and an all-zero row: there eps sets
+    # the output, so a norm that dropped eps, or added it outside the root, fails this
+    torch.manual_seed(0)
+    norm = RMSNorm(32, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+    x = 1e-4 * torch.randn(3, 32, dtype=torch.float64)
+    x = torch.cat([x, torch.zeros(1, 32, dtype=torch.float64)])
+    y = norm(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _rmsnorm_float64(x, norm.weight, 1e-5), rtol=1e-12, atol=1e-15)
+    assert torch.equal(y[-1], torch.zeros(32, dtype=torch.float64))
+    # the same rows in float32 agree with the float64 formula to float32 precision
+    y32 = RMSNorm(32, eps=1e-5)(x.float())
+    torch.testing.assert_close(y32.double(), _rmsnorm_float64(x.float(), torch.ones(32), 1e-5),
+                               rtol=1e-5, atol=1e-7)
+
 # --- book/01_weight_tied_block.py, cell 26 ---
 def test_rmsnorm_low_precision_input():
     torch.manual_seed(0)
@@ -102,7 +121,17 @@ def test_rope_per_row_tables_match_row_by_row():
     with pytest.raises(ValueError, match="cos must have shape"):
         apply_rope(x, rows_cos[:2], rows_sin[:2])                     # 2 tables for 3 rows
 
-# --- book/01_weight_tied_block.py, cell 96 ---
+# --- book/01_weight_tied_block.py, cell 62 ---
+def test_rope_tables_follow_the_dtype():
+    rope = RotaryEmbedding(head_dim=16, max_seq_len=300).double()
+    cos64, sin64 = rope_angles(16, 300, dtype=torch.float64)
+    assert rope.cos.dtype == torch.float64
+    assert torch.equal(rope.cos, cos64) and torch.equal(rope.sin, sin64)
+    assert not torch.equal(rope.cos, cos64.float().double())   # more than float32's digits
+    rope = rope.float()
+    assert rope.cos.dtype == torch.float32 and torch.equal(rope.cos, rope_angles(16, 300)[0])
+
+# --- book/01_weight_tied_block.py, cell 97 ---
 def test_reference_attention_matches_sdpa():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 20, 16).unbind(0)
@@ -112,7 +141,7 @@ def test_reference_attention_matches_sdpa():
     torch.testing.assert_close(attention_reference(q, k, v, causal=False), full,
                                rtol=1e-5, atol=1e-6)
 
-# --- book/01_weight_tied_block.py, cell 98 ---
+# --- book/01_weight_tied_block.py, cell 99 ---
 def test_causal_mask_aligns_queries_to_last_keys():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 1, 2, 9, 8).unbind(0)
@@ -121,7 +150,7 @@ def test_causal_mask_aligns_queries_to_last_keys():
     allowed = causal_mask(2, 5) == 0
     assert allowed.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
 
-# --- book/01_weight_tied_block.py, cell 100 ---
+# --- book/01_weight_tied_block.py, cell 101 ---
 def _changes_only_from(module_call, x, t0):
     """Change x from position t0 on; return (max change before t0, max change from t0)."""
     x2 = x.clone()
@@ -140,7 +169,7 @@ def test_attention_is_causal():
     before, after = _changes_only_from(lambda x: attn(x, cos, sin), torch.randn(2, 16, 32), 9)
     assert before < 1e-6 and after > 1e-3
 
-# --- book/01_weight_tied_block.py, cell 120 ---
+# --- book/01_weight_tied_block.py, cell 121 ---
 def test_attend_hook_replaces_the_attention_op():
     torch.manual_seed(0)
     cos, sin = RotaryEmbedding(8, 16)(16)
@@ -154,7 +183,7 @@ def test_attend_hook_replaces_the_attention_op():
     attn(x, cos, sin, attend=lambda q, k, v: seen.append(q.shape) or v)
     assert seen == [(2, 4, 16, 8)]
 
-# --- book/01_weight_tied_block.py, cell 134 ---
+# --- book/01_weight_tied_block.py, cell 135 ---
 def test_shapes():
     torch.manual_seed(0)
     x = torch.randn(2, 10, 48)
@@ -168,7 +197,7 @@ def test_shapes():
     for style in NORM_STYLES:
         assert Block(48, 4, d_hidden=96, norm_style=style)(x, cos, sin).shape == x.shape
 
-# --- book/01_weight_tied_block.py, cell 136 ---
+# --- book/01_weight_tied_block.py, cell 137 ---
 def test_block_is_causal():
     for style in NORM_STYLES:
         torch.manual_seed(0)
@@ -177,7 +206,7 @@ def test_block_is_causal():
         before, after = _changes_only_from(lambda x: block(x, cos, sin), torch.randn(2, 16, 32), 5)
         assert before < 1e-5 and after > 1e-3, style
 
-# --- book/01_weight_tied_block.py, cell 138 ---
+# --- book/01_weight_tied_block.py, cell 139 ---
 def test_gradients_are_finite():
     for style in NORM_STYLES:
         torch.manual_seed(0)
@@ -190,7 +219,7 @@ def test_gradients_are_finite():
         for name, p in block.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), (style, name)
 
-# --- book/01_weight_tied_block.py, cell 150 ---
+# --- book/01_weight_tied_block.py, cell 151 ---
 def test_param_count_formula():
     for d_model, n_heads, d_hidden in [(32, 2, None), (48, 4, 100), (64, 8, 64)]:
         for style in NORM_STYLES:
@@ -200,7 +229,7 @@ def test_param_count_formula():
     assert block_param_count(64, 4, 176, "pre") == 4 * 64**2 + 3 * 64 * 176 + 2 * 64
     assert default_d_hidden(64) == 176 and default_d_hidden(768) == 2048
 
-# --- book/01_weight_tied_block.py, cell 159 ---
+# --- book/01_weight_tied_block.py, cell 160 ---
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="n_heads=3 must divide d_model=100"):
         Block(100, 3)
@@ -211,7 +240,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="norm_style must be one of 'pre', 'sandwich', 'huginn'"):
         Block(64, 4, norm_style="post")
 
-# --- book/01_weight_tied_block.py, cell 161 ---
+# --- book/01_weight_tied_block.py, cell 162 ---
 def test_bad_sizes_raise():
     for bad in (0, -8, 2.5, True):
         with pytest.raises(ValueError, match="d_model must be a positive int"):
@@ -223,7 +252,7 @@ def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="eps must be a positive number"):
         RMSNorm(64, eps=0.0)
 
-# --- book/01_weight_tied_block.py, cell 163 ---
+# --- book/01_weight_tied_block.py, cell 164 ---
 def test_bad_inputs_raise():
     torch.manual_seed(0)
     block = Block(64, 4)
@@ -238,7 +267,7 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         RMSNorm(8)(torch.ones(3, 8, dtype=torch.long))
 
-# --- book/01_weight_tied_block.py, cell 165 ---
+# --- book/01_weight_tied_block.py, cell 166 ---
 def test_bad_positions_raise():
     torch.manual_seed(0)
     block = Block(64, 4)

@@ -133,6 +133,22 @@ def test_random_state_is_reproducible():
     assert torch.equal(a, model(idx).logits)
 
 
+def test_forward_generator_drives_the_random_state():
+    cfg = LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, injection="add", init_state="random")
+    torch.manual_seed(0)
+    model = LoopLM(cfg)
+    idx = torch.randint(0, 30, (2, 6))
+    global_state = torch.get_rng_state()
+    a = model(idx, generator=torch.Generator().manual_seed(4)).logits
+    b = model(idx, generator=torch.Generator().manual_seed(4)).logits
+    c = model(idx, generator=torch.Generator().manual_seed(5)).logits
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), global_state)     # the global generator was not used
+    # a float64 model draws its start in float64
+    assert INIT_STATES["random"](cfg)(torch.zeros(1, 2, 32, dtype=torch.float64),
+                                      generator=torch.Generator()).dtype == torch.float64
+
+
 def test_state_without_input_is_refused():
     for name in ("zeros", "random"):
         with pytest.raises(ValueError, match=f"init_state='{name}' starts the loop without the input"):
