@@ -711,6 +711,11 @@ def _check_targets(targets, idx, vocab_size):
 # - `step(h, x0, cos, sin)` $\to h_t = R(\mathrm{inject}(h_{t-1}, x_0))$;
 # - `readout(h, cos, sin)` $\to (\text{logits}_t, z_t)$ with $z_t = \mathrm{RMSNorm}(C(h_t))$,
 #   the normed state that the head and the gate read.
+#
+# Each takes an optional `attend` hook, `attend(i)` giving the attention operation of its
+# block `i` (chapter 1's `Block` accepts one), and `readout` a `last_only` flag. Chapter 6's
+# decoder uses them to run the very same step through a KV cache, so that there is one
+# definition of a loop step for training and for decoding.
 
 # %% [markdown]
 # `forward` runs them: `encode` once, then `step` and `readout` in turn, $S$ times. It collects
@@ -772,25 +777,31 @@ class LoopLM(nn.Module):
         self.injection = INJECTIONS[c.injection](c)
         self.exit_gate = EXIT_GATES[c.gate_head](c) if c.exit_gate else None
 
-    def encode(self, idx, cos, sin):
-        """x0 = prelude(embed(idx)): the input representation every step can see. -> [B, T, D]"""
+    def encode(self, idx, cos, sin, attend=None):
+        """x0 = prelude(embed(idx)): the input representation every step can see. -> [B, T, D]
+
+        attend: None (causal attention over idx itself), or attend(i) -> the attention op of
+        prelude block i (a KV cache passes one; see Block)."""
         x = self.embed(idx)                                   # (B, T, D)
-        for block in self.prelude:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.prelude):
+            x = block(x, cos, sin, None if attend is None else attend(i))
         return x
 
-    def step(self, h, x0, cos, sin):
-        """One loop step: h_t = core(injection(h_{t-1}, x0)). -> [B, T, D]"""
+    def step(self, h, x0, cos, sin, attend=None):
+        """One loop step: h_t = core(injection(h_{t-1}, x0)). -> [B, T, D]; attend as in encode."""
         h = self.injection(h, x0)
-        for block in self.core:
-            h = block(h, cos, sin)
+        for i, block in enumerate(self.core):
+            h = block(h, cos, sin, None if attend is None else attend(i))
         return h
 
-    def readout(self, h, cos, sin):
-        """The prediction from state h: (logits [B, T, V], z [B, T, D]), z = norm(coda(h))."""
-        for block in self.coda:
-            h = block(h, cos, sin)
-        z = self.norm(h)
+    def readout(self, h, cos, sin, attend=None, last_only=False):
+        """The prediction from state h: (logits [B, T, V], z [B, T, D]), z = norm(coda(h)).
+
+        attend as in encode; last_only=True reads out the last position only (T = 1 in the
+        results), which is all a decoder needs."""
+        for i, block in enumerate(self.coda):
+            h = block(h, cos, sin, None if attend is None else attend(i))
+        z = self.norm(h[:, -1:] if last_only else h)
         return self.lm_head(z), z
 
     def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None):
