@@ -173,7 +173,7 @@ def execute_toy(book, *args):
     with contextlib.redirect_stdout(io.StringIO()):
         assert module.main(list(args)) == 0
     cell = jupytext.read(book / "book" / "07_toy.ipynb").cells[-1]
-    return "".join(output["text"] for output in cell.outputs)
+    return "".join(output.get("text", "") for output in cell.outputs)
 
 
 def test_execute_keeps_unchanged_timings_and_refreshes_changed_ones(book):
@@ -187,3 +187,66 @@ def test_execute_keeps_unchanged_timings_and_refreshes_changed_ones(book):
     assert fresh.startswith("3 ") and fresh != first
     chapter.write_text(TIMED.replace("SIZE = 3", "SIZE = 4"))
     assert execute_toy(book).startswith("4 ")               # an earlier cell changed: re-measured
+
+
+PLOTTED = CHAPTER.split("# %% [markdown]")[0] + textwrap.dedent('''\
+    # %% [markdown]
+    # # Chapter 7: A plotted toy
+
+    # %%
+    import matplotlib.pyplot as plt
+    plt.plot([0, 1, 2], [0, 1, 4])
+    plt.show()
+    ''')
+
+
+def _png_of_last_cell(book):
+    cell = jupytext.read(book / "book" / "07_toy.ipynb").cells[-1]
+    return next(o["data"]["image/png"] for o in cell.outputs if "image/png" in o.get("data", {}))
+
+
+def _store_png_of_last_cell(book, png):
+    path = book / "book" / "07_toy.ipynb"
+    nb = jupytext.read(path)
+    for output in nb.cells[-1].outputs:
+        if "image/png" in output.get("data", {}):
+            output["data"]["image/png"] = png
+    jupytext.write(nb, path, fmt="ipynb")
+
+
+def _perturbed(png, n_pixels, levels):
+    """The PNG with n_pixels pixel values changed by `levels` intensity levels."""
+    import base64
+
+    import numpy
+    from matplotlib import image
+
+    pixels = image.imread(io.BytesIO(base64.b64decode(png)), format="png")
+    pixels = numpy.round(pixels * 255).astype(numpy.int16)
+    flat = pixels.reshape(-1)
+    flat[:n_pixels] = numpy.clip(flat[:n_pixels] + levels, 0, 255) if levels > 0 else flat[:n_pixels]
+    flat[:n_pixels] = numpy.where(flat[:n_pixels] == 255, 255 - abs(levels), flat[:n_pixels])
+    out = io.BytesIO()
+    image.imsave(out, (pixels / 255).astype(numpy.float32), format="png")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_execute_keeps_a_figure_that_differs_only_by_rounding(book):
+    import base64
+
+    shutil.copy(ROOT / "tools" / "execute.py", book / "tools" / "execute.py")
+    (book / "book" / "07_toy.py").write_text(PLOTTED)
+    execute_toy(book)
+    png = _png_of_last_cell(book)
+    assert b"Software" not in base64.b64decode(png)         # no matplotlib version in the bytes
+    # as if another machine had stored it: 29 pixel values one level off
+    near = _perturbed(png, 29, 1)
+    assert near != png
+    _store_png_of_last_cell(book, near)
+    execute_toy(book)
+    assert _png_of_last_cell(book) == near                  # the same figure: stored bytes kept
+    # a real change (many pixels, large differences) is stored
+    far = _perturbed(png, 5000, 60)
+    _store_png_of_last_cell(book, far)
+    execute_toy(book)
+    assert _png_of_last_cell(book) == png

@@ -11,14 +11,26 @@ Cells tagged "timing" print wall-clock measurements, which differ on every run. 
 the output stored by an earlier execution when nothing it can depend on has changed since: the
 earlier chapters and this chapter's cells up to and including it (their hash is stored in the
 cell's metadata). Pass --fresh-timings (or set LOOPLM_FRESH_TIMINGS=1) to store new timings.
+
+Figures are PNG bytes, and the same plot can come out a few pixels different on another machine:
+another CPU rounds a float differently (vectorised kernels, thread counts), which moves a line by
+a fraction of a pixel and changes its anti-aliased edge by a level or two. Two rules keep a
+re-execution on a new machine from rewriting figures that did not change:
+- PNGs are written without matplotlib's "Software" metadata, which names matplotlib's version;
+- a figure whose cell source is unchanged keeps its stored bytes when the decoded images have the
+  same size and differ by at most FIGURE_MAX_LEVELS intensity levels (of 255) in at most
+  FIGURE_MAX_FRACTION of their pixel values. Anything larger is a real change and is stored.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +72,57 @@ def scrub(nb) -> list[str]:
 
 
 TIMING_TAG = "timing"
+FIGURE_MAX_LEVELS = 8          # largest per-channel difference (of 255) still "the same figure"
+FIGURE_MAX_FRACTION = 0.002    # at most this fraction of the pixel values may differ at all
+KERNEL_SETUP = ("c = get_config()\n"
+                "c.InlineBackend.print_figure_kwargs = {'bbox_inches': 'tight', 'metadata': {'Software': None}}\n")
+
+
+def _decoded_png(data: str):
+    """The pixels of a base64 PNG as a uint8 array [H, W, C] (None if it cannot be decoded)."""
+    import numpy
+    from matplotlib import image
+
+    try:
+        pixels = image.imread(io.BytesIO(base64.b64decode(data)), format="png")
+    except Exception:  # noqa: BLE001 (a corrupt or foreign image is simply "different")
+        return None
+    return numpy.round(numpy.asarray(pixels, dtype=float) * 255).astype(numpy.int16)
+
+
+def same_figure(new: str, old: str) -> bool:
+    """Whether two base64 PNGs show the same figure, within the tolerance above."""
+    if new == old:
+        return True
+    a, b = _decoded_png(new), _decoded_png(old)
+    if a is None or b is None or a.shape != b.shape:
+        return False
+    difference = abs(a - b)
+    return int(difference.max()) <= FIGURE_MAX_LEVELS and (difference > 0).mean() <= FIGURE_MAX_FRACTION
+
+
+def keep_stored_figures(py: Path, nb) -> list[int]:
+    """Give unchanged cells their stored PNG bytes back where the new ones are the same figure."""
+    stored_path = py.with_suffix(".ipynb")
+    stored = jupytext.read(stored_path).cells if stored_path.exists() else []
+    kept = []
+    for i, cell in enumerate(nb.cells):
+        old = stored[i] if i < len(stored) else None
+        if cell.cell_type != "code" or old is None or old.source != cell.source:
+            continue
+        old_outputs = old.get("outputs", [])
+        if len(old_outputs) != len(cell.outputs):
+            continue
+        swapped = False
+        for new_out, old_out in zip(cell.outputs, old_outputs):
+            new_png = new_out.get("data", {}).get("image/png")
+            old_png = old_out.get("data", {}).get("image/png")
+            if new_png and old_png and new_png != old_png and same_figure(new_png, old_png):
+                new_out["data"]["image/png"] = old_png
+                swapped = True
+        if swapped:
+            kept.append(i)
+    return kept
 
 
 def inputs_hash(py: Path, nb, index: int) -> str:
@@ -93,10 +156,25 @@ def keep_stored_timings(py: Path, nb) -> list[int]:
 def execute(py: Path, fresh_timings: bool = False) -> float:
     nb = jupytext.read(py)
     start = time.perf_counter()
-    client = NotebookClient(nb, timeout=900, kernel_name="python3",
-                            resources={"metadata": {"path": str(BOOK)}})
-    client.execute()
+    with tempfile.TemporaryDirectory() as ipython_dir:
+        profile = Path(ipython_dir) / "profile_default"
+        profile.mkdir()
+        (profile / "ipython_kernel_config.py").write_text(KERNEL_SETUP)
+        client = NotebookClient(nb, timeout=900, kernel_name="python3",
+                                resources={"metadata": {"path": str(BOOK)}})
+        saved = os.environ.get("IPYTHONDIR")
+        os.environ["IPYTHONDIR"] = ipython_dir          # the kernel reads its config from there
+        try:
+            client.execute()
+        finally:
+            if saved is None:
+                os.environ.pop("IPYTHONDIR", None)
+            else:
+                os.environ["IPYTHONDIR"] = saved
     seconds = time.perf_counter() - start
+    figures = keep_stored_figures(py, nb)
+    if figures:
+        print(f"  kept the stored figures of cells {figures} (same figure within the tolerance)")
     if fresh_timings:
         for i, cell in enumerate(nb.cells):
             if cell.cell_type == "code" and TIMING_TAG in cell.metadata.get("tags", []):
