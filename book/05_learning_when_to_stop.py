@@ -129,7 +129,7 @@ class LinearExitGate(nn.Module):
     """Ouro's exit gate: λ_t = sigmoid(Linear(d_model, 1)(z_t)), one value per token per step.
 
     z_t is the normed state the LM head reads. forward(z [B, T, D]) -> λ [B, T] in (0, 1),
-    float32. exit_probs(gate [S, B, T]) -> p(t | x) [S, B, T] (looplm.adaptive.exit_distribution).
+    float32 (float64 for a float64 model). exit_probs(gate [S, B, T]) -> p(t | x) [S, B, T] (looplm.adaptive.exit_distribution).
     """
 
     def __init__(self, config):
@@ -139,7 +139,8 @@ class LinearExitGate(nn.Module):
         nn.init.zeros_(self.proj.bias)                      # every gate starts near 1/2
 
     def forward(self, z):
-        return torch.sigmoid(self.proj(z).float()).squeeze(-1)   # (B, T)
+        logit = self.proj(z)
+        return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32))).squeeze(-1)   # (B, T)
 
     def exit_probs(self, gate):
         from looplm.adaptive import exit_distribution        # adaptive.py imports nothing from here
@@ -655,6 +656,15 @@ stage1_model = spread.model
 #           + \big(1 - w_i^{(t)}\big) \log \lambda_i^{(t-1)} \Big], \qquad
 # \mathcal{L}_{\text{adaptive}} = \frac{1}{S} \sum_{t=2}^{S} L^{(t)} .
 # $$
+#
+# **Where this deviates from the paper.** Ouro's Eq. 6 as printed pairs the label $w^{(t)}$
+# with $\lambda^{(t)}$, the gate of the *same* step $t$. We pair it with $\lambda^{(t-1)}$.
+# The improvement of step $t$ is what continuing past step $t - 1$ buys, so it labels the
+# decision the gate makes at step $t - 1$. The pairing also decides which gates learn: ours
+# trains $\lambda_1, \dots, \lambda_{S-1}$, exactly the gates that enter $p(t \mid x)$
+# (section 5.2: $\lambda_S$ is ignored), while the printed one would train $\lambda_2, \dots,
+# \lambda_S$ and leave $\lambda_1$, the gate that decides the cheapest exit, without a Stage II
+# signal.
 
 # %% [markdown]
 # The slow version, one token at a time:
@@ -680,7 +690,9 @@ def stage2_gate_loss_slow(step_losses, gate, k, gamma, mask):
 # The tensor version computes the targets in a function of their own, under `detach`, and
 # the cross-entropy by hand in float32 (or float64): PyTorch's `F.binary_cross_entropy` refuses to run
 # under autocast. Like PyTorch we clamp each log at $-100$, so a gate of exactly 0 or 1 gives
-# a large but finite loss. Stage II needs at least two steps, since there is no improvement
+# a large but finite loss, and we clamp the argument of the log too, so that its gradient
+# stays finite: a float32 gate reaches exactly 1 once its logit passes about 17, which a gate
+# trained without the entropy bonus does. Stage II needs at least two steps, since there is no improvement
 # to measure with one.
 
 # %%
@@ -688,6 +700,16 @@ def stage2_gate_loss_slow(step_losses, gate, k, gamma, mask):
 def _at_least_float32(x):
     """x in float32, or in float64 if it already is (the losses keep their digits)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _safe_log(x):
+    """log x clamped at -100 like F.binary_cross_entropy, with a finite gradient at x = 0.
+
+    A float32 gate saturates to exactly 0 or 1 once its logit passes about ±17, and the
+    gradient of log at 0 is infinite: clamping the log alone would give 0 * inf = NaN in the
+    backward pass. Clamping the argument at the smallest normal number first keeps it finite.
+    """
+    return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny)).clamp_min(-100)
 
 
 def stage2_targets(step_losses, k=50.0, gamma=0.005):
@@ -717,8 +739,8 @@ def stage2_gate_loss(step_losses, gate, k=50.0, gamma=0.005, mask=None):
         raise ValueError(f"stage II needs at least 2 steps to measure an improvement, got S={n_steps}")
     targets = stage2_targets(step_losses, k, gamma)               # w_t: (S-1, ...)
     gate = _at_least_float32(gate)
-    log_continue = torch.log(1 - gate[:-1]).clamp_min(-100)      # log(1 - λ_{t-1})
-    log_stop = torch.log(gate[:-1]).clamp_min(-100)              # log λ_{t-1}
+    log_continue = _safe_log(1 - gate[:-1])                      # log(1 - λ_{t-1})
+    log_stop = _safe_log(gate[:-1])                              # log λ_{t-1}
     bce = -(targets * log_continue + (1 - targets) * log_stop)    # (S-1, ...)
     per_step = torch.stack([_token_mean(bce[t], mask) for t in range(n_steps - 1)])
     return per_step.sum() / n_steps
@@ -1355,6 +1377,15 @@ def test_linear_gate_is_registered_and_fills_the_output():
     assert out.gate.dtype == torch.float32 and ((out.gate > 0) & (out.gate < 1)).all()
     assert torch.equal(out.exit_probs, exit_distribution(out.gate))
     torch.testing.assert_close(out.exit_probs.sum(0), torch.ones(2, 5))
+    # a float64 model's gate is computed in float64, against the formula
+    model = model.double()
+    idx = torch.randint(0, 20, (2, 5))
+    with torch.no_grad():
+        out = model(idx)
+        z = model.readout(model.step(model.embed(idx), model.embed(idx), *model.rope(5)), *model.rope(5))[1]
+    assert out.gate.dtype == out.exit_probs.dtype == torch.float64
+    w, b = model.exit_gate.proj.weight[0], model.exit_gate.proj.bias[0]
+    torch.testing.assert_close(out.gate[0], 1 / (1 + torch.exp(-(z @ w + b))), rtol=0, atol=1e-15)
 
 
 run_tests(test_exit_distribution_matches_loop_and_sums_to_one, test_linear_gate_is_registered_and_fills_the_output)
@@ -1430,9 +1461,34 @@ def test_stage2_gate_loss_matches_loop_and_detaches():
     got = stage2_gate_loss(torch.tensor([[1.0], [0.5]]), torch.tensor([[0.2], [0.7]]))
     assert math.isclose(got.item(), expected, rel_tol=1e-5)
     assert math.isclose(stage2_targets(torch.tensor([[0.3], [0.3]])).item(), 1 / (1 + math.exp(0.25)), rel_tol=1e-6)
+    # saturated gates (exactly 0 and 1, as a float32 sigmoid gives past a logit of about 17):
+    # a finite loss and a finite gradient
+    logits = torch.tensor([[20.0, -120.0], [0.0, 0.0]], requires_grad=True)
+    loss = stage2_gate_loss(torch.tensor([[1.0, 1.0], [0.5, 0.5]]), torch.sigmoid(logits))
+    loss.backward()
+    assert torch.sigmoid(logits)[0].tolist() == [1.0, 0.0]
+    assert math.isfinite(loss.item()) and torch.isfinite(logits.grad).all()
 
 
-run_tests(test_stage1_loss_matches_loop_and_entropy_sign, test_stage2_gate_loss_matches_loop_and_detaches)
+def test_stage2_forward_runs_the_model_without_gradients():
+    # called directly, with every parameter trainable (no gate_only): only the gate gets a graph,
+    # and a backward pass leaves every other parameter's gradient empty
+    torch.manual_seed(3)
+    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, n_loops=3, exit_gate=True))
+    idx = torch.randint(0, 20, (2, 6))
+    out = gate_on_detached_states(model, idx, targets=idx)
+    assert not out.logits.requires_grad and not out.step_losses.requires_grad
+    assert out.gate.requires_grad and out.exit_probs.requires_grad
+    with torch.no_grad():
+        reference = model(idx, targets=idx)
+    assert torch.equal(out.gate.detach(), reference.gate) and torch.equal(out.step_losses, reference.step_losses)
+    GateLoss()(model, idx, idx)[0].backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == name.startswith("exit_gate."), name
+
+
+run_tests(test_stage1_loss_matches_loop_and_entropy_sign, test_stage2_gate_loss_matches_loop_and_detaches,
+          test_stage2_forward_runs_the_model_without_gradients)
 
 # %% [markdown]
 # Q-exit's edge cases and the other rules against hand-written loops:
@@ -2103,7 +2159,8 @@ for name, trainer in objective_runs.items():
 # All four end within two points of each other in test accuracy (0.657 to 0.677), so in this
 # short run the objective mostly decides where the exit mass goes. ACT's ponder cost moved
 # the most mass to the early steps (0.58 on step 2, the lowest entropy, 0.56); PonderNet's
-# prior, whose mean is 2 steps, pulled mass toward steps 1 and 2 compared with the control;
+# prior (mean $1/\lambda_p = 2$ steps before truncation, 1.875 truncated at 4 steps) pulled
+# mass toward steps 1 and 2 compared with the control;
 # Gumbel sampling without a bonus moved mass to the last step. The test-steps column uses
 # Q-exit at $q = 0.5$ (ACT its own $N$), so it need not equal $\mathbb{E}[t]$ on the training
 # batch. Differences of a point or two are within what another seed could change.
@@ -2833,9 +2890,11 @@ run_tests(test_bad_input_gets_clear_errors)
 # improvements $I_t = \max(0, L_{t-1} - L_t)$ on detached losses, the soft labels
 # $w_t = \sigma(k(I_t - \gamma))$ for "continue", and the binary cross-entropy against
 # $1 - \lambda_{t-1}$, averaged over the tokens the mask keeps, summed over $t = 2, \dots, S$
-# and divided by $S$. The tests compare with a loop over steps and tokens, check the gate's
-# gradient against its closed form and that none reaches the losses, and check that masked-out
-# tokens change nothing.
+# and divided by $S$. This is the book's pairing of $w_t$ with $\lambda_{t-1}$, which deviates
+# from Eq. 6 as printed (it pairs $w^{(t)}$ with $\lambda^{(t)}$; section 5.4 says why). The
+# tests compare with a loop over steps and tokens, check the gate's gradient against its
+# closed form and that none reaches the losses, and check that masked-out tokens change
+# nothing.
 
 # %% [markdown]
 # The next cell grades your versions. Run it again whenever you like; every test fails until

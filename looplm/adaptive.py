@@ -201,6 +201,16 @@ def _at_least_float32(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _safe_log(x):
+    """log x clamped at -100 like F.binary_cross_entropy, with a finite gradient at x = 0.
+
+    A float32 gate saturates to exactly 0 or 1 once its logit passes about ±17, and the
+    gradient of log at 0 is infinite: clamping the log alone would give 0 * inf = NaN in the
+    backward pass. Clamping the argument at the smallest normal number first keeps it finite.
+    """
+    return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny)).clamp_min(-100)
+
+
 def stage2_targets(step_losses, k=50.0, gamma=0.005):
     """Ouro's soft "continue" labels (Eq. 5) for steps 2..S: [S, ...] -> [S-1, ...], no gradient.
 
@@ -228,8 +238,8 @@ def stage2_gate_loss(step_losses, gate, k=50.0, gamma=0.005, mask=None):
         raise ValueError(f"stage II needs at least 2 steps to measure an improvement, got S={n_steps}")
     targets = stage2_targets(step_losses, k, gamma)               # w_t: (S-1, ...)
     gate = _at_least_float32(gate)
-    log_continue = torch.log(1 - gate[:-1]).clamp_min(-100)      # log(1 - λ_{t-1})
-    log_stop = torch.log(gate[:-1]).clamp_min(-100)              # log λ_{t-1}
+    log_continue = _safe_log(1 - gate[:-1])                      # log(1 - λ_{t-1})
+    log_stop = _safe_log(gate[:-1])                              # log λ_{t-1}
     bce = -(targets * log_continue + (1 - targets) * log_stop)    # (S-1, ...)
     per_step = torch.stack([_token_mean(bce[t], mask) for t in range(n_steps - 1)])
     return per_step.sum() / n_steps

@@ -564,7 +564,7 @@ class LinearExitGate(nn.Module):
     """Ouro's exit gate: λ_t = sigmoid(Linear(d_model, 1)(z_t)), one value per token per step.
 
     z_t is the normed state the LM head reads. forward(z [B, T, D]) -> λ [B, T] in (0, 1),
-    float32. exit_probs(gate [S, B, T]) -> p(t | x) [S, B, T] (looplm.adaptive.exit_distribution).
+    float32 (float64 for a float64 model). exit_probs(gate [S, B, T]) -> p(t | x) [S, B, T] (looplm.adaptive.exit_distribution).
     """
 
     def __init__(self, config):
@@ -574,7 +574,8 @@ class LinearExitGate(nn.Module):
         nn.init.zeros_(self.proj.bias)                      # every gate starts near 1/2
 
     def forward(self, z):
-        return torch.sigmoid(self.proj(z).float()).squeeze(-1)   # (B, T)
+        logit = self.proj(z)
+        return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32))).squeeze(-1)   # (B, T)
 
     def exit_probs(self, gate):
         from looplm.adaptive import exit_distribution        # adaptive.py imports nothing from here

@@ -99,6 +99,15 @@ def test_linear_gate_is_registered_and_fills_the_output():
     assert out.gate.dtype == torch.float32 and ((out.gate > 0) & (out.gate < 1)).all()
     assert torch.equal(out.exit_probs, exit_distribution(out.gate))
     torch.testing.assert_close(out.exit_probs.sum(0), torch.ones(2, 5))
+    # a float64 model's gate is computed in float64, against the formula
+    model = model.double()
+    idx = torch.randint(0, 20, (2, 5))
+    with torch.no_grad():
+        out = model(idx)
+        z = model.readout(model.step(model.embed(idx), model.embed(idx), *model.rope(5)), *model.rope(5))[1]
+    assert out.gate.dtype == out.exit_probs.dtype == torch.float64
+    w, b = model.exit_gate.proj.weight[0], model.exit_gate.proj.bias[0]
+    torch.testing.assert_close(out.gate[0], 1 / (1 + torch.exp(-(z @ w + b))), rtol=0, atol=1e-15)
 
 # --- book/05_learning_when_to_stop.py, cell 104 ---
 def _slow_stage1(losses, probs, beta, mask):
@@ -166,6 +175,30 @@ def test_stage2_gate_loss_matches_loop_and_detaches():
     got = stage2_gate_loss(torch.tensor([[1.0], [0.5]]), torch.tensor([[0.2], [0.7]]))
     assert math.isclose(got.item(), expected, rel_tol=1e-5)
     assert math.isclose(stage2_targets(torch.tensor([[0.3], [0.3]])).item(), 1 / (1 + math.exp(0.25)), rel_tol=1e-6)
+    # saturated gates (exactly 0 and 1, as a float32 sigmoid gives past a logit of about 17):
+    # a finite loss and a finite gradient
+    logits = torch.tensor([[20.0, -120.0], [0.0, 0.0]], requires_grad=True)
+    loss = stage2_gate_loss(torch.tensor([[1.0, 1.0], [0.5, 0.5]]), torch.sigmoid(logits))
+    loss.backward()
+    assert torch.sigmoid(logits)[0].tolist() == [1.0, 0.0]
+    assert math.isfinite(loss.item()) and torch.isfinite(logits.grad).all()
+
+
+def test_stage2_forward_runs_the_model_without_gradients():
+    # called directly, with every parameter trainable (no gate_only): only the gate gets a graph,
+    # and a backward pass leaves every other parameter's gradient empty
+    torch.manual_seed(3)
+    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, n_loops=3, exit_gate=True))
+    idx = torch.randint(0, 20, (2, 6))
+    out = gate_on_detached_states(model, idx, targets=idx)
+    assert not out.logits.requires_grad and not out.step_losses.requires_grad
+    assert out.gate.requires_grad and out.exit_probs.requires_grad
+    with torch.no_grad():
+        reference = model(idx, targets=idx)
+    assert torch.equal(out.gate.detach(), reference.gate) and torch.equal(out.step_losses, reference.step_losses)
+    GateLoss()(model, idx, idx)[0].backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == name.startswith("exit_gate."), name
 
 # --- book/05_learning_when_to_stop.py, cell 106 ---
 def _slow_q_exit(gates, q, min_steps):

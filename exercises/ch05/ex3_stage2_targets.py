@@ -16,7 +16,9 @@ and every step t = 2 .. S (counted from 1):
   Steps come first; the other dimensions are tokens ([S, B, T] from a model, or [S, N]).
 - The targets are labels, not something to optimise: no gradient may reach step_losses.
   Gradients reach the gate. Note the gate of step t-1 is paired with the improvement of step t,
-  so λ_S gets no gradient; and the sum has S - 1 terms but is divided by S.
+  so λ_S gets no gradient; and the sum has S - 1 terms but is divided by S. This pairing is the
+  book's: Ouro's Eq. 6 as printed pairs w^(t) with λ^(t) (chapter 5, section 5.4, says why the
+  book deviates).
 - mask: None (every token counts) or a bool tensor with the token shape [...]; the mean over
   tokens then runs over the tokens where mask is True only. Whatever the other tokens hold
   must not change the result.
