@@ -57,8 +57,10 @@ test: $(STAMP) $(MATHJAX)
 grade: $(STAMP)
 	$(PY) -m looplm.grade $(CHAPTER)
 
+# JupyterLab refuses to start as root (the usual user in a container) without --allow-root.
+LAB_UID ?= $(shell id -u)
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=. book/00_tasks_and_tokens.ipynb
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(LAB_UID)),--allow-root )--notebook-dir=. book/00_tasks_and_tokens.ipynb
 
 book: $(STAMP) $(MATHJAX)
 	$(VENV)/bin/jupyter-book build book --path-output build -q -W --keep-going

@@ -35,17 +35,25 @@
 #| default_exp grade
 #| export
 import argparse
+import ast
 import importlib.util
+import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SOURCE_VARIABLE = "LOOPLM_EXERCISE_SOURCE"  # "reader" (default) or "solutions"
 SOURCES = ("reader", "solutions")
+DEFAULT_TIMEOUT = 60.0  # seconds each exercise's tests may run
 
 # %% [markdown]
 # ## Finding the module under test
@@ -72,6 +80,18 @@ def load_exercise(test_file, source=None):
     "reader" or "solutions" and defaults to the `LOOPLM_EXERCISE_SOURCE` variable.
     """
     source = source or os.environ.get(SOURCE_VARIABLE, "reader")
+    path = exercise_module(test_file, source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no exercise module {path} for the tests in {Path(test_file).name}")
+    chapter, name = path.parent.name, path.stem
+    spec = importlib.util.spec_from_file_location(f"exercise_{chapter}_{name}_{source}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def exercise_module(test_file, source="reader"):
+    """The path of the module that the graded tests in `test_file` check, for `source`."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     test_path = Path(test_file).resolve()
@@ -79,34 +99,34 @@ def load_exercise(test_file, source=None):
         raise ValueError(f"test_file must be a graded test file named test_*.py, got {test_path.name!r}")
     chapter, name = test_path.parent.name, test_path.stem[len("test_"):]
     if source == "solutions":
-        path = test_path.parent.parent / "solutions" / chapter / f"{name}.py"
-    else:
-        path = test_path.parent / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"no exercise module {path} for the tests in {test_path.name}")
-    spec = importlib.util.spec_from_file_location(f"exercise_{chapter}_{name}_{source}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+        return test_path.parent.parent / "solutions" / chapter / f"{name}.py"
+    return test_path.parent / f"{name}.py"
 
 # %% [markdown]
 # ## Discovering the exercises
 #
 # An exercise is any `exercises/chNN/exK_<slug>.py` with a matching `test_exK_<slug>.py`. Its
 # number and title come from the first line of the module's docstring, so the table speaks the
-# chapter's language. The book's folder is found by walking up from the current directory (a
-# notebook runs in `book/`), or from the `LOOPLM_ROOT` variable.
+# chapter's language. A module whose docstring lost that line is still graded, under a name
+# made from its file (`ex3_stage2_targets.py` in `ch05` is "5.3 Stage2 targets"), and the table
+# says so. The book's folder is found by walking up from the current directory (a notebook runs
+# in `book/`), or from the `LOOPLM_ROOT` variable.
 
 # %%
 #| export
 @dataclass
 class Exercise:
-    """One exercise: its number ("1.1"), title, the module a reader edits and its graded tests."""
+    """One exercise: its number ("1.1"), title, the module a reader edits and its graded tests.
+
+    `warning` is non-empty when the module's docstring does not name the exercise, so the
+    number and title were made from the file name.
+    """
 
     number: str
     title: str
     module: Path
     tests: Path
+    warning: str = ""
 
 
 def find_root(start=None):
@@ -127,33 +147,39 @@ def find_root(start=None):
 def find_exercises(chapter=None, root=None):
     """Exercises of one chapter ("ch01", "1" or 1), or of every chapter, in book order."""
     root = Path(root) if root else find_root()
-    if chapter is None:
-        folders = sorted(p for p in (root / "exercises").glob("ch[0-9][0-9]") if p.is_dir())
-    else:
-        text = str(chapter).lower().removeprefix("ch")
-        if not text.isdigit():
+    folders = sorted(p for p in (root / "exercises").glob("ch[0-9][0-9]") if p.is_dir())
+    if chapter is not None:
+        text = str(chapter).strip().lower().removeprefix("ch")
+        if not (text.isascii() and text.isdigit()):
             raise ValueError(f"chapter must look like 'ch01' or 1, got {chapter!r}")
-        folders = [root / "exercises" / f"ch{int(text):02d}"]
-        if not folders[0].is_dir():
-            known = sorted(p.name for p in (root / "exercises").glob("ch[0-9][0-9]"))
+        wanted = root / "exercises" / f"ch{int(text):02d}"
+        if wanted not in folders:
+            known = ", ".join(p.name for p in folders if any(p.glob("ex[0-9]*_*.py"))) or "none"
             raise ValueError(f"no exercises for chapter {chapter!r}; chapters with exercises: {known}")
+        folders = [wanted]
     found = []
     for folder in folders:
         for module in sorted(folder.glob("ex[0-9]*_*.py")):
-            tests = folder / f"test_{module.name}"
-            doc = (_docstring(module) or "").strip().splitlines()
-            head = doc[0] if doc else ""
-            if not head.startswith("Exercise ") or ":" not in head:
-                raise ValueError(f"{module}: the docstring must start with 'Exercise N.K: title'")
-            number, title = head[len("Exercise "):].split(":", 1)
-            found.append(Exercise(number.strip(), title.strip(), module, tests))
+            found.append(_exercise(module, folder / f"test_{module.name}"))
     return found
 
 
-def _docstring(path):
-    import ast
-
-    return ast.get_docstring(ast.parse(Path(path).read_text(encoding="utf-8")))
+def _exercise(module, tests):
+    """The Exercise for `module`, named by its docstring or, failing that, by its file name."""
+    try:
+        doc = ast.get_docstring(ast.parse(module.read_bytes(), filename=str(module))) or ""
+    except (SyntaxError, ValueError):  # grading reports it; here it only costs the name
+        doc = None
+    head = doc.strip().splitlines()[0] if doc and doc.strip() else ""
+    match = re.fullmatch(r"Exercise\s+(\S+?)\s*:\s*(.+)", head)
+    if match:
+        return Exercise(match[1], match[2].strip(), module, tests)
+    digits = re.match(r"ex(\d+)[^_]*_(.*)", module.stem)
+    slug = digits[2].replace("_", " ").strip() or module.stem
+    number = f"{int(module.parent.name[2:])}.{int(digits[1])}"
+    warning = "" if doc is None else (f"{module.name} has no 'Exercise {number}: title' docstring; "
+                                      "named from its file")
+    return Exercise(number, slug[0].upper() + slug[1:], module, tests, warning)
 
 # %% [markdown]
 # Let us try `load_exercise` on the first exercise of chapter 1: the starter really is a
@@ -174,10 +200,14 @@ for exercise in find_exercises():
 # %% [markdown]
 # ## Running the tests
 #
-# The grader runs pytest in a separate process (so a half-finished exercise cannot break the
-# notebook you graded it from) and asks pytest for a JUnit XML report, which lists every test
-# with its outcome and, for a failure, the exception. A test file that fails to import (a
-# syntax error in your module, say) counts every test of that exercise as failed.
+# The grader runs each exercise's test file in a pytest process of its own and asks pytest for
+# a JUnit XML report, which lists every test with its outcome and, for a failure, the exception.
+# A half-finished exercise can go wrong in ways a test cannot catch: a syntax error stops its
+# test file from importing, a stray `os._exit` ends pytest before it writes the report, a loop
+# that never ends never returns. In a process of its own, each of these costs only that
+# exercise's rows. Each process also gets a time limit (60 s unless you pass `timeout=` or
+# `--timeout`); past it, the grader kills the process and everything it started, and reports
+# "timed out". A few exercises run side by side (`jobs`) to keep the wait short.
 
 # %%
 #| export
@@ -191,47 +221,173 @@ class GradedTest:
     message: str = ""
 
 
-def run_exercise_tests(exercises, source="reader", timeout=900):
-    """Run the graded tests of `exercises` against `source`; one GradedTest per test."""
+def run_exercise_tests(exercises, source="reader", timeout=DEFAULT_TIMEOUT, jobs=None):
+    """Run the graded tests of `exercises` against `source`; one GradedTest per test.
+
+    Each exercise's tests run in a process of their own, stopped after `timeout` seconds
+    (None: no limit); `jobs` processes run at a time (default: up to 4, one per CPU).
+    """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    timeout = _check_timeout(timeout)
+    if jobs is None:
+        jobs = min(4, os.cpu_count() or 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     if not exercises:
         return []
+    stop = threading.Event()  # set on Ctrl-C: every running test process is killed
+    with ThreadPoolExecutor(max_workers=min(jobs, len(exercises))) as pool:
+        try:
+            runs = list(pool.map(lambda ex: _grade_exercise(ex, source, timeout, stop), exercises))
+        except BaseException:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return [outcome for run in runs for outcome in run]
+
+
+def _check_timeout(timeout):
+    if timeout is None:
+        return None
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _grade_exercise(exercise, source, timeout, stop):
+    """The GradedTests of one exercise, from a pytest process of its own."""
+    tests = exercise.tests.resolve()
+
+    def failed(message):  # every graded test of the exercise fails with `message`
+        return [GradedTest(exercise.number, name, False, message) for name in _test_names(tests)]
+
+    if not tests.is_file():
+        return [GradedTest(exercise.number, tests.name, False, f"no graded tests file {tests.name}")]
+    problem = _syntax_problem(exercise_module(tests, source))
+    if problem:
+        return failed(f"could not be imported: {problem}")
+    root = tests.parents[2]  # exercises/chNN/test_*.py -> the book
     env = dict(os.environ, **{SOURCE_VARIABLE: source})
-    root = exercises[0].tests.resolve().parents[2]  # exercises/chNN/test_*.py -> the book
-    by_file = {ex.tests.resolve(): ex for ex in exercises}
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        # no:nbval: the notebook plugin is slow to import and has nothing to do here
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:nbval",
                    "--import-mode=importlib", "-o", "junit_family=xunit1", f"--rootdir={root}",
-                   f"--junitxml={report}", *[str(p) for p in by_file]]
-        subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+                   f"--junitxml={report}", str(tests)]
+        status = _run_with_limit(command, env, root, Path(tmp) / "output.txt", timeout, stop)
+        if status is None:
+            return failed(f"timed out after {timeout:g} s")
         if not report.exists():
-            raise RuntimeError("pytest produced no report; run the tests by hand: " + " ".join(command))
-        tree = ET.parse(report)
+            return failed(f"the test process exited early with {_describe_status(status)}")
+        try:
+            cases = list(ET.parse(report).iter("testcase"))
+        except ET.ParseError:
+            return failed("the test process left an unreadable report")
     outcomes = []
-    seen = set()
-    for case in tree.iter("testcase"):
-        exercise = by_file.get((root / case.get("file", "")).resolve())
-        if exercise is None:
-            continue
+    for case in cases:
         problem = case.find("failure")
         if problem is None:
             problem = case.find("error")
+        if problem is not None and problem.get("message") == "collection failure":
+            return failed(f"could not be imported: {_last_exception(problem.text or '')}")
         skipped = case.find("skipped") is not None
         message = ""
         if problem is not None:
-            message = (problem.get("message") or problem.text or "").strip().splitlines()[0][:200]
+            message = ((problem.get("message") or problem.text or "").strip().splitlines() or [""])[0][:200]
         elif skipped:
             message = "skipped"
         outcomes.append(GradedTest(exercise.number, case.get("name"),
-                                    problem is None and not skipped, message))
-        seen.add(exercise.number)
-    for exercise in exercises:  # a file that could not even be collected
-        if exercise.number not in seen:
-            outcomes.append(GradedTest(exercise.number, exercise.tests.name, False,
-                                        "the test file could not be imported"))
-    return outcomes
+                                   problem is None and not skipped, message))
+    return outcomes or [GradedTest(exercise.number, tests.name, False, "pytest found no graded tests")]
+
+
+def _run_with_limit(command, env, cwd, log, timeout, stop):
+    """Run `command` with its output in `log`: its exit status, or None past `timeout` seconds.
+
+    The command starts a process group of its own, so that a timeout (or `stop` being set, on
+    Ctrl-C) kills it together with every process it started.
+    """
+    if stop.is_set():
+        raise KeyboardInterrupt
+    if os.name == "posix":
+        group = {"start_new_session": True}
+    else:
+        group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                   stdout=output, stderr=subprocess.STDOUT, **group)
+        try:
+            while not stop.is_set():
+                left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if left <= 0:
+                    return process.poll()  # None: still running
+                try:
+                    return process.wait(timeout=left)
+                except subprocess.TimeoutExpired:
+                    pass
+            raise KeyboardInterrupt
+        finally:
+            if process.poll() is None:  # still running: timed out or interrupted
+                _kill_tree(process)
+
+
+def _kill_tree(process):
+    if os.name == "posix":
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    else:
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+        process.kill()
+    process.wait()
+
+
+def _describe_status(status):
+    if status < 0:
+        try:
+            return f"signal {signal.Signals(-status).name}"
+        except ValueError:
+            return f"signal {-status}"
+    return f"status {status}"
+
+
+def _syntax_problem(path):
+    """'SyntaxError: invalid syntax (ex1_rmsnorm.py, line 3)' if `path` does not compile, else ''."""
+    try:
+        compile(Path(path).read_bytes(), str(path), "exec", dont_inherit=True)
+    except SyntaxError as error:
+        return f"{type(error).__name__}: {error.msg} ({Path(path).name}, line {error.lineno})"
+    except (OSError, ValueError):  # missing or unreadable: the test run says why
+        return ""
+    return ""
+
+
+def _last_exception(text):
+    """The exception line ("NameError: name 'x' is not defined") of a pytest traceback."""
+    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
+    named = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
+    return (named or lines or ["an error while collecting its tests"])[-1][:200]
+
+
+def _test_names(tests):
+    """The graded tests a test file defines (test_* functions and Test* class methods)."""
+    try:
+        tree = ast.parse(Path(tests).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return [Path(tests).name]
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
+            names.append(node.name)
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            names += [item.name for item in node.body
+                      if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and item.name.startswith("test")]
+    return names or [Path(tests).name]
 
 # %% [markdown]
 # ## The score table
@@ -269,6 +425,8 @@ class GradeReport:
             passed, total = self.score(ex.number)
             pct = f"{100 * passed // total}%" if total else "-"
             lines.append(f"  {ex.number:<9} {ex.title[:36]:<36} {f'{passed}/{total}':>7} {pct:>6}")
+            if ex.warning:
+                lines.append(f"  {'':<9} warning: {ex.warning}")
             failures = [o for o in self.outcomes if o.exercise == ex.number and not o.passed]
             if failures:
                 lines.append(f"  {'':<9} first failure: {failures[0].name}: {failures[0].message[:90]}")
@@ -280,11 +438,16 @@ class GradeReport:
         return f"GradeReport({self.passed}/{self.total} graded tests passed)"
 
 
-def grade(chapter=None, solutions=False, root=None, show=True):
-    """Grade the exercises of one chapter (e.g. "ch01") or of all chapters; print the table."""
+def grade(chapter=None, solutions=False, root=None, show=True, timeout=DEFAULT_TIMEOUT, jobs=None):
+    """Grade the exercises of one chapter (e.g. "ch01") or of all chapters; print the table.
+
+    `timeout` is each exercise's time limit in seconds (None: none); `jobs` how many exercises
+    are graded at once (see `run_exercise_tests`).
+    """
+    timeout = _check_timeout(timeout)
     exercises = find_exercises(chapter, root)
     source = "solutions" if solutions else "reader"
-    report = GradeReport(source, exercises, run_exercise_tests(exercises, source))
+    report = GradeReport(source, exercises, run_exercise_tests(exercises, source, timeout, jobs))
     if show:
         print(report.table())
     return report
@@ -304,8 +467,11 @@ report = grade("ch01", solutions=True)
 #
 # `make grade` runs `python -m looplm.grade`, which grades every chapter; name chapters to
 # grade only those (`python -m looplm.grade ch01`), and add `--solutions` to grade the
-# reference solutions. The exit status is 0 even when tests fail, because an unfinished
-# exercise is not an error; pass `--strict` to get a failing status instead.
+# reference solutions, `--timeout SECONDS` to change each exercise's time limit, `--jobs N` to
+# grade N exercises at once. The exit status is 0 even when tests fail, because an unfinished
+# exercise is not an error; pass `--strict` to get a failing status instead. A chapter without
+# exercises or a bad option is an error: a message on stderr and exit status 2, before anything
+# is graded.
 
 # %%
 #| export
@@ -315,10 +481,41 @@ def main(argv=None):
     parser.add_argument("chapters", nargs="*", help="chapters to grade, e.g. ch01 (default: all)")
     parser.add_argument("--solutions", action="store_true", help="grade the reference solutions")
     parser.add_argument("--strict", action="store_true", help="exit 1 unless every test passes")
+    parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"time limit for each exercise's tests (default: {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                        help="exercises graded at once (default: up to 4, one per CPU)")
     args = parser.parse_args(argv)
-    reports = [grade(c, args.solutions) for c in (args.chapters or [None])]
+    chapters = args.chapters or [None]
+    try:
+        for chapter in chapters:  # every name is checked before anything is graded
+            find_exercises(chapter)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    try:
+        reports = [grade(c, args.solutions, timeout=args.timeout, jobs=args.jobs) for c in chapters]
+    except KeyboardInterrupt:  # Ctrl-C: the test processes are already killed
+        print("interrupted", file=sys.stderr)
+        return 130
     ok = all(r.passed == r.total for r in reports)
     return 0 if ok or not args.strict else 1
+
+
+def _seconds(text):
+    try:
+        return _check_timeout(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}") from None
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 if __name__ == "__main__" and "get_ipython" not in globals():  # a notebook is "__main__" too
@@ -327,10 +524,13 @@ if __name__ == "__main__" and "get_ipython" not in globals():  # a notebook is "
 # %% [markdown]
 # ## Tests
 #
-# The grader's own tests use a throwaway book with one exercise, so they do not depend on
-# the real exercises.
+# The grader's own tests (in this chapter's notebook and in `tests/test_90_appendix_grader.py`)
+# grade throwaway books in a temporary folder, so they do not depend on the real exercises:
+# one with a single exercise, and chapters where a working exercise sits next to one that
+# does not compile, has lost its docstring, calls `os._exit(0)`, or loops forever. The working
+# exercise must score full marks next to each of them.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["nbval-check-output", "remove-cell"]
 #| test
 import tempfile
 import textwrap
@@ -388,3 +588,157 @@ def test_bad_arguments():
 
 
 run_tests(test_starter_scores_zero_and_solution_full, test_reader_edits_are_graded, test_bad_arguments)
+
+# %% tags=["nbval-check-output", "remove-cell"]
+#| test
+import contextlib
+import io
+import os
+import re
+import time
+
+# Toy graded tests load their module straight from its file (not through looplm, whose import
+# takes seconds), so that each exercise's process is quick next to the time limits used here.
+LOAD_MODULE = textwrap.dedent("""
+    import importlib.util, pathlib
+    path = pathlib.Path(__file__).with_name(pathlib.Path(__file__).name[len("test_"):])
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    def test_small(): assert ex.double(2) == 4
+    def test_negative(): assert ex.double(-3) == -6
+""")
+WORKING = '"""Exercise 7.1: Double it."""\ndef double(x):\n    return 2 * x\n'
+
+
+def _chapter_with(folder, **modules):
+    """A throwaway book whose chapter 7 holds a working exercise 7.1 and `modules` (name=source)."""
+    ch = Path(folder) / "exercises" / "ch07"
+    ch.mkdir(parents=True)
+    (Path(folder) / "pyproject.toml").write_text("")
+    for name, source in {"ex1_double": WORKING, **modules}.items():
+        (ch / f"{name}.py").write_text(source)
+        (ch / f"test_{name}.py").write_text(LOAD_MODULE)
+    return Path(folder)
+
+
+def _messages(report, number):
+    return {o.message for o in report.outcomes if o.exercise == number}
+
+
+@contextlib.contextmanager
+def _book_root(root):
+    """LOOPLM_ROOT set to `root` for the block, as `python -m looplm.grade` would see it."""
+    old = os.environ.get("LOOPLM_ROOT")
+    os.environ["LOOPLM_ROOT"] = str(root)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LOOPLM_ROOT"]
+        else:
+            os.environ["LOOPLM_ROOT"] = old
+
+
+def _command_line(*argv):
+    """main(argv) in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(list(argv))
+        except SystemExit as exit:
+            status = exit.code
+    return status, out.getvalue(), err.getvalue()
+
+
+def _running(pid):
+    """Whether process `pid` still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X")
+
+
+def test_a_syntax_error_fails_only_its_exercise():
+    broken = '"""Exercise 7.2: Broken."""\ndef double(x)\n    return 2 * x\n'
+    with tempfile.TemporaryDirectory() as tmp:
+        report = grade("ch07", root=_chapter_with(tmp, ex2_broken=broken), show=False)
+    assert report.score("7.1") == (2, 2)
+    assert report.score("7.2") == (0, 2)
+    (message,) = _messages(report, "7.2")
+    assert re.fullmatch(r"could not be imported: SyntaxError: .+ \(ex2_broken\.py, line 2\)", message), message
+
+
+def test_an_exercise_without_its_docstring_is_graded_under_its_file_name():
+    nameless = "def double(x):\n    return 2 * x\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _chapter_with(tmp, ex2_double_again=nameless)
+        exercise = find_exercises(7, root)[1]
+        report = grade("ch07", root=root, show=False)
+    assert (exercise.number, exercise.title) == ("7.2", "Double again")
+    assert "no 'Exercise 7.2: title' docstring" in exercise.warning
+    assert report.score("7.1") == (2, 2) and report.score("7.2") == (2, 2)
+    assert "warning: ex2_double_again.py has no 'Exercise 7.2: title' docstring" in report.table()
+
+
+def test_an_early_exit_fails_only_its_exercise():
+    exits = '"""Exercise 7.2: Exits."""\nimport os\ndef double(x):\n    os._exit(0)\n'
+    with tempfile.TemporaryDirectory() as tmp:
+        report = grade("ch07", root=_chapter_with(tmp, ex2_exits=exits), show=False)
+    assert report.score("7.1") == (2, 2)
+    assert report.score("7.2") == (0, 2)
+    assert _messages(report, "7.2") == {"the test process exited early with status 0"}
+
+
+def test_an_endless_loop_times_out_and_its_processes_are_killed():
+    loops = textwrap.dedent('''
+        """Exercise 7.2: Loops."""
+        import pathlib, subprocess, sys
+        def double(x):
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            pathlib.Path(__file__).with_name("child.pid").write_text(str(child.pid))
+            while True:
+                pass
+    ''')
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _chapter_with(tmp, ex2_loops=loops)
+        with _book_root(root):
+            status, out, err = _command_line("ch07", "--timeout", "3")
+        assert status == 0, err
+        child = int((root / "exercises" / "ch07" / "child.pid").read_text())
+    rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.split()[0][0].isdigit()}
+    assert rows["7.1"].split()[-2:] == ["2/2", "100%"]
+    assert rows["7.2"].split()[-2:] == ["0/2", "0%"]
+    assert "first failure: test_small: timed out after 3 s" in out
+    if Path("/proc/self/stat").exists():  # the process the exercise started is gone too
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child), f"process {child} started by the exercise still runs"
+
+
+def test_command_line_errors_exit_2_before_grading():
+    with tempfile.TemporaryDirectory() as tmp:
+        with _book_root(_chapter_with(tmp)):
+            unknown = _command_line("ch07", "ch99")
+            malformed = _command_line("abc")
+            bad_timeouts = [_command_line("ch07", "--timeout", t) for t in ("0", "-5", "soon", "nan")]
+    status, out, err = unknown
+    assert (status, out) == (2, "")
+    assert "error: no exercises for chapter 'ch99'; chapters with exercises: ch07" in err
+    status, out, err = malformed
+    assert (status, out) == (2, "")
+    assert "error: chapter must look like 'ch01' or 1, got 'abc'" in err
+    for status, out, err in bad_timeouts:
+        assert (status, out) == (2, "")
+        assert "error: argument --timeout: must be a positive number of seconds" in err
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        grade("ch07", timeout=0)
+
+
+run_tests(test_a_syntax_error_fails_only_its_exercise,
+          test_an_exercise_without_its_docstring_is_graded_under_its_file_name,
+          test_an_early_exit_fails_only_its_exercise,
+          test_an_endless_loop_times_out_and_its_processes_are_killed,
+          test_command_line_errors_exit_2_before_grading)

@@ -2,6 +2,8 @@
 
 import ast
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ def test_there_are_exercises_and_each_has_tests_and_a_solution():
         assert solution.is_file(), f"{ex.module} has no reference solution"
         assert ex.number.split(".")[0] == str(int(chapter[2:])), \
             f"{ex.module}: exercise {ex.number} does not belong to {chapter}"
+        assert not ex.warning, ex.warning  # named by its docstring, not by the fallback
 
 
 def test_every_starter_raises_not_implemented_naming_its_exercise():
@@ -56,3 +59,16 @@ def test_every_graded_test_passes_on_the_solution(solution_outcomes):
     failing = [f"{o.exercise} {o.name}: {o.message}" for o in solution_outcomes if not o.passed]
     assert not failing, "solutions fail graded tests:\n" + "\n".join(failing)
     assert {o.exercise for o in solution_outcomes} == {ex.number for ex in EXERCISES}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_lab_allows_root_only_for_root():
+    """JupyterLab refuses to run as root without --allow-root; `make lab` passes it for uid 0 only."""
+
+    def lab_command(uid):
+        out = subprocess.run(["make", "-n", "lab", f"LAB_UID={uid}"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+        return [line for line in out.splitlines() if "jupyter lab" in line][-1]
+
+    assert "--allow-root" in lab_command(0)
+    assert "--allow-root" not in lab_command(1000)
