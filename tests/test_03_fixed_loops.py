@@ -19,6 +19,11 @@ from looplm.train import (  # noqa: F401
     task_accuracy,
     evaluate_tasks,
 )
+from looplm.experiments import (  # noqa: F401
+    CH03_SPLITS,
+    CH03_MODELS,
+    LOOPED_VS_STACKED,
+)
 
 # --- book/03_fixed_loops.py, cell 30 ---
 import math
@@ -360,3 +365,11 @@ def test_bad_batches_and_metrics():
         trainer.run(until=1)
     with pytest.raises(ValueError, match=r"state is missing \['generator'"):
         trainer.load_state_dict({k: v for k, v in trainer.state_dict().items() if k != "generator"})
+
+# --- book/03_fixed_loops.py, cell 108 ---
+from looplm.results import check_prefix
+
+
+def test_stored_results_match_a_live_prefix():
+    difference, _ = check_prefix("looped-vs-stacked")
+    assert difference <= 1e-3
