@@ -3,7 +3,7 @@
 __all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'bench_decode', 'format_decode_table', 'plot_decode']
 # fmt: on
 
-# --- book/04_backprop_through_the_loop.py, cell 150 ---
+# --- book/04_backprop_through_the_loop.py, cell 162 ---
 import argparse
 import statistics
 import sys
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from looplm.backprop import make_loop_loss
-from looplm.model import LoopLM, LoopLMConfig
+from looplm.model import LoopLM, LoopLMConfig, _require_int
 from looplm.train import default_loss
 
 
@@ -71,7 +71,7 @@ class MinimalLoopedLM(nn.Module):
             h = self.block(h, cos, sin)
         return F.linear(self.norm(h), self.embed.weight)            # (B, T, V), tied head
 
-# --- book/04_backprop_through_the_loop.py, cell 152 ---
+# --- book/04_backprop_through_the_loop.py, cell 164 ---
 def minimal_from_looplm(model):
     """A MinimalLoopedLM holding a LoopLM's weights (one pre-norm core block, tied head, no
     prelude, coda, injection or gate): same logits as model(idx).logits[-1]."""
@@ -93,7 +93,7 @@ def minimal_from_looplm(model):
             mine.weight.copy_(theirs.weight)
     return minimal.to(next(model.parameters()).device)
 
-# --- book/04_backprop_through_the_loop.py, cell 154 ---
+# --- book/04_backprop_through_the_loop.py, cell 166 ---
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -116,6 +116,8 @@ def bench_train(d_model=128, n_heads=4, n_loops=4, batch_size=16, seq_len=64, vo
     -> dict with "rows": [(name, steps per second, tokens per second)], the minimal model first,
     "max_logit_difference" (identical weights, last-step logits) and "settings".
     """
+    for name, value in (("steps", steps), ("repeats", repeats), ("batch_size", batch_size), ("seq_len", seq_len)):
+        _require_int(name, value, 1)
     torch.manual_seed(seed)
     config = LoopLMConfig(vocab_size, d_model, n_heads, n_loops=n_loops, max_seq_len=seq_len)
     models = {name: LoopLM(config).to(device) for name in ("default", "lean")}
@@ -157,7 +159,7 @@ def bench_train(d_model=128, n_heads=4, n_loops=4, batch_size=16, seq_len=64, vo
                     device=str(device), threads=torch.get_num_threads())
     return {"rows": rows, "max_logit_difference": difference, "settings": settings}
 
-# --- book/04_backprop_through_the_loop.py, cell 156 ---
+# --- book/04_backprop_through_the_loop.py, cell 168 ---
 def format_train_table(result):
     s = result["settings"]
     lines = [f"training throughput: d_model {s['d_model']}, {s['n_heads']} heads, {s['n_loops']} loops, "
@@ -187,7 +189,7 @@ def plot_train(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/04_backprop_through_the_loop.py, cell 158 ---
+# --- book/04_backprop_through_the_loop.py, cell 170 ---
 def _train_arguments(parser):
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed turn (default 10)")
     parser.add_argument("--repeats", type=int, default=7, help="timed turns per model (default 7)")
@@ -201,7 +203,29 @@ def _train_arguments(parser):
     parser.add_argument("--out", default="build/bench/train.png", help="bar plot (default build/bench/train.png)")
 
 
+def _check_train_flags(args):
+    """ValueError naming the flag, for settings the train benchmark cannot run."""
+    for dest in ("steps", "repeats", "d_model", "n_heads", "n_loops", "batch_size", "seq_len", "vocab_size"):
+        value = getattr(args, dest)
+        if value < 1:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
+    if args.d_model % args.n_heads:
+        raise ValueError(f"--n-heads {args.n_heads} must divide --d-model {args.d_model}")
+    if (args.d_model // args.n_heads) % 2:
+        raise ValueError(f"--d-model / --n-heads = {args.d_model // args.n_heads} must be even "
+                         f"(rotary embeddings rotate pairs of dimensions)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (cuda:N), got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+
+
 def _train_command(args):
+    _check_train_flags(args)
     result = bench_train(d_model=args.d_model, n_heads=args.n_heads, n_loops=args.n_loops,
                          batch_size=args.batch_size, seq_len=args.seq_len, vocab_size=args.vocab_size,
                          steps=args.steps, repeats=args.repeats, device=args.device)
@@ -222,9 +246,18 @@ def main(argv=None):
     for name, (help_text, add_arguments, _) in BENCHMARKS.items():
         add_arguments(commands.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
-    return BENCHMARKS[args.benchmark][2](args)
+    try:
+        return BENCHMARKS[args.benchmark][2](args)
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as e:
+        print(f"python -m looplm.bench: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"python -m looplm.bench: stopped: {e}", file=sys.stderr)
+        return 1
 
-# --- book/06_inference.py, cell 49 ---
+# --- book/06_inference.py, cell 54 ---
+import math
 import statistics as _statistics
 
 from looplm.adaptive import make_exit_rule
@@ -285,9 +318,10 @@ def bench_decode(model, examples, settings=DECODE_SETTINGS, batch_size=64, speed
                     tokens += int((res.steps[:, 1:] > 0).sum())
                 row["seconds"][size].append(seconds)
                 row["tokens"][size] = tokens
-    for row in rows:
+    for row in rows:                                 # nan where no token was decoded after the first
         for size in (1, batch_size):
-            row[f"tok_s_{size}"] = row["tokens"][size] / _statistics.median(row["seconds"][size])
+            tokens = row["tokens"][size]
+            row[f"tok_s_{size}"] = tokens / _statistics.median(row["seconds"][size]) if tokens else float("nan")
     for row in rows:
         base = next((r for r in rows if r["cache"] == row["cache"] and r["rule"] == "none"), rows[0])
         row["ideal"] = n_steps / row["decode_steps"]
@@ -311,6 +345,9 @@ def format_decode_table(result):
         lines.append(f"{r['cache']:8s} {r['rule']:14s} {r['kib']:7.1f} {r['accuracy']:8.3f} {r['steps']:9.2f} "
                      f"{r['tok_s_1']:8.0f} {r[f'tok_s_{b}']:9.0f} {r['speedup_1']:9.2f} {r[f'speedup_{b}']:10.2f} "
                      f"{r['ideal']:6.2f}")
+    if any(math.isnan(r["tok_s_1"]) or math.isnan(r[f"tok_s_{b}"]) for r in result["rows"]):
+        lines += ["", "nan: no token was decoded after the first one (every answer ended at its first token), "
+                      "so there was no decoding to time"]
     return "\n".join(lines)
 
 
@@ -337,7 +374,7 @@ def plot_decode(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/06_inference.py, cell 51 ---
+# --- book/06_inference.py, cell 56 ---
 def _decode_arguments(parser):
     parser.add_argument("--checkpoint", default=None, help="a saved model (default: train a small one first)")
     parser.add_argument("--task", default="stack", help="the chapter 0 task of the held-out examples (default stack)")
@@ -350,16 +387,53 @@ def _decode_arguments(parser):
     parser.add_argument("--out", default="build/bench/decode.png", help="plot (default build/bench/decode.png)")
 
 
+def _decode_model_from_args(args):
+    """The checked flags of `bench decode`: -> (task, the loaded model or None). Raises before any work."""
+    from looplm.data import TASKS, make_task
+    from looplm.train import CheckpointError
+
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
+    for flag, value in (("--difficulty", args.difficulty), ("--n-test", args.n_test),
+                        ("--train-steps", args.train_steps), ("--batch-size", args.batch_size),
+                        ("--speed-examples", args.speed_examples), ("--repeats", args.repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
+    task = make_task(args.task)
+    if args.checkpoint is None:
+        return task, None
+    try:
+        model = load_model(args.checkpoint)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--checkpoint: {e}") from e
+    except CheckpointError as e:
+        raise CheckpointError(f"--checkpoint: {e}") from e
+    if model.config.vocab_size < TASK_VOCAB.vocab_size:
+        raise ValueError(f"--checkpoint: its model has vocab_size={model.config.vocab_size}, fewer ids than the "
+                         f"task vocabulary's {TASK_VOCAB.vocab_size}: it was not trained on the chapter 0 tasks")
+    return task, model
+
+
+def _check_decode_context(args, model, examples):
+    """ValueError naming --difficulty when the checkpoint's context cannot hold prompt + answer + end."""
+    # bench_decode asks for the longest answer and its end token; all but the last are fed back
+    needed = max(len(e.prompt) for e in examples) + max(len(e.answer) for e in examples)
+    if model.config.max_seq_len < needed:
+        raise ValueError(f"--difficulty {args.difficulty}: decoding the {args.task} examples up to that difficulty "
+                         f"needs {needed} positions, and the model in --checkpoint holds max_seq_len="
+                         f"{model.config.max_seq_len}; use a smaller --difficulty")
+
+
 def _decode_command(args):
-    from looplm.data import make_splits, make_task
+    from looplm.data import make_splits
     from looplm.train import TrainConfig, task_batches, train_two_stage
 
+    task, model = _decode_model_from_args(args)
     torch.manual_seed(0)
-    task = make_task(args.task)
     splits = make_splits(task, n_train=4000, n_test=args.n_test, max_difficulty=args.difficulty,
                          ood_max_difficulty=args.difficulty + 1, seed=0)
-    if args.checkpoint is not None:
-        model = load_model(args.checkpoint)
+    if model is not None:
+        _check_decode_context(args, model, splits.test)
     else:
         seq_len = task.max_seq_len(args.difficulty + 1)
         model = LoopLM(LoopLMConfig(vocab_size=TASK_VOCAB.vocab_size, d_model=64, n_heads=4, n_loops=4,
@@ -380,7 +454,7 @@ def _decode_command(args):
 BENCHMARKS["decode"] = ("KV-cache strategies and per-token early exit while decoding", _decode_arguments,
                         _decode_command)
 
-# --- book/04_backprop_through_the_loop.py, cell 159 ---
+# --- book/04_backprop_through_the_loop.py, cell 171 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.bench`. The export places this cell last in looplm/bench.py, after the
     # benchmarks later chapters register.

@@ -5,6 +5,8 @@ __all__ = ['CacheStrategy', 'CACHE_STRATEGIES', 'cache_strategy', 'LayerCache', 
 
 # --- book/06_inference.py, cell 6 ---
 import argparse
+import math
+import pickle
 import re
 import sys
 import time
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 
 from looplm.adaptive import EXIT_RULES, ExitRule, StepView, exit_steps, make_exit_rule
 from looplm.data import TASK_VOCAB
-from looplm.model import LoopLM, LoopLMConfig, _require_int
+from looplm.model import (LoopLM, LoopLMConfig, _check_generator, _physical_memory_bytes, _require_bool,
+                          _require_int)
 from looplm.train import CheckpointError, checkpoint_model, read_checkpoint, save_checkpoint
 
 # --- book/06_inference.py, cell 12 ---
@@ -208,7 +211,7 @@ class GenerationResult:
         return out
 
 # --- book/06_inference.py, cell 20 ---
-def _prompt_batch(idx, vocab_size, pad_id, room):
+def _prompt_batch(idx, vocab_size, pad_id, max_new_tokens, max_seq_len):
     """-> (padded [B, Tp] LongTensor, lengths [B]) from a [B, T] tensor or a list of sequences."""
     if isinstance(idx, torch.Tensor):
         if idx.dtype not in (torch.int64, torch.int32):
@@ -238,9 +241,14 @@ def _prompt_batch(idx, vocab_size, pad_id, room):
         if low < 0 or high >= vocab_size:
             raise ValueError(f"prompt {i} holds ids outside [0, vocab_size={vocab_size}): min {low}, max {high}")
     longest = max(row.numel() for row in rows)
-    if longest > room:
-        raise ValueError(f"the longest prompt has {longest} tokens; with max_new_tokens the model's context "
-                         f"(max_seq_len) leaves room for at most {room}")
+    if longest > max_seq_len:
+        raise ValueError(f"the longest prompt has {longest} tokens, more than the model's context holds "
+                         f"(max_seq_len={max_seq_len}), which leaves room for at most {max_seq_len} prompt tokens")
+    if longest + max_new_tokens - 1 > max_seq_len:
+        raise ValueError(f"the longest prompt has {longest} tokens, and max_new_tokens={max_new_tokens} more need "
+                         f"{longest + max_new_tokens - 1} positions (every new token but the last is fed back), "
+                         f"but the model's context holds max_seq_len={max_seq_len}: it leaves room for at most "
+                         f"{max_seq_len - longest + 1} new tokens after this prompt")
     lengths = torch.tensor([row.numel() for row in rows])
     padded = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -248,7 +256,16 @@ def _prompt_batch(idx, vocab_size, pad_id, room):
     return padded, lengths
 
 
-def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens, exit_rule, n_loops, pad_id):
+def _check_finite_weights(model):
+    """ValueError naming the first parameter that holds a NaN or an infinity."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"the model's parameter {name} holds non-finite values (NaN or inf), so every "
+                             f"prediction it makes is meaningless; generate refuses to decode with it")
+
+
+def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens, exit_rule, n_loops, pad_id,
+                         generator, record):
     if not isinstance(model, LoopLM):
         raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
     c = model.config
@@ -259,13 +276,18 @@ def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None:
         _require_int("top_k", top_k, 1)
-    if not (isinstance(pad_id, int) and 0 <= pad_id < c.vocab_size):
-        raise ValueError(f"pad_id must be a token id in [0, {c.vocab_size}), got {pad_id!r}")
+    if isinstance(pad_id, bool) or not (isinstance(pad_id, int) and 0 <= pad_id < c.vocab_size):
+        raise ValueError(f"pad_id must be an int token id in [0, {c.vocab_size}), got {pad_id!r}")
+    if stop_tokens is not None and not isinstance(stop_tokens, (list, tuple, set, frozenset)):
+        raise TypeError(f"stop_tokens must be None or a list, tuple or set of token ids (e.g. [{stop_tokens!r}] "
+                        f"for one), got {type(stop_tokens).__name__} {stop_tokens!r:.40}")
     stops = set()
     for t in (stop_tokens or ()):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < c.vocab_size:
             raise ValueError(f"stop_tokens must be token ids in [0, {c.vocab_size}), got {t!r}")
         stops.add(t)
+    _check_generator(generator)
+    _require_bool("record", record)
     if isinstance(exit_rule, str):
         try:
             exit_rule = make_exit_rule(exit_rule)
@@ -277,43 +299,53 @@ def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
     if exit_rule is not None and "gates" in exit_rule.needs and model.exit_gate is None:
         raise ValueError(f"{type(exit_rule).__name__} reads the exit gate, and this model was built without "
                          f"one: use LoopLMConfig(..., exit_gate=True) or another rule")
+    _check_finite_weights(model)
     return n_loops, stops, exit_rule
+
+
+def _check_cache_fits(model, strategy, batch, prompt_len, n_new, n_steps, device):
+    """ValueError when the cache's tensors would not fit in this machine's memory (CPU only)."""
+    c = model.config
+    slots = strategy.n_slots(n_steps)
+    per_position = 2 * batch * c.n_heads * c.head_dim * next(model.parameters()).element_size()
+    positions = c.n_prelude * (prompt_len + n_new) + (c.n_core + c.n_coda) * (n_steps * prompt_len + slots * n_new)
+    available = _physical_memory_bytes() if device.type == "cpu" else None
+    if available is not None and per_position * positions > available:
+        raise ValueError(f"the KV cache for n_loops={n_steps}, {batch} prompt(s) of {prompt_len} tokens and "
+                         f"{n_new} decoded tokens would need {per_position * positions / 2**30:,.1f} GiB, and "
+                         f"this machine has {available / 2**30:,.1f} GiB of memory; use fewer loop steps "
+                         f"(n_loops), a shorter generation or a sharing cache strategy")
 
 # --- book/06_inference.py, cell 22 ---
 def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     """logits [R, V] -> token ids [R]: argmax if temperature == 0, else a tempered top-k draw."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]                # (R, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
+    wide = logits.double()
+    scaled = (wide - wide.amax(-1, keepdim=True)) / temperature       # (R, V), <= 0, the max is 0
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]                # (R, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 # --- book/06_inference.py, cell 24 ---
-def _readout(model, h, cos, sin, attend_for, last_only=False):
-    """(logits, z) like model.readout, with the coda attending through attend_for(j)."""
-    for j, block in enumerate(model.coda):
-        h = block(h, cos, sin, attend_for(j))
-    z = model.norm(h[:, -1:] if last_only else h)
-    return model.lm_head(z), z
+def _logits_dtype(model):
+    """The precision of generate's logits: the model's, at least float32."""
+    return torch.promote_types(next(model.parameters()).dtype, torch.float32)
 
 
-def _prefill(model, cache, prompt, positions, n_steps):
+def _prefill(model, cache, prompt, positions, n_steps, generator=None):
     """Fill the cache from the prompt [B, Tp]; -> per-step logits [S, B, V], gates [S, B] or None,
     hidden [S, B, D] of the last column."""
     cos, sin = model.rope.cos[positions], model.rope.sin[positions]       # (B, Tp, hs/2)
-    x0 = model.embed(prompt)                                              # (B, Tp, D)
-    for i, block in enumerate(model.prelude):
-        x0 = block(x0, cos, sin, cache.prefill_attend("prelude", i, 1))
-    h = model.init_state(x0)
+    x0 = model.encode(prompt, cos, sin, attend=lambda i: cache.prefill_attend("prelude", i, 1))   # (B, Tp, D)
+    h = model.init_state(x0, generator=generator)
     logits, gates, hidden = [], [], []
     for s in range(1, n_steps + 1):
-        h = model.injection(h, x0)
-        for l, block in enumerate(model.core):
-            h = block(h, cos, sin, cache.prefill_attend("core", l, s))
-        step_logits, z = _readout(model, h, cos, sin, lambda j: cache.prefill_attend("coda", j, s), last_only=True)
+        h = model.step(h, x0, cos, sin, attend=lambda l: cache.prefill_attend("core", l, s))
+        step_logits, z = model.readout(h, cos, sin, attend=lambda j: cache.prefill_attend("coda", j, s),
+                                       last_only=True)                     # (B, 1, V), (B, 1, D)
         logits.append(step_logits[:, 0])
         hidden.append(h[:, -1])
         if model.exit_gate is not None:
@@ -321,30 +353,29 @@ def _prefill(model, cache, prompt, positions, n_steps):
     return torch.stack(logits), (torch.stack(gates) if gates else None), torch.stack(hidden)
 
 # --- book/06_inference.py, cell 26 ---
-def _decode_position(model, cache, tokens, positions, rows, rule, n_steps):
+def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, generator=None):
     """Run one new token per row; -> (logits [R, V] at each token's exit step, steps [R] from 1).
 
     tokens, positions [R]; rows: the batch rows they belong to (None: all rows, in order).
     """
     R = tokens.shape[0]
+    dtype = _logits_dtype(model)
     cos, sin = model.rope.cos[positions][:, None], model.rope.sin[positions][:, None]   # (R, 1, hs/2)
-    x0 = model.embed(tokens)[:, None]                                                   # (R, 1, D)
-    for i, block in enumerate(model.prelude):
-        x0 = block(x0, cos, sin, cache.decode_attend("prelude", i, 1, rows))
-    h = model.init_state(x0)
-    out_logits = torch.empty(R, model.config.vocab_size, device=tokens.device)
+    x0 = model.encode(tokens[:, None], cos, sin,
+                      attend=lambda i: cache.decode_attend("prelude", i, 1, rows))      # (R, 1, D)
+    h = model.init_state(x0, generator=generator)
+    out_logits = torch.empty(R, model.config.vocab_size, device=tokens.device, dtype=dtype)
     out_steps = torch.full((R,), n_steps, dtype=torch.long, device=tokens.device)
     all_rows = torch.arange(cache.batch, device=tokens.device) if rows is None else rows
     live = torch.arange(R, device=tokens.device)              # local indices still running
     sub = rows                                                # their batch rows (None: all)
     need_gate = rule is not None and "gates" in rule.needs
-    gates = torch.zeros(n_steps, R, device=tokens.device) if need_gate else None
+    gates = torch.zeros(n_steps, R, device=tokens.device, dtype=dtype) if need_gate else None
     prev_logits = prev_hidden = None
     for s in range(1, n_steps + 1):
-        h = model.injection(h, x0)
-        for l, block in enumerate(model.core):
-            h = block(h, cos, sin, cache.decode_attend("core", l, s, sub))
-        logits, z = _readout(model, h, cos, sin, lambda j: cache.decode_attend("coda", j, s, sub))
+        h = model.step(h, x0, cos, sin, attend=lambda l: cache.decode_attend("core", l, s, sub))
+        logits, z = model.readout(h, cos, sin, attend=lambda j: cache.decode_attend("coda", j, s, sub),
+                                  last_only=True)
         logits, state = logits[:, 0], h[:, 0]                                           # (r, V), (r, D)
         if s == n_steps:
             stop = torch.ones(live.shape[0], dtype=torch.bool, device=tokens.device)
@@ -358,7 +389,7 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps):
             stop = rule.stop(view)
         if stop.any():
             leaving = live[stop]
-            out_logits[leaving], out_steps[leaving] = logits[stop].float(), s
+            out_logits[leaving], out_steps[leaving] = logits[stop].to(dtype), s
             if s < n_steps:
                 cache.fill_deeper(all_rows[leaving], s)
             keep = ~stop
@@ -381,19 +412,22 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     cache: "exact", "last", "first", "average" or "mod-K" (decoded tokens only; the prompt is
     always cached per step). exit_rule: None or an ExitRule (looplm.adaptive), per token; a
     token that exits at step e skips steps e+1..S, and its entries for those steps are copies
-    of its step-e entries. stop_tokens: ids that end a row (kept in the output).
+    of its step-e entries. stop_tokens: a list, tuple or set of ids that end a row (kept in the
+    output). generator: a torch.Generator for every random draw (sampling, a random initial state).
+    Logits come in the model's precision, at least float32.
     """
     n_steps, stops, rule = _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
-                                                exit_rule, n_loops, pad_id)
+                                                exit_rule, n_loops, pad_id, generator, record)
     strategy = cache_strategy(cache)
     c = model.config
-    prompt, lengths = _prompt_batch(idx, c.vocab_size, pad_id, c.max_seq_len - max_new_tokens)
+    prompt, lengths = _prompt_batch(idx, c.vocab_size, pad_id, max_new_tokens, c.max_seq_len)
     device = next(model.parameters()).device
     prompt, lengths = prompt.to(device), lengths.to(device)
     B, Tp = prompt.shape
+    _check_cache_fits(model, strategy, B, Tp, max(max_new_tokens - 1, 0), n_steps, device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     steps = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
-    all_logits = torch.zeros((B, max_new_tokens, c.vocab_size), device=device)
+    all_logits = torch.zeros((B, max_new_tokens, c.vocab_size), device=device, dtype=_logits_dtype(model))
     mask = torch.arange(Tp, device=device)[None] >= (Tp - lengths)[:, None]           # (B, Tp) real columns
     kv = LoopKVCache(model, strategy, mask, max(max_new_tokens - 1, 0), n_steps, record=record)
     seconds = {"prefill": 0.0, "decode": 0.0}
@@ -402,12 +436,12 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
 
     start = time.perf_counter()
     positions = (torch.arange(Tp, device=device)[None] - (Tp - lengths)[:, None]).clamp_min(0)   # (B, Tp)
-    step_logits, gates, hidden = _prefill(model, kv, prompt, positions, n_steps)
+    step_logits, gates, hidden = _prefill(model, kv, prompt, positions, n_steps, generator)
     if rule is None:
         first_steps = torch.full((B,), n_steps, dtype=torch.long, device=device)
     else:
         first_steps = exit_steps(rule, logits=step_logits, gate=gates, hidden=hidden)
-    logits = step_logits[first_steps - 1, torch.arange(B, device=device)].float()      # (B, V)
+    logits = step_logits[first_steps - 1, torch.arange(B, device=device)].to(all_logits.dtype)   # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     active = torch.arange(B, device=device)
     seconds["prefill"] = time.perf_counter() - start
@@ -417,7 +451,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
         if n > 0:
             rows = None if active.numel() == B else active
             logits, used = _decode_position(model, kv, tokens[active, n - 1], lengths[active] + n - 1,
-                                            rows, rule, n_steps)
+                                            rows, rule, n_steps, generator)
             kv.n_decoded += 1
         else:
             used = first_steps
@@ -432,7 +466,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     return GenerationResult(torch.cat([prompt, tokens], dim=1), steps, all_logits, lengths, kv.nbytes(),
                             strategy.name, seconds, kv)
 
-# --- book/06_inference.py, cell 37 ---
+# --- book/06_inference.py, cell 41 ---
 class _ModelOnly:
     """What save_checkpoint needs from a trainer, for a model without one."""
 
@@ -450,24 +484,84 @@ def save_model(path, model, extra=None):
     return save_checkpoint(path, _ModelOnly(model), extra=extra)
 
 
+def _unreadable(path, error):
+    """A clearer CheckpointError for a file torch.load(weights_only=True) refused, or None."""
+    cause = error.__cause__
+    if cause is None:                                  # read_checkpoint's own checks: already clear
+        return None
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(cause))
+    if isinstance(cause, pickle.UnpicklingError) and found:
+        return CheckpointError(f"{path} is not a readable looplm checkpoint: it holds a reference to the Python "
+                               f"object {found.group(1)}, which unpickling would call (that is how a pickle runs "
+                               f"code), so it was not loaded; a looplm checkpoint holds tensors and plain data "
+                               f"only, read with torch.load(weights_only=True)")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(cause))
+    reason = detail.group(1).strip() if detail else (str(cause).strip().splitlines() or ["it ends early"])[0][:160]
+    return CheckpointError(f"{path} is not a readable looplm checkpoint: the file is damaged or was not written "
+                           f"by torch.save ({type(cause).__name__}: {reason})")
+
+
+def _listed(items, n=3):
+    return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")
+
+
+def _weight_mismatch(model, state):
+    """What keeps `state` from loading into `model`, in words ('' if nothing)."""
+    if not isinstance(state, dict):
+        return f"its weights are a {type(state).__name__}, not a dict of tensors"
+    expected = model.state_dict()
+    shapes = [f"{k} is {list(v.shape)} in the file and {list(expected[k].shape)} in the model"
+              for k, v in state.items() if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape]
+    not_tensors = [f"{k} is a {type(v).__name__}" for k, v in state.items() if k in expected
+                   and not isinstance(v, torch.Tensor)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} tensor(s) differ in shape: {_listed(shapes)}")
+    if not_tensors:
+        parts.append(f"{len(not_tensors)} entry(ies) are not tensors: {_listed(not_tensors)}")
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) of the model are missing: {_listed(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensor(s) in the file belong to no part of the model: {_listed(unexpected)}")
+    return ". ".join(parts)
+
+
 def load_model(path, model=None, map_location="cpu"):
     """The LoopLM stored at `path` (by save_model or python -m looplm.train), built from its config,
     or loaded into `model` after checking that its config is the stored one. CheckpointError otherwise."""
-    payload = read_checkpoint(path, map_location)
-    model = checkpoint_model(path, payload, model)
     try:
-        model.load_state_dict(payload["trainer"]["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path} holds no usable weights for this config: {str(e)[:200]}") from e
+        payload = read_checkpoint(path, map_location)
+    except CheckpointError as e:
+        clearer = _unreadable(path, e)
+        if clearer is None:
+            raise
+        raise clearer from e
+    model = checkpoint_model(path, payload, model)
+    trainer = payload.get("trainer")
+    if not isinstance(trainer, dict) or "model" not in trainer:
+        raise CheckpointError(f"{path} holds no model weights (no trainer['model'] entry)")
+    mismatch = _weight_mismatch(model, trainer["model"])
+    if mismatch:
+        raise CheckpointError(f"{path} holds weights that do not fit its model config: {mismatch}")
+    model.load_state_dict(trainer["model"])
     return model
 
-# --- book/06_inference.py, cell 40 ---
+# --- book/06_inference.py, cell 45 ---
 RULE_DEFAULTS = {"q_exit": 0.5, "confidence": 0.9, "kl": 5e-4, "hidden_change": 0.03, "fixed": 2}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: ...`, with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m looplm.generate",
-                                description="Complete prompts with a saved looped LM (KV cache, per-token exit).")
+    p = _Parser(prog="python -m looplm.generate",
+                description="Complete prompts with a saved looped LM (KV cache, per-token exit).")
     p.add_argument("--checkpoint", required=True, help="a file written by save_model or python -m looplm.train")
     p.add_argument("--prompt", action="append", required=True, help="a prompt in the task vocabulary (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -478,18 +572,92 @@ def _parser():
     p.add_argument("--min-steps", type=int, default=1)
     p.add_argument("--n-loops", type=int, default=None, help="loop steps (default: the model's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (needs --temperature)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling generator's seed, in [0, 2**64)")
     return p
 
 
 def _rule_from_args(args):
+    if args.min_steps < 1:
+        raise ValueError(f"--min-steps must be an int >= 1, got {args.min_steps}")
     if args.exit_rule == "none":
+        if args.exit_threshold is not None:
+            raise ValueError(f"--exit-threshold {args.exit_threshold} has no rule to set: add --exit-rule "
+                             f"({', '.join(EXIT_RULES)})")
         return None
     threshold = RULE_DEFAULTS[args.exit_rule] if args.exit_threshold is None else args.exit_threshold
+    if not math.isfinite(threshold):
+        raise ValueError(f"--exit-threshold must be a finite number, got {threshold}")
     if args.exit_rule == "fixed":
+        if not float(threshold).is_integer():
+            raise ValueError(f"--exit-threshold is the number of steps for --exit-rule fixed, a whole number "
+                             f">= 1, got {threshold}")
         threshold = int(threshold)
-    return make_exit_rule(args.exit_rule, threshold, min_steps=args.min_steps)
+    try:
+        return make_exit_rule(args.exit_rule, threshold, min_steps=args.min_steps)
+    except ValueError as e:
+        raise ValueError(f"--exit-threshold {threshold} does not suit --exit-rule {args.exit_rule}: {e}") from e
+
+
+def _check_flags(args, vocab):
+    """The flags' values checked on their own, before any file is read. -> (exit rule, prompt ids)."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be an int >= 0, got {args.max_new_tokens}")
+    try:
+        cache_strategy(args.cache)
+    except ValueError as e:
+        raise ValueError(f"--cache: {e}") from e
+    rule = _rule_from_args(args)
+    if args.n_loops is not None and args.n_loops < 1:
+        raise ValueError(f"--n-loops must be an int >= 1, got {args.n_loops}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None:
+        if args.top_k < 1:
+            raise ValueError(f"--top-k must be an int >= 1, got {args.top_k}")
+        if args.temperature == 0:
+            raise ValueError(f"--top-k {args.top_k} has no effect on greedy decoding: add --temperature T > 0")
+    if not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be an int in [0, 2**64), got {args.seed}")
+    prompts = []
+    for text in args.prompt:
+        if not text:
+            raise ValueError("--prompt '' is empty: generation needs at least one token to start from")
+        try:
+            prompts.append(vocab.encode(text))
+        except ValueError as e:
+            raise ValueError(f"--prompt {text!r}: {e}") from e
+    return rule, prompts
+
+
+def _check_against_model(args, model, rule, prompts):
+    """The flags checked against the loaded model. -> max_new_tokens."""
+    c = model.config
+    for text, ids in zip(args.prompt, prompts):
+        if max(ids) >= c.vocab_size:
+            raise ValueError(f"--prompt {text!r} holds token id {max(ids)}, outside the vocabulary of the model in "
+                             f"--checkpoint (vocab_size={c.vocab_size}): it was not trained on the task vocabulary")
+    longest = max(len(ids) for ids in prompts)
+    if longest > c.max_seq_len:
+        raise ValueError(f"--prompt: the longest prompt has {longest} tokens, more than the context of the model in "
+                         f"--checkpoint holds (max_seq_len={c.max_seq_len})")
+    room = c.max_seq_len - longest + 1                     # the last new token is never fed back
+    if args.max_new_tokens is not None and args.max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} is too many: the longest prompt has {longest} "
+                         f"tokens, and {longest} + {args.max_new_tokens} - 1 = {longest + args.max_new_tokens - 1} "
+                         f"positions (every new token but the last is fed back) do not fit the model's context "
+                         f"(max_seq_len={c.max_seq_len}); use --max-new-tokens {room} or less")
+    if rule is not None and "gates" in rule.needs and model.exit_gate is None:
+        raise ValueError(f"--exit-rule {args.exit_rule} reads the exit gate, and the model in --checkpoint has "
+                         f"none: choose another --exit-rule")
+    max_new = room if args.max_new_tokens is None else args.max_new_tokens
+    n_loops = c.n_loops if args.n_loops is None else args.n_loops
+    try:
+        _check_cache_fits(model, cache_strategy(args.cache), len(prompts), longest, max(max_new - 1, 0), n_loops,
+                          next(model.parameters()).device)
+    except ValueError as e:
+        raise ValueError(f"--n-loops {n_loops} with --max-new-tokens {max_new}: {e}") from e
+    return max_new
 
 
 def main(argv=None):
@@ -497,12 +665,14 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     vocab = TASK_VOCAB
     try:
-        cache_strategy(args.cache)
-        rule = _rule_from_args(args)
-        prompts = [vocab.encode(p) for p in args.prompt]
-        model = load_model(args.checkpoint)
-        room = model.config.max_seq_len - max((len(p) for p in prompts), default=0)
-        max_new = max(room, 0) if args.max_new_tokens is None else args.max_new_tokens
+        rule, prompts = _check_flags(args, vocab)
+        try:
+            model = load_model(args.checkpoint)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--checkpoint: {e}") from e
+        except CheckpointError as e:
+            raise CheckpointError(f"--checkpoint: {e}") from e
+        max_new = _check_against_model(args, model, rule, prompts)
         generator = torch.Generator().manual_seed(args.seed)
         res = generate(model, prompts, max_new, temperature=args.temperature, top_k=args.top_k,
                        stop_tokens=[vocab.eos_id], cache=args.cache, exit_rule=rule, n_loops=args.n_loops,
@@ -516,6 +686,6 @@ def main(argv=None):
         print(f"{text} -> {completion}   steps per token {[s for _, s in kept]}")
     return 0
 
-# --- book/06_inference.py, cell 41 ---
+# --- book/06_inference.py, cell 46 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     sys.exit(main())
