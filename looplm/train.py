@@ -1,6 +1,6 @@
 # Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'checkpoint_model', 'load_checkpoint', 'Recipe', 'RECIPES', 'main', 'train_two_stage']
+__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'checkpoint_model', 'load_checkpoint', 'RESUME_MAY_CHANGE', 'Recipe', 'RECIPES', 'write_metrics', 'main', 'train_two_stage']
 # fmt: on
 
 # --- book/03_fixed_loops.py, cell 56 ---
@@ -347,14 +347,15 @@ def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
 
     return evaluate
 
-# --- book/04_backprop_through_the_loop.py, cell 113 ---
+# --- book/04_backprop_through_the_loop.py, cell 114 ---
 import argparse
 import contextlib
 import dataclasses
+import json
+import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -364,12 +365,98 @@ from looplm.backprop import STEP_WEIGHTS, make_loop_loss
 from looplm.data import TASK_VOCAB, TASKS, make_splits, make_task
 from looplm.model import INJECTIONS, LoopLM, LoopLMConfig
 
-# --- book/04_backprop_through_the_loop.py, cell 117 ---
+# --- book/04_backprop_through_the_loop.py, cell 119 ---
+def _temporary_name_pattern(path):
+    """The names of the temporary files of `path`: .NAME.<random>.tmp (random: hex here, or
+    letters, digits and _ as tempfile.mkstemp, which earlier versions used)."""
+    return re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]+\.tmp")
+
+
+def _create_temporary(path):
+    """A new empty file .NAME.<random hex>.tmp next to `path`, opened for writing -> (fd, its path).
+
+    Created with os.open(..., 0o666), so its permissions follow the umask like any new file.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temporary = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:                 # 2**48 names: try another
+            continue
+
+
+def _remove_stale_temporaries(path):
+    """Delete the temporary files that interrupted writes of `path` left in its folder. -> their names.
+
+    Only one process at a time may write a given path: another writer's file would look stale.
+    """
+    path = Path(path)
+    pattern = _temporary_name_pattern(path)
+    try:
+        names = sorted(os.listdir(path.parent))
+    except OSError:                          # no folder yet, or one we cannot list: nothing to do
+        return []
+    removed = []
+    for name in names:
+        if pattern.fullmatch(name):
+            with contextlib.suppress(OSError):
+                os.unlink(path.parent / name)
+                removed.append(name)
+    return removed
+
+
+def _naming(path, error):
+    """`error` (an OSError) as an OSError of the same kind that names `path`."""
+    if error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror or os.strerror(error.errno), str(path))
+
+
+def _os_error_behind(error):
+    """The OSError that caused `error`, or None. torch.save turns a failed write (a full disk)
+    into a RuntimeError while it cleans up, with the OSError as its context."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _atomic_write(path, write):
+    """Call write(f) with a binary file next to `path`, flush it to disk, os.replace it onto `path`.
+
+    `path` ends up complete or unchanged. Leftovers of earlier interrupted writes of `path` are
+    removed first; an OSError names `path`. -> path.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        fd, temporary = _create_temporary(path)
+    except OSError as e:
+        raise _naming(path, e) from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        cause = _os_error_behind(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise _naming(path, cause) from e
+        raise
+    return path
+
+# --- book/04_backprop_through_the_loop.py, cell 121 ---
 CHECKPOINT_FORMAT = "looplm-checkpoint"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: not a looplm checkpoint, too new, or for another model."""
+    """A checkpoint that cannot be used: not a looplm checkpoint, too new, broken, or for another model."""
 
 
 def _config_dict(config):
@@ -380,8 +467,9 @@ def save_checkpoint(path, trainer, extra=None):
     """Write trainer (model config, TrainConfig, state, loss_fn state) to `path`, atomically.
 
     The file appears complete or not at all: it is written to a temporary file in the same
-    folder and moved onto `path` with os.replace. Refuses (ValueError) a model holding
-    non-finite weights. Returns the path.
+    folder and moved onto `path` with os.replace; temporary files of `path` that killed writes
+    left behind are deleted. Refuses (ValueError) a model holding non-finite weights. `extra`:
+    plain data (dicts, lists, str, numbers, None). Returns the path.
     """
     path = Path(path)
     model = trainer.model
@@ -398,30 +486,36 @@ def save_checkpoint(path, trainer, extra=None):
         "loss_fn": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
         "extra": extra,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    return path
+    return _atomic_write(path, lambda f: torch.save(payload, f))
 
-# --- book/04_backprop_through_the_loop.py, cell 119 ---
+# --- book/04_backprop_through_the_loop.py, cell 123 ---
 def _version_tuple(version):
     return tuple(int(part) for part in re.findall(r"\d+", str(version))[:3])
+
+
+def _check_stored_weights(path, payload):
+    """CheckpointError unless payload["trainer"]["model"] is a dict whose tensors are all finite.
+
+    (Entries that are not tensors are left to the loaders, which say what they expected.)
+    """
+    trainer = payload.get("trainer")
+    weights = trainer.get("model") if isinstance(trainer, dict) else None
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path} holds no model weights (no trainer['model'] dictionary)")
+    for name, tensor in weights.items():
+        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()):
+            bad = (~torch.isfinite(tensor)).sum().item()
+            if bad:
+                raise CheckpointError(f"{path} is unusable: the stored model tensor {name} holds {bad} "
+                                      f"non-finite value{'s' if bad > 1 else ''} (NaN or inf)")
 
 
 def read_checkpoint(path, map_location="cpu"):
     """The checked contents of a checkpoint file (a dict; see save_checkpoint).
 
-    CheckpointError if the file is not a readable looplm checkpoint or was written by a newer
-    (or an unrecognisable) looplm version. FileNotFoundError if there is no file.
+    CheckpointError if the file is not a readable looplm checkpoint, was written by a newer
+    (or an unrecognisable) looplm version, or its model weights are missing or hold NaN or inf
+    (the message names the tensor). FileNotFoundError if there is no file.
     """
     path = Path(path)
     if not path.is_file():
@@ -440,6 +534,7 @@ def read_checkpoint(path, map_location="cpu"):
     if _version_tuple(written_by) > _version_tuple(__version__):
         raise CheckpointError(f"{path} was written by looplm {written_by}, newer than the installed "
                               f"looplm {__version__}; upgrade looplm to load it")
+    _check_stored_weights(path, payload)
     return payload
 
 
@@ -464,17 +559,19 @@ def checkpoint_model(path, payload, model=None):
                               + "; ".join(_config_differences(stored, model.config)))
     return model
 
-# --- book/04_backprop_through_the_loop.py, cell 121 ---
+# --- book/04_backprop_through_the_loop.py, cell 125 ---
 def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, evaluate=None,
-                    map_location="cpu"):
+                    map_location="cpu", payload=None):
     """A Trainer restored from a checkpoint written by save_checkpoint.
 
     The model is rebuilt from the stored LoopLMConfig, or `model` is used after checking that its
     config equals the stored one (CheckpointError listing the differences otherwise). config: a
     TrainConfig (default: the stored one). loss_fn (default default_loss) gets its state back if
-    it has load_state_dict and the checkpoint holds one.
+    it has load_state_dict and the checkpoint holds one. payload: read_checkpoint(path)'s result,
+    if the caller has it already (the file is then not read again).
     """
-    payload = read_checkpoint(path, map_location)
+    if payload is None:
+        payload = read_checkpoint(path, map_location)
     model = checkpoint_model(path, payload, model)
     if config is None:
         if payload.get("train_config") is None:
@@ -487,7 +584,7 @@ def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, e
         loss_fn.load_state_dict(payload["loss_fn"])
     return trainer
 
-# --- book/04_backprop_through_the_loop.py, cell 131 ---
+# --- book/04_backprop_through_the_loop.py, cell 137 ---
 def _task_splits(args):
     """The command line's TaskSplits: difficulties 1..N for training and testing."""
     options = {"reverse_answer": True} if args.reverse_answer else {}
@@ -497,9 +594,15 @@ def _task_splits(args):
                        max_difficulty=args.difficulty, ood_max_difficulty=args.difficulty + 1,
                        seed=args.seed)
 
-# --- book/04_backprop_through_the_loop.py, cell 133 ---
+# --- book/04_backprop_through_the_loop.py, cell 140 ---
 from collections.abc import Callable
 from dataclasses import dataclass
+
+RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "no_progress")   # flags --resume may change
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
 
 
 @dataclass
@@ -508,7 +611,9 @@ class Recipe:
 
     add_arguments(parser) adds the recipe's own flags (in an argument group);
     run(args, model, get_batch, config, evaluate) trains and returns the Trainer whose model
-    and history main() saves. resumable: whether --resume can continue one of its runs.
+    and history main() saves. resumable: whether --resume can continue one of its runs (then
+    args.resume_from holds read_checkpoint's result for OUT/checkpoint.pt, flags checked).
+    A recipe that saves during training calls _save_run(args, trainer).
     """
 
     help: str
@@ -522,8 +627,12 @@ RECIPES = {}
 
 def _parser():
     """The parser, with every registered recipe's flags; -> (parser, {recipe: its flag dests})."""
-    p = argparse.ArgumentParser(prog="python -m looplm.train",
-                                description="Train a looped LM on one of chapter 0's tasks.")
+    p = argparse.ArgumentParser(
+        prog="python -m looplm.train", description="Train a looped LM on one of chapter 0's tasks.",
+        epilog="--resume continues the run in --out with the flags it was started with: only "
+               + ", ".join(_flag(dest) for dest in RESUME_MAY_CHANGE) + " may differ; any other "
+               "difference is an error. Files written: OUT/checkpoint.pt and OUT/metrics.jsonl (one "
+               "JSON object per step) after every evaluation, OUT/loss.png at the end.")
     data = p.add_argument_group("data")
     data.add_argument("--task", default="addition", choices=sorted(TASKS))
     data.add_argument("--difficulty", type=int, default=2, help="train and test on difficulties 1..N (default 2)")
@@ -548,8 +657,11 @@ def _parser():
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", default="runs/run", help="folder for checkpoint.pt and loss.png (default runs/run)")
-    out.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    out.add_argument("--out", default="runs/run",
+                     help="folder for checkpoint.pt, metrics.jsonl and loss.png (default runs/run)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from OUT/checkpoint.pt, with the same flags except "
+                          + ", ".join(_flag(dest) for dest in RESUME_MAY_CHANGE))
     out.add_argument("--no-progress", action="store_true", help="no progress bar (also off when TQDM_DISABLE or CI is set)")
     owned = {}
     for name, recipe in sorted(RECIPES.items()):
@@ -566,10 +678,46 @@ def _reject_foreign_flags(parser, args, owned):
             continue
         for dest in sorted(dests):
             if getattr(args, dest) != parser.get_default(dest):
-                flag = "--" + dest.replace("_", "-")
-                parser.error(f"{flag} belongs to the {name!r} recipe, not {args.recipe!r}")
+                parser.error(f"{_flag(dest)} belongs to the {name!r} recipe, not {args.recipe!r}")
 
-# --- book/04_backprop_through_the_loop.py, cell 135 ---
+
+def _run_flags(parser, args):
+    """Every flag's value by its dest, as plain data (str, int, float, bool or None)."""
+    return {a.dest: getattr(args, a.dest) for a in parser._actions if a.dest != "help"}
+
+
+def _shown(value):
+    if value is None or value is False:
+        return "not set"
+    return "set" if value is True else repr(value)
+
+
+def _check_resumed_flags(parser, args, payload, path, other_recipes=()):
+    """ValueError naming each flag whose value differs from the run stored at `path`
+    (except RESUME_MAY_CHANGE, and the flags of `other_recipes`, which are at their defaults
+    and unused), and if --steps is below the step the run has reached."""
+    extra = payload.get("extra")
+    stored = extra.get("flags") if isinstance(extra, dict) else None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path} does not record the flags of the run that wrote it (it was not "
+                              f"written by python -m looplm.train), so --resume cannot check that it "
+                              f"continues the same run; start a new run with another --out")
+    differences = []
+    for dest, value in args.flags.items():
+        if dest in RESUME_MAY_CHANGE or dest in ("out", "resume") or dest in other_recipes:
+            continue
+        before = stored.get(dest, parser.get_default(dest))      # a flag newer than the run: its default
+        if before != value:
+            differences.append(f"{_flag(dest)} is {_shown(before)} in the run being resumed, {_shown(value)} here")
+    if differences:
+        allowed = ", ".join(_flag(dest) for dest in RESUME_MAY_CHANGE)
+        raise ValueError("; ".join(differences) + f" (only {allowed} may change on --resume)")
+    reached = payload["trainer"].get("step")
+    if isinstance(reached, int) and args.steps < reached:
+        raise ValueError(f"--steps {args.steps}: the run being resumed is already at step {reached}; "
+                         f"pass --steps {reached} or more")
+
+# --- book/04_backprop_through_the_loop.py, cell 142 ---
 def _standard_arguments(parser):
     loss = parser.add_argument_group("standard recipe: the loss (section 4.7)")
     loss.add_argument("--step-weights", default="last", choices=STEP_WEIGHTS)
@@ -596,7 +744,8 @@ def _standard_run(args, model, get_batch, config, evaluate):
     checkpoint_path = Path(args.out) / "checkpoint.pt"
     if args.resume:
         trainer = load_checkpoint(checkpoint_path, get_batch, config, model=model, loss_fn=loss_fn,
-                                  evaluate=evaluate)
+                                  evaluate=evaluate, payload=args.resume_from)
+        args.resume_from = None                         # the trainer holds the state now
         print(f"resumed from {checkpoint_path} at step {trainer.step}", flush=True)
     else:
         trainer = Trainer(model, get_batch, config, loss_fn=loss_fn, evaluate=evaluate)
@@ -604,14 +753,36 @@ def _standard_run(args, model, get_batch, config, evaluate):
         start = trainer.step
         trainer.run(until=min(config.steps, (start // config.eval_every + 1) * config.eval_every))
         _print_progress(trainer, start, config.steps)
-        save_checkpoint(checkpoint_path, trainer, extra={"argv": args.argv})
+        if trainer.step < config.steps:                 # main saves the final state
+            _save_run(args, trainer)
     return trainer
 
 
 RECIPES["standard"] = Recipe(help="one loss for the whole run, from section 4.7's options",
                              add_arguments=_standard_arguments, run=_standard_run, resumable=True)
 
-# --- book/04_backprop_through_the_loop.py, cell 137 ---
+# --- book/04_backprop_through_the_loop.py, cell 144 ---
+def _json_value(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_metrics(path, history):
+    """Write `history` (a Trainer's rows) to `path` as JSON lines, one object per row, atomically.
+
+    Non-finite numbers are written as null: the file is valid JSON throughout. -> path.
+    """
+    lines = [json.dumps({key: _json_value(value) for key, value in row.items()}, allow_nan=False) + "\n"
+             for row in history]
+    return _atomic_write(path, lambda f: f.write("".join(lines).encode("utf-8")))
+
+
+def _save_run(args, trainer):
+    """OUT/checkpoint.pt (with the run's flags), then OUT/metrics.jsonl."""
+    out = Path(args.out)
+    save_checkpoint(out / "checkpoint.pt", trainer, extra={"argv": args.argv, "flags": args.flags})
+    write_metrics(out / "metrics.jsonl", trainer.history)
+
+
 def _plot_history(history, path):
     from matplotlib.figure import Figure
 
@@ -628,19 +799,62 @@ def _plot_history(history, path):
         twin.legend(loc="upper right")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
-# --- book/04_backprop_through_the_loop.py, cell 139 ---
+# --- book/04_backprop_through_the_loop.py, cell 146 ---
+def _out_of_memory(error):
+    """Whether `error` says that an allocation failed (CPU or GPU)."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _build_model(model_config, args):
+    """LoopLM(model_config), or a ValueError naming the flags if it does not fit in memory."""
+    try:
+        return LoopLM(model_config)
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise ValueError(f"the model of --d-model {args.d_model} and --n-core {args.n_core} does not fit in "
+                         f"this machine's memory ({_first_line(e)}); use a smaller --d-model or --n-core") from e
+
+
+def _prepare_out(out):
+    """Create the --out folder, check that a file can be written in it (ValueError naming it if
+    not), and delete what interrupted writes of the run's files left behind."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = _create_temporary(out / "write-check")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out} is not a folder this process can write to "
+                         f"({e.strerror or _first_line(e)})") from e
+    for name in ("checkpoint.pt", "metrics.jsonl", "loss.png"):
+        _remove_stale_temporaries(out / name)
+
+
 def main(argv=None):
     """The command line: python -m looplm.train --help. Returns an exit status."""
     parser, owned = _parser()
     args = parser.parse_args(argv)
     _reject_foreign_flags(parser, args, owned)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.flags = _run_flags(parser, args)
+    args.resume_from = None
     recipe = RECIPES[args.recipe]
     out = Path(args.out)
     checkpoint_path = out / "checkpoint.pt"
     try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
         if args.resume and not recipe.resumable:
             raise ValueError(f"the {args.recipe!r} recipe cannot resume a run; start a new one")
         if args.resume and not checkpoint_path.exists():
@@ -648,6 +862,10 @@ def main(argv=None):
         if checkpoint_path.exists() and not args.resume:
             raise ValueError(f"{checkpoint_path} exists: pass --resume to continue that run, "
                              f"or choose another --out")
+        if args.resume:
+            args.resume_from = read_checkpoint(checkpoint_path)
+            unused = {dest for name, dests in owned.items() if name != args.recipe for dest in dests}
+            _check_resumed_flags(parser, args, args.resume_from, checkpoint_path, unused)
         splits = _task_splits(args)
         seq_len = max(len(e.prompt) + len(e.answer) for e in splits.train + splits.test)
         model_config = LoopLMConfig(
@@ -664,23 +882,34 @@ def main(argv=None):
         get_batch = task_batches(splits.train, args.batch_size, seq_len)
         evaluate = evaluate_tasks({"test": splits.test})
         torch.manual_seed(args.seed)
-        model = LoopLM(model_config)
+        model = _build_model(model_config, args)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"task {args.task} (difficulty 1..{args.difficulty}): {len(splits.train)} train, "
               f"{len(splits.test)} test examples; model {n_params:,} parameters, {args.n_loops} loops, "
               f"recipe {args.recipe}", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
+        _prepare_out(out)
         trainer = recipe.run(args, model, get_batch, train_config, evaluate)
+        _save_run(args, trainer)
+        if trainer.history:
+            _plot_history(trainer.history, out / "loss.png")
     except (ValueError, TypeError) as e:
         print(f"python -m looplm.train: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"python -m looplm.train: stopped: {e}; the last checkpoint is unchanged", file=sys.stderr)
         return 1
-    save_checkpoint(checkpoint_path, trainer, extra={"argv": args.argv})
-    if trainer.history:
-        _plot_history(trainer.history, out / "loss.png")
-    print(f"wrote {checkpoint_path} and {out / 'loss.png'}", flush=True)
+    except OSError as e:
+        print(f"python -m looplm.train: stopped: could not write {e.filename or out}: "
+              f"{e.strerror or _first_line(e)}; the files in {out} are those of the last complete save",
+              file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"python -m looplm.train: stopped: out of memory while training ({_first_line(e)}); try a "
+              f"smaller --batch-size, --d-model or --n-loops; the last checkpoint is unchanged", file=sys.stderr)
+        return 1
+    print(f"wrote {checkpoint_path}, {out / 'metrics.jsonl'} and {out / 'loss.png'}", flush=True)
     return 0
 
 # --- book/05_learning_when_to_stop.py, cell 176 ---
@@ -763,7 +992,7 @@ RECIPES["two-stage"] = Recipe(
     help="Ouro's two stages: model and exit gate with an entropy bonus, then the gate alone",
     add_arguments=_two_stage_arguments, run=_two_stage_run)
 
-# --- book/04_backprop_through_the_loop.py, cell 140 ---
+# --- book/04_backprop_through_the_loop.py, cell 147 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.train` (not a notebook, not the chapter run as a script). The export
     # places this cell last in looplm/train.py, after the recipes later chapters register.
