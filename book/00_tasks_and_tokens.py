@@ -153,6 +153,7 @@ run_tests(test_arithmetic_still_works, test_sorted_sorts)
 # %%
 #| default_exp data
 #| export
+import dataclasses
 import importlib.resources
 import inspect
 import random
@@ -265,7 +266,7 @@ print(ids, "->", TASK_VOCAB.decode(ids))
 # Our first test cell checks that every character round-trips and that bad input is refused
 # with a message naming the culprit. `pytest.raises(..., match=...)` checks the message too.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 import random
 import re
@@ -471,7 +472,7 @@ for task in (AdditionTask(), AdditionTask(reverse_answer=True)):
 # The test checks the schoolbook algorithm against Python's own integers, which know nothing
 # about columns and carries.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_addition_matches_integer_arithmetic():
     for difficulty in range(1, 8):
@@ -543,7 +544,7 @@ print(parentheses.sample(4, difficulty=3, seed=0))
 # The reference for the test never tracks a depth. It deletes `()` pairs until none is left,
 # and a string is balanced when nothing remains.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_parentheses_match_pair_deletion():
     def balanced_by_deletion(text):
@@ -598,7 +599,7 @@ print(sorting.sample(3, difficulty=5, seed=0))
 # %% [markdown]
 # The test compares the counting sort with Python's `sorted`.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_sorting_matches_sorted():
     for difficulty in range(1, 10):
@@ -668,7 +669,7 @@ print(stack.sample(4, difficulty=6, seed=0))
 # cancel the nearest push to its left that is still unmatched. The pushes left uncancelled
 # are the ones still on the stack at the end.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_stack_matches_cancellation_from_the_right():
     def surviving_pushes(ops):
@@ -732,7 +733,7 @@ for name in TASKS:
 # The tests for all tasks together. The same seed must give the same examples, a different
 # seed different ones, and a few examples are pinned exactly. Then the errors.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_generators_are_reproducible_and_depend_on_the_seed():
     for name in TASKS:
@@ -806,7 +807,9 @@ plt.show()
 # - **test** (in distribution): the same difficulties, but problems that never occur in the
 #   training set, so a model cannot pass by memorizing;
 # - **ood** (out of distribution): the larger difficulties $d+1, \dots, d_\text{ood}$, never
-#   seen in training.
+#   seen in training;
+# - optionally **val** (validation): more in-distribution problems, new to both train and test,
+#   for choosing a setting (an exit threshold, say) without looking at the test set.
 
 # %%
 #| export
@@ -817,6 +820,7 @@ class TaskSplits:
     train: list[Example]  # difficulties 1..max_difficulty
     test: list[Example]  # the same difficulties, no prompt of train
     ood: list[Example]  # difficulties max_difficulty+1..ood_max_difficulty
+    val: list[Example] = dataclasses.field(default_factory=list)  # like test, no prompt of train or test
 
 
 # %% [markdown]
@@ -858,11 +862,12 @@ def _draw(task, n, difficulties, rng, exclude, unique, split):
 # %%
 #| export
 def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
-                ood_max_difficulty: int, seed=0) -> TaskSplits:
+                ood_max_difficulty: int, seed=0, n_val: int = 0) -> TaskSplits:
     """Train and test on difficulties 1..max_difficulty, and an OOD test set above it.
 
     `task` is a task name or a `Task`. No test or OOD prompt occurs in the training set, and no
-    prompt occurs twice within a test set. `n_test` is the size of each test set.
+    prompt occurs twice within a test set. `n_test` is the size of each test set. `n_val` > 0
+    adds a validation set of in-distribution prompts found in neither train nor test.
     """
     task = make_task(task) if isinstance(task, str) else task
     if not isinstance(task, Task):
@@ -871,6 +876,7 @@ def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
     _check_int(n_test, "n_test", low=0)
     _check_int(max_difficulty, "max_difficulty", low=1)
     _check_int(ood_max_difficulty, "ood_max_difficulty", low=max_difficulty + 1)
+    _check_int(n_val, "n_val", low=0)
     _check_seed(seed)
 
     def rng(split):
@@ -881,7 +887,11 @@ def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
     seen = {example.prompt for example in train}
     test = _draw(task, n_test, in_range, rng("test"), seen, unique=True, split="test")
     ood = _draw(task, n_test, ood_range, rng("ood"), seen, unique=True, split="ood")
-    return TaskSplits(train, test, ood)
+    val = []
+    if n_val:
+        val = _draw(task, n_val, in_range, rng("val"), seen | {example.prompt for example in test},
+                    unique=True, split="val")
+    return TaskSplits(train, test, ood, val)
 
 
 # %% [markdown]
@@ -924,7 +934,7 @@ for split_name in ("train", "test"):
 # The tests check the promises of `make_splits` for every task: sizes, disjointness, the
 # difficulty ranges, reproducibility, and a clear error when a test set cannot be filled.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_splits_are_disjoint_and_in_range():
     for name in TASKS:
@@ -946,6 +956,16 @@ def test_splits_are_reproducible():
     assert make_splits("sorting", 300, 80, 3, 5, seed=7).train == first.train
 
 
+def test_validation_split_is_new_to_train_and_test():
+    splits = make_splits("stack", 1000, 100, 5, 6, seed=0, n_val=100)
+    assert splits.val and len(splits.val) == 100 and splits.val != splits.test
+    seen = {ex.prompt for ex in splits.train + splits.test}
+    assert not {ex.prompt for ex in splits.val} & seen
+    assert {ex.difficulty for ex in splits.val} <= set(range(1, 6))
+    without = make_splits("stack", 1000, 100, 5, 6, seed=0)     # the other splits do not move
+    assert (without.train, without.test, without.ood, without.val) == (splits.train, splits.test, splits.ood, [])
+
+
 def test_split_errors():
     with pytest.raises(ValueError, match="ood_max_difficulty"):
         make_splits("addition", 10, 10, max_difficulty=3, ood_max_difficulty=3)
@@ -953,7 +973,8 @@ def test_split_errors():
         make_splits("parentheses", 10, 50, max_difficulty=1, ood_max_difficulty=2)
 
 
-run_tests(test_splits_are_disjoint_and_in_range, test_splits_are_reproducible, test_split_errors)
+run_tests(test_splits_are_disjoint_and_in_range, test_splits_are_reproducible,
+          test_validation_split_is_new_to_train_and_test, test_split_errors)
 
 # %% [markdown]
 # ## 0.6 From strings to tensors
@@ -1070,7 +1091,7 @@ print("same loss after scrambling ignored positions:", torch.equal(loss, loss_sc
 # The batch tests decode every row back to its example: the inputs must spell prompt and
 # answer, and the targets must be ignored everywhere except exactly the answer and its end mark.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_batch_targets_are_exactly_the_answers():
     examples = []
@@ -1285,7 +1306,7 @@ print("per loop step [S, B]:", answer_accuracy(per_step, batch.targets).tolist()
 # The scoring tests use logits small enough to check by eye, and all three kinds of
 # predictions for `exact_match`.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_answer_accuracy_on_hand_built_logits():
     targets = torch.tensor([[IGNORE_INDEX, 4, 5, IGNORE_INDEX],
@@ -1550,7 +1571,7 @@ plt.show()
 # back to exactly cl100k's ids; random slices of the corpus and strings full of unseen
 # characters round-trip; and bad ids are refused.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 import functools
 
@@ -1675,7 +1696,7 @@ print(repr(tokenizer.decode(idx[0])))
 # The last tests use a token stream $0, 1, 2, \dots$, where a window is easy to recognise:
 # its tokens are consecutive and each target is its input plus one.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_text_batches_are_shifted_windows_of_the_stream():
     tokens = torch.arange(1000)

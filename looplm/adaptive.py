@@ -1,6 +1,6 @@
 # Generated from book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['exit_distribution', 'exit_entropy', 'expected_depth', 'stage1_loss', 'AdaptiveLoss', 'OBJECTIVES', 'stage2_targets', 'stage2_gate_loss', 'gate_on_detached_states', 'GateLoss', 'gate_only', 'q_exit_steps', 'StepView', 'ExitRule', 'QExit', 'ConfidenceExit', 'KLExit', 'HiddenChangeExit', 'FixedDepth', 'EXIT_RULES', 'make_exit_rule', 'step_view', 'exit_steps', 'select_exit_logits', 'mean_steps', 'confidence_exit_steps', 'kl_exit_steps', 'hidden_change_exit_steps', 'check_exit_probs', 'StabilityCheck', 'StabilityReport', 'stability_report', 'act_halting', 'act_loss', 'geometric_prior', 'pondernet_loss', 'gumbel_exit_weights', 'gumbel_exit_loss', 'encode_answer_slots', 'RecursiveConfig', 'RecursiveOutput', 'RecursiveReasoner', 'deep_supervision_step', 'recursive_predict']
+__all__ = ['exit_distribution', 'exit_entropy', 'expected_depth', 'stage1_loss', 'AdaptiveLoss', 'OBJECTIVES', 'stage2_targets', 'stage2_gate_loss', 'gate_on_detached_states', 'GateLoss', 'gate_only', 'q_exit_steps', 'StepView', 'ExitRule', 'QExit', 'ConfidenceExit', 'KLExit', 'HiddenChangeExit', 'FixedDepth', 'EXIT_RULES', 'make_exit_rule', 'step_view', 'exit_steps', 'select_exit_logits', 'mean_steps', 'QEXIT_THRESHOLDS', 'pick_exit_threshold', 'confidence_exit_steps', 'kl_exit_steps', 'hidden_change_exit_steps', 'check_exit_probs', 'StabilityCheck', 'StabilityReport', 'stability_report', 'act_halting', 'act_loss', 'geometric_prior', 'pondernet_loss', 'gumbel_exit_weights', 'gumbel_exit_loss', 'encode_answer_slots', 'RecursiveConfig', 'RecursiveOutput', 'RecursiveReasoner', 'deep_supervision_step', 'recursive_predict']
 # fmt: on
 
 # --- book/05_learning_when_to_stop.py, cell 6 ---
@@ -142,9 +142,11 @@ def _exit_summary(out, mask, probs=None):
 class AdaptiveLoss:
     """loss_fn(model, idx, targets) -> (loss, metrics) for the Trainer, for a model with a gate.
 
-    objective: "stage1" (Ouro Eq. 4, option beta), "act" (tau, eps), "pondernet" (lambda_p,
-    beta) or "gumbel" (tau, hard, beta, seed). The metrics: the mean last-step loss, and the
-    entropy, expected depth and mass per step of p over the answer tokens.
+    objective: "stage1" (Ouro Eq. 4, options beta and last_weight), "act" (tau, eps),
+    "pondernet" (lambda_p, beta) or "gumbel" (tau, hard, beta, seed). With last_weight = w the
+    Stage I loss is w * (mean last-step loss) + (1 - w) * Eq. 4 (section 5.3 says why).
+    The metrics: the mean last-step loss, and the entropy, expected depth and mass per step of
+    p over the answer tokens.
     """
 
     def __init__(self, objective="stage1", **options):
@@ -156,6 +158,8 @@ class AdaptiveLoss:
         if unknown:
             raise ValueError(f"objective {objective!r} takes options {sorted(allowed)}, got {unknown}")
         self.objective, self.options = objective, {**allowed, **options}
+        if objective == "stage1":
+            self.options["last_weight"] = _require_number("last_weight", self.options["last_weight"], low=0, high=1)
         self.generator = torch.Generator().manual_seed(self.options.pop("seed")) if objective == "gumbel" else None
 
     def __call__(self, model, idx, targets):
@@ -166,7 +170,10 @@ class AdaptiveLoss:
         mask = targets != IGNORE_INDEX
         o, probs = self.options, None
         if self.objective == "stage1":
-            loss = stage1_loss(out.step_losses, out.exit_probs, o["beta"], mask)
+            w = o["last_weight"]
+            loss = out.loss if w == 1 else stage1_loss(out.step_losses, out.exit_probs, o["beta"], mask)
+            if 0 < w < 1:
+                loss = w * out.loss + (1 - w) * loss
         elif self.objective == "act":
             loss = act_loss(out.step_losses, out.gate, o["tau"], o["eps"], mask)
             probs = act_halting(out.gate, o["eps"])[0]      # ACT reads the gates its own way
@@ -189,13 +196,13 @@ class AdaptiveLoss:
 
 # --- book/05_learning_when_to_stop.py, cell 40 ---
 OBJECTIVES = {
-    "stage1": {"beta": 0.1},
+    "stage1": {"beta": 0.1, "last_weight": 0.0},
     "act": {"tau": 0.01, "eps": 0.01},
     "pondernet": {"lambda_p": 0.5, "beta": 0.01},
     "gumbel": {"tau": 1.0, "hard": True, "beta": 0.0, "seed": 0},
 }
 
-# --- book/05_learning_when_to_stop.py, cell 57 ---
+# --- book/05_learning_when_to_stop.py, cell 63 ---
 def _at_least_float32(x):
     """x in float32, or in float64 if it already is (the losses keep their digits)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -244,7 +251,7 @@ def stage2_gate_loss(step_losses, gate, k=50.0, gamma=0.005, mask=None):
     per_step = torch.stack([_token_mean(bce[t], mask) for t in range(n_steps - 1)])
     return per_step.sum() / n_steps
 
-# --- book/05_learning_when_to_stop.py, cell 63 ---
+# --- book/05_learning_when_to_stop.py, cell 69 ---
 def gate_on_detached_states(model, idx, targets=None, n_loops=None):
     """model(idx, targets) with the language model under no_grad and the gate recomputed with grad.
 
@@ -278,7 +285,7 @@ class GateLoss:
     def __repr__(self):
         return f"GateLoss(k={self.k}, gamma={self.gamma})"
 
-# --- book/05_learning_when_to_stop.py, cell 67 ---
+# --- book/05_learning_when_to_stop.py, cell 73 ---
 class gate_only:
     """with gate_only(model): every parameter outside model.exit_gate has requires_grad=False."""
 
@@ -299,7 +306,7 @@ class gate_only:
             p.requires_grad_(flag)
         return False
 
-# --- book/05_learning_when_to_stop.py, cell 76 ---
+# --- book/05_learning_when_to_stop.py, cell 85 ---
 def _check_q(q):
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0 < q <= 1:
         raise ValueError(f"q must be a number in (0, 1], got {q!r}")
@@ -324,7 +331,7 @@ def q_exit_steps(gate, q, min_steps=1):
     reached[: min_steps - 1] = False
     return reached.long().argmax(0) + 1                           # first True, counted from 1
 
-# --- book/05_learning_when_to_stop.py, cell 83 ---
+# --- book/05_learning_when_to_stop.py, cell 92 ---
 @dataclass
 class StepView:
     """What an exit rule may look at after step t (counted from 1), for every token."""
@@ -376,7 +383,7 @@ class ExitRule:
     def __repr__(self):
         return f"{type(self).__name__}({self.threshold!r}, min_steps={self.min_steps})"
 
-# --- book/05_learning_when_to_stop.py, cell 85 ---
+# --- book/05_learning_when_to_stop.py, cell 94 ---
 def _never_at_first_step(view, reference):
     return torch.full(view.token_shape, math.inf, device=reference.device)
 
@@ -465,7 +472,7 @@ def make_exit_rule(name, *args, **kwargs):
         raise ValueError(f"unknown exit rule {name!r}; valid rules: {', '.join(EXIT_RULES)}")
     return EXIT_RULES[name](*args, **kwargs)
 
-# --- book/05_learning_when_to_stop.py, cell 87 ---
+# --- book/05_learning_when_to_stop.py, cell 96 ---
 def _steps_input(rule, out, logits, gate, hidden):
     if not isinstance(rule, ExitRule):
         raise TypeError(f"rule must be an ExitRule (see EXIT_RULES), got {type(rule).__name__}")
@@ -549,7 +556,7 @@ def exit_steps(rule, out=None, *, logits=None, gate=None, hidden=None, per="toke
         steps = row_steps[:, None].expand(token_shape).clone()
     return steps
 
-# --- book/05_learning_when_to_stop.py, cell 94 ---
+# --- book/05_learning_when_to_stop.py, cell 103 ---
 def select_exit_logits(logits, steps):
     """Each token's readout at its exit step: logits [S, ..., V], steps [...] (from 1) -> [..., V]."""
     _require_steps("logits", logits)
@@ -571,7 +578,29 @@ def mean_steps(steps, mask=None):
     """Average steps used over the tokens in mask (all tokens if None): a float."""
     return _token_mean(steps.float(), mask).item()
 
-# --- book/05_learning_when_to_stop.py, cell 96 ---
+
+QEXIT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+@torch.no_grad()
+def pick_exit_threshold(model, data, thresholds=QEXIT_THRESHOLDS, tolerance=0.01):
+    """The Q-exit threshold to deploy, chosen on held-out data (a validation TaskBatch, never the
+    test set): among the thresholds whose exact match is within `tolerance` of the best, the
+    one with the fewest mean steps per answer token. -> (q, [(q, accuracy, mean steps), ...])."""
+    out = model(data.idx)
+    if out.gate is None:
+        raise ValueError("pick_exit_threshold reads the exit gate, and this model was built without one")
+    mask = data.targets != IGNORE_INDEX
+    table = []
+    for q in thresholds:
+        steps = q_exit_steps(out.gate, q)
+        accuracy = answer_accuracy(select_exit_logits(out.logits, steps), data.targets).float().mean().item()
+        table.append((q, accuracy, mean_steps(steps, mask)))
+    best = max(accuracy for _, accuracy, _ in table)
+    q = min((row for row in table if row[1] >= best - tolerance), key=lambda row: (row[2], row[0]))[0]
+    return q, table
+
+# --- book/05_learning_when_to_stop.py, cell 105 ---
 def confidence_exit_steps(logits, threshold=0.9, min_steps=1):
     """Steps used per token: first t with max softmax prob >= threshold, else S. [S, ..., V] -> [...]."""
     return exit_steps(ConfidenceExit(threshold, min_steps), logits=logits)
@@ -586,7 +615,7 @@ def hidden_change_exit_steps(hidden, eps=0.03, min_steps=1):
     """Steps used per token: first t >= 2 with ||h_t - h_{t-1}|| / ||h_{t-1}|| <= eps, else S."""
     return exit_steps(HiddenChangeExit(eps, min_steps), hidden=hidden)
 
-# --- book/05_learning_when_to_stop.py, cell 112 ---
+# --- book/05_learning_when_to_stop.py, cell 121 ---
 def check_exit_probs(exit_probs, tol=1e-4):
     """Raise ValueError unless exit_probs [S, ...] is finite, non-negative and sums to 1 over the
     steps within tol. Returns the largest |sum - 1|."""
@@ -603,7 +632,7 @@ def check_exit_probs(exit_probs, tol=1e-4):
                          f"{deviation:.3g} > tol={tol:g}")
     return deviation
 
-# --- book/05_learning_when_to_stop.py, cell 114 ---
+# --- book/05_learning_when_to_stop.py, cell 123 ---
 @dataclass
 class StabilityCheck:
     name: str
@@ -660,7 +689,7 @@ def stability_report(out, tol=1e-4, max_rms=1e3, raise_on_failure=False):
         report.raise_if_failed()
     return report
 
-# --- book/05_learning_when_to_stop.py, cell 138 ---
+# --- book/05_learning_when_to_stop.py, cell 159 ---
 def act_halting(gate, eps=0.01):
     """ACT's reading of the gates h_n = gate[n-1]: (weights [S, ...], N LongTensor [...], R [...]).
 
@@ -688,7 +717,7 @@ def act_loss(step_losses, gate, tau=0.01, eps=0.01, mask=None):
     weights, n_halt, remainder = act_halting(gate, eps)
     return _token_mean((weights * step_losses).sum(0) + tau * (n_halt + remainder), mask)
 
-# --- book/05_learning_when_to_stop.py, cell 142 ---
+# --- book/05_learning_when_to_stop.py, cell 163 ---
 def geometric_prior(n_steps, lambda_p):
     """PonderNet's geometric prior over S steps, truncated like exit_distribution: [S]."""
     _require_int("n_steps", n_steps, 1)
@@ -707,7 +736,7 @@ def pondernet_loss(step_losses, exit_probs, lambda_p=0.5, beta=0.01, mask=None):
     kl = (exit_probs * (exit_probs.clamp_min(1e-12).log() - prior.log())).sum(0)
     return _token_mean((exit_probs * step_losses).sum(0) + beta * kl, mask)
 
-# --- book/05_learning_when_to_stop.py, cell 146 ---
+# --- book/05_learning_when_to_stop.py, cell 167 ---
 def gumbel_exit_weights(exit_probs, tau=1.0, hard=True, generator=None):
     """A Gumbel-softmax sample of the exit step: [S, ...] weights summing to 1 over the steps.
 
@@ -733,7 +762,7 @@ def gumbel_exit_loss(step_losses, exit_probs, tau=1.0, hard=True, beta=0.0, mask
     weights = gumbel_exit_weights(exit_probs, tau, hard, generator)
     return _token_mean((weights * step_losses).sum(0) - beta * _entropy(exit_probs), mask)
 
-# --- book/05_learning_when_to_stop.py, cell 156 ---
+# --- book/05_learning_when_to_stop.py, cell 177 ---
 def encode_answer_slots(examples, n_slots, vocab=TASK_VOCAB, seq_len=None):
     """Batch examples for whole-answer prediction: [pads] prompt [n_slots blanks].
 
@@ -758,7 +787,7 @@ def encode_answer_slots(examples, n_slots, vocab=TASK_VOCAB, seq_len=None):
         targets[row, start:start + len(answer)] = torch.tensor(answer)
     return TaskBatch(idx, targets, torch.tensor([e.difficulty for e in examples]))
 
-# --- book/05_learning_when_to_stop.py, cell 158 ---
+# --- book/05_learning_when_to_stop.py, cell 179 ---
 @dataclass(frozen=True)
 class RecursiveConfig:
     """A TRM-style recursive reasoner: f = n_layers Blocks; n_latent updates of z per update of
@@ -850,7 +879,7 @@ class RecursiveReasoner(nn.Module):
         return RecursiveOutput(self.lm_head(h), self.halt_head(h[:, -1]).squeeze(-1),
                                (y.detach(), z.detach()))
 
-# --- book/05_learning_when_to_stop.py, cell 160 ---
+# --- book/05_learning_when_to_stop.py, cell 181 ---
 def deep_supervision_step(model, optimizer, idx, targets, grad_clip=1.0):
     """Train a RecursiveReasoner on one batch with deep supervision. -> list of per-step metrics."""
     c, mask, carry, records = model.config, targets != IGNORE_INDEX, None, []
@@ -871,7 +900,7 @@ def deep_supervision_step(model, optimizer, idx, targets, grad_clip=1.0):
                         "accuracy": correct.mean().item()})
     return records
 
-# --- book/05_learning_when_to_stop.py, cell 162 ---
+# --- book/05_learning_when_to_stop.py, cell 183 ---
 def recursive_predict(model, idx, max_supervision=None, halt_threshold=0.5):
     """-> (logits [B, L, V] at each sample's halting step, steps LongTensor [B] from 1).
 

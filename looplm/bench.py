@@ -1,6 +1,6 @@
 # Generated from book/04_backprop_through_the_loop.py, book/06_inference.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'bench_decode', 'format_decode_table', 'plot_decode']
+__all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'decode_quality', 'bench_decode', 'format_decode_table', 'plot_decode']
 # fmt: on
 
 # --- book/04_backprop_through_the_loop.py, cell 162 ---
@@ -277,35 +277,52 @@ def _decode_rule(name):
     return make_exit_rule(name, int(threshold) if name == "fixed" else threshold)
 
 
-def bench_decode(model, examples, settings=DECODE_SETTINGS, batch_size=64, speed_examples=32, repeats=3,
-                 vocab=TASK_VOCAB):
-    """Decode `examples` (chapter 0 Examples) under each (cache, exit rule) setting. -> dict with
-    "rows" (one dict per setting) and "settings"."""
+def _decode(model, cache, rule, batch, max_new, vocab):
+    return generate(model, batch, max_new, cache=cache, exit_rule=rule, stop_tokens=[vocab.eos_id],
+                    pad_id=vocab.pad_id)
+
+
+@torch.no_grad()
+def decode_quality(model, examples, settings=DECODE_SETTINGS, batch_size=64, vocab=TASK_VOCAB):
+    """Greedy decoding of `examples` under each (cache, exit rule) setting, untimed. -> one dict per
+    setting: cache, rule, kib (one batch's cache), accuracy (exact match of the answers), steps
+    (mean loop steps of the generated tokens) and decode_steps (the same without the first token,
+    which the exact prefill reads out)."""
     model.eval()
     prompts = [vocab.encode(e.prompt) for e in examples]
     max_new = max(len(e.answer) for e in examples) + 1
-    n_steps = model.config.n_loops
-
-    def run(cache, rule, batch):
-        return generate(model, batch, max_new, cache=cache, exit_rule=rule, stop_tokens=[vocab.eos_id],
-                        pad_id=vocab.pad_id)
-
     rows = []
     for cache, rule_name in settings:
         rule = _decode_rule(rule_name)
         answers, steps, decoded, kib = [], [], [], None
         for start in range(0, len(prompts), batch_size):
-            res = run(cache, rule, prompts[start:start + batch_size])
+            res = _decode(model, cache, rule, prompts[start:start + batch_size], max_new, vocab)
             kib = res.cache_bytes / 1024 if kib is None else kib
             answers += [decode_answer(row, vocab) for row in res.new_tokens]
             steps.append(res.steps[res.steps > 0])
             later = res.steps[:, 1:]
             decoded.append(later[later > 0])
         correct = [a == e.answer for a, e in zip(answers, examples)]
+        decoded = torch.cat(decoded).float()
         rows.append({"cache": cache, "rule": rule_name or "none", "kib": kib,
                      "accuracy": sum(correct) / len(correct), "steps": torch.cat(steps).float().mean().item(),
-                     "decode_steps": torch.cat(decoded).float().mean().item(), "seconds": {1: [], batch_size: []},
-                     "tokens": {}})
+                     "decode_steps": decoded.mean().item() if decoded.numel() else float("nan")})
+    return rows
+
+
+def bench_decode(model, examples, settings=DECODE_SETTINGS, batch_size=64, speed_examples=32, repeats=3,
+                 vocab=TASK_VOCAB):
+    """decode_quality, then the decoding speed of each setting at batch 1 and batch_size. -> dict
+    with "rows" (one dict per setting) and "settings"."""
+    prompts = [vocab.encode(e.prompt) for e in examples]
+    max_new = max(len(e.answer) for e in examples) + 1
+    n_steps = model.config.n_loops
+    rows = [{**row, "seconds": {1: [], batch_size: []}, "tokens": {}}
+            for row in decode_quality(model, examples, settings, batch_size, vocab)]
+
+    def run(cache, rule, batch):
+        return _decode(model, cache, rule, batch, max_new, vocab)
+
     for _ in range(repeats):                         # timed turns, the settings interleaved
         for row, (cache, rule_name) in zip(rows, settings):
             rule = _decode_rule(rule_name)

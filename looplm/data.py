@@ -4,6 +4,7 @@ __all__ = ['CharVocab', 'TASK_VOCAB', 'Example', 'Task', 'AdditionTask', 'Parent
 # fmt: on
 
 # --- book/00_tasks_and_tokens.py, cell 10 ---
+import dataclasses
 import importlib.resources
 import inspect
 import random
@@ -284,6 +285,7 @@ class TaskSplits:
     train: list[Example]  # difficulties 1..max_difficulty
     test: list[Example]  # the same difficulties, no prompt of train
     ood: list[Example]  # difficulties max_difficulty+1..ood_max_difficulty
+    val: list[Example] = dataclasses.field(default_factory=list)  # like test, no prompt of train or test
 
 # --- book/00_tasks_and_tokens.py, cell 63 ---
 def _draw(task, n, difficulties, rng, exclude, unique, split):
@@ -306,11 +308,12 @@ def _draw(task, n, difficulties, rng, exclude, unique, split):
 
 # --- book/00_tasks_and_tokens.py, cell 65 ---
 def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
-                ood_max_difficulty: int, seed=0) -> TaskSplits:
+                ood_max_difficulty: int, seed=0, n_val: int = 0) -> TaskSplits:
     """Train and test on difficulties 1..max_difficulty, and an OOD test set above it.
 
     `task` is a task name or a `Task`. No test or OOD prompt occurs in the training set, and no
-    prompt occurs twice within a test set. `n_test` is the size of each test set.
+    prompt occurs twice within a test set. `n_test` is the size of each test set. `n_val` > 0
+    adds a validation set of in-distribution prompts found in neither train nor test.
     """
     task = make_task(task) if isinstance(task, str) else task
     if not isinstance(task, Task):
@@ -319,6 +322,7 @@ def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
     _check_int(n_test, "n_test", low=0)
     _check_int(max_difficulty, "max_difficulty", low=1)
     _check_int(ood_max_difficulty, "ood_max_difficulty", low=max_difficulty + 1)
+    _check_int(n_val, "n_val", low=0)
     _check_seed(seed)
 
     def rng(split):
@@ -329,7 +333,11 @@ def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
     seen = {example.prompt for example in train}
     test = _draw(task, n_test, in_range, rng("test"), seen, unique=True, split="test")
     ood = _draw(task, n_test, ood_range, rng("ood"), seen, unique=True, split="ood")
-    return TaskSplits(train, test, ood)
+    val = []
+    if n_val:
+        val = _draw(task, n_val, in_range, rng("val"), seen | {example.prompt for example in test},
+                    unique=True, split="val")
+    return TaskSplits(train, test, ood, val)
 
 # --- book/00_tasks_and_tokens.py, cell 73 ---
 IGNORE_INDEX = -100  # the target value F.cross_entropy skips (its default ignore_index)

@@ -1,6 +1,6 @@
-# Generated from book/03_fixed_loops.py: edit the chapter, then run `make export`.
+# Generated from book/03_fixed_loops.py, book/05_learning_when_to_stop.py, book/06_inference.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED']
+__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT']
 # fmt: on
 
 # --- book/03_fixed_loops.py, cell 103 ---
@@ -65,3 +65,218 @@ def _ch03_prefix(seed, n_steps):
 
 LOOPED_VS_STACKED = register(Experiment("looped-vs-stacked", "03", "chapter 3: looped vs stacked models, and injection and norm "
                     "placement, on the stack task", _ch03_run, _ch03_prefix))
+
+# --- book/05_learning_when_to_stop.py, cell 131 ---
+import copy
+
+import torch
+
+from looplm.adaptive import (ConfidenceExit, FixedDepth, HiddenChangeExit, KLExit, QExit, exit_entropy, exit_steps,
+                             expected_depth, mean_steps, pick_exit_threshold, q_exit_steps, select_exit_logits)
+from looplm.backprop import make_loop_loss
+from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
+from looplm.model import LoopLM, LoopLMConfig
+from looplm.results import Experiment, register
+from looplm.train import TrainConfig, Trainer, stage2_config, task_batches, train_stage1, train_stage2
+
+# --- book/05_learning_when_to_stop.py, cell 132 ---
+CH05_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0, n_val=300)
+CH05_BUDGETS = (1.5, 2.0, 2.5, 4.0)   # mean steps per answer token; 4.0 = any
+
+
+def ch05_rules():
+    """Section 5.7's sweeps: rule name -> (which gate's record, the thresholds from stop-at-once to never)."""
+    q_values = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+    return {
+        "Q-exit, Stage II gate": ("stage2", [QExit(q) for q in q_values]),
+        "Q-exit, Stage I gate": ("stage1", [QExit(q) for q in q_values]),
+        "confidence": ("stage2", [ConfidenceExit(c) for c in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999)]),
+        "KL (Huginn)": ("stage2", [KLExit(e) for e in (3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 5e-4)]),
+        "hidden-state change": ("stage2", [HiddenChangeExit(e) for e in (2.0, 1.0, 0.7, 0.5, 0.4, 0.3, 0.1, 0.03)]),
+        "fixed depth": ("stage2", [FixedDepth(n) for n in (1, 2, 3, 4)]),
+    }
+
+
+def rule_curves(records, targets):
+    """For each rule of ch05_rules: sorted (mean steps, exact match) points. records: "stage1"/"stage2"
+    -> LoopOutput with hidden states, on the examples whose targets are given."""
+    mask = targets != IGNORE_INDEX
+    curves = {}
+    for name, (which, rules) in ch05_rules().items():
+        points = []
+        for rule in rules:
+            steps = exit_steps(rule, records[which])
+            correct = answer_accuracy(select_exit_logits(records[which].logits, steps), targets)
+            points.append((mean_steps(steps, mask), correct.float().mean().item()))
+        curves[name] = sorted(points)
+    return curves
+
+
+def best_at_budgets(points, budgets=CH05_BUDGETS):
+    """The best exact match among points with mean steps <= each budget (None where none fits)."""
+    return [max((a for s, a in points if s <= budget + 1e-9), default=None) for budget in budgets]
+
+
+def _ch05_setup():
+    task, splits = make_task("stack"), make_splits(**CH05_SPLITS)
+    seq_len = task.max_seq_len(7)
+    data = {name: encode_examples(getattr(splits, name), seq_len=seq_len) for name in ("test", "val", "ood")}
+    return task, splits, seq_len, data
+
+
+def _ch05_config(seed, steps):
+    return TrainConfig(steps=steps, batch_size=32, lr=5e-3, min_lr=5e-4, warmup_steps=50, weight_decay=0.0,
+                       eval_every=steps, seed=seed, progress=False)
+
+
+def _ch05_model(seed, gate, seq_len):
+    torch.manual_seed(seed)
+    return LoopLM(LoopLMConfig(TASK_VOCAB.vocab_size, 64, 4, n_loops=4, exit_gate=gate, max_seq_len=seq_len))
+
+
+@torch.no_grad()
+def _per_step(model, data):
+    return answer_accuracy(model(data.idx).logits, data.targets).float().mean(1).tolist()
+
+
+@torch.no_grad()
+def _gate_report(model, data):
+    """On the test set: H(p), E[t], the exit mass per step, and Q-exit at the validation-picked q."""
+    out, mask = model(data["test"].idx), data["test"].targets != IGNORE_INDEX
+    count = mask.sum().item()
+    q, _ = pick_exit_threshold(model, data["val"])
+    steps = q_exit_steps(out.gate, q)
+    correct = answer_accuracy(select_exit_logits(out.logits, steps), data["test"].targets)
+    return {"entropy": (exit_entropy(out.exit_probs) * mask).sum().item() / count,
+            "depth": (expected_depth(out.exit_probs) * mask).sum().item() / count,
+            "mass": ((out.exit_probs * mask).sum((1, 2)) / count).tolist(),
+            "q": q, "q_accuracy": correct.float().mean().item(), "q_steps": mean_steps(steps, mask)}
+
+
+def _history_points(trainer, every=150):
+    keys = ("entropy", "depth", "last_loss", *(f"mass_{t}" for t in range(1, 5)))
+    return [{"step": r["step"], **{k: r[k] for k in keys}} for r in trainer.history
+            if r["step"] == 1 or r["step"] % every == 0]
+
+
+@torch.no_grad()
+def _difficulty_and_budget(task, stage1_model, stage2_model, data, seq_len):
+    """Section 5.7's other two measurements on one seed's models (Q-exit at q = 0.5)."""
+    by_difficulty = []
+    for difficulty in range(1, 8):
+        batch = encode_examples(task.sample(200, difficulty, seed=f"depth/{difficulty}"), seq_len=seq_len)
+        mask = batch.targets != IGNORE_INDEX
+        row = {"difficulty": difficulty}
+        for name, model in (("stage1", stage1_model), ("stage2", stage2_model)):
+            out = model(batch.idx)
+            steps = q_exit_steps(out.gate, 0.5)
+            row[f"{name}_steps"] = ((steps * mask).sum(1) / mask.sum(1)).mean().item()
+            row[f"{name}_accuracy"] = answer_accuracy(select_exit_logits(out.logits, steps),
+                                                      batch.targets).float().mean().item()
+        by_difficulty.append(row)
+    by_budget = []
+    for n_loops in range(1, 9):
+        row = {"n_loops": n_loops}
+        for split in ("test", "ood"):
+            out = stage2_model(data[split].idx, n_loops=n_loops)
+            steps = q_exit_steps(out.gate, 0.5)
+            row[f"{split}_last"] = answer_accuracy(out.logits[-1], data[split].targets).float().mean().item()
+            row[f"{split}_qexit"] = answer_accuracy(select_exit_logits(out.logits, steps),
+                                                    data[split].targets).float().mean().item()
+            row[f"{split}_steps"] = mean_steps(steps, data[split].targets != IGNORE_INDEX)
+        by_budget.append(row)
+    return by_difficulty, by_budget
+
+
+def _two_stages(seed, batches, seq_len, data, warm_steps, last_weight):
+    model = _ch05_model(seed, True, seq_len)
+    stage1 = train_stage1(model, batches, _ch05_config(seed, 600), 0.1, warm_steps, last_weight)
+    after_stage1 = copy.deepcopy(model)
+    train_stage2(model, batches, stage2_config(_ch05_config(seed, 800), 200))
+    record = {"test_per_step": _per_step(after_stage1, data["test"]), "history": _history_points(stage1),
+              "stage1": _gate_report(after_stage1, data), "stage2": _gate_report(model, data)}
+    return after_stage1, model, record
+
+
+def _ch05_run(seed):
+    task, splits, seq_len, data = _ch05_setup()
+    batches = task_batches(splits.train, 32, seq_len)
+    baseline = Trainer(_ch05_model(seed, False, seq_len), batches, _ch05_config(seed, 600))
+    baseline.run()
+    runs = {"baseline": {"test_per_step": _per_step(baseline.model, data["test"]),
+                         "val_per_step": _per_step(baseline.model, data["val"])}}
+    _, _, runs["eq4"] = _two_stages(seed, batches, seq_len, data, warm_steps=0, last_weight=0.0)
+    weights = runs["eq4"]["history"][-1]
+    weights = [weights[f"mass_{t}"] for t in range(1, 5)]            # where Eq. 4 put the mass at the end
+    fixed = Trainer(_ch05_model(seed, False, seq_len), batches, _ch05_config(seed, 600),
+                    loss_fn=make_loop_loss(step_weights=weights))
+    fixed.run()
+    runs["weights_only"] = {"weights": weights, "test_per_step": _per_step(fixed.model, data["test"])}
+    stage1_model, stage2_model, runs["recipe"] = _two_stages(seed, batches, seq_len, data, warm_steps=300,
+                                                             last_weight=0.5)
+    with torch.no_grad():
+        records = {"stage1": stage1_model(data["test"].idx, return_hidden=True),
+                   "stage2": stage2_model(data["test"].idx, return_hidden=True)}
+    curves = rule_curves(records, data["test"].targets)
+    runs["recipe"]["budgets"] = {name: best_at_budgets(points) for name, points in curves.items()}
+    runs["recipe"]["difficulty"], runs["recipe"]["loop_budget"] = _difficulty_and_budget(
+        task, stage1_model, stage2_model, data, seq_len)
+    return {"runs": runs, "prefix": [row["loss"] for row in baseline.history[:20]]}
+
+
+def _ch05_prefix(seed, n_steps):
+    task, splits, seq_len, _ = _ch05_setup()
+    trainer = Trainer(_ch05_model(seed, False, seq_len), task_batches(splits.train, 32, seq_len),
+                      _ch05_config(seed, 600))
+    trainer.run(until=n_steps)
+    return [row["loss"] for row in trainer.history]
+
+
+EXIT_RECIPE = register(Experiment("exit-recipe", "05", "chapter 5: the baseline, Eq. 4 from the first update, "
+                                  "its step weights alone, and the recipe; exit rules, depth and budgets",
+                                  _ch05_run, _ch05_prefix))
+
+# --- book/06_inference.py, cell 62 ---
+import dataclasses
+
+import torch
+
+from looplm.adaptive import AdaptiveLoss
+from looplm.bench import DECODE_SETTINGS, decode_quality
+from looplm.data import TASK_VOCAB, make_splits, make_task
+from looplm.model import LoopLM, LoopLMConfig
+from looplm.results import Experiment, register
+from looplm.train import TrainConfig, Trainer, task_accuracy, task_batches, train_two_stage
+
+CH06_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0)
+
+
+def _ch06_setup(seed, steps=900):
+    task, splits = make_task("stack"), make_splits(**CH06_SPLITS)
+    seq_len = task.max_seq_len(7)
+    torch.manual_seed(seed)
+    model = LoopLM(LoopLMConfig(TASK_VOCAB.vocab_size, 64, 4, n_loops=4, exit_gate=True, max_seq_len=seq_len))
+    config = TrainConfig(steps=steps, batch_size=32, lr=5e-3, min_lr=5e-4, warmup_steps=50, weight_decay=0.0,
+                         eval_every=steps, seed=seed, progress=False)
+    return model, splits, task_batches(splits.train, 32, seq_len), config
+
+
+def _ch06_run(seed):
+    model, splits, batches, config = _ch06_setup(seed)
+    trainer = train_two_stage(model, batches, config, stage2_steps=200)
+    return {"rows": decode_quality(model, splits.test), "test_per_step": task_accuracy(model, splits.test).tolist(),
+            "prefix": [row["loss"] for row in trainer.history[:20]]}
+
+
+def _ch06_prefix(seed, n_steps):
+    # train_two_stage's first updates: Stage I (700 of the 900) starts on the last step's loss
+    model, _, batches, config = _ch06_setup(seed)
+    trainer = Trainer(model, batches, dataclasses.replace(config, steps=700),
+                      loss_fn=AdaptiveLoss("stage1", beta=0.1, last_weight=1.0))
+    trainer.run(until=n_steps)
+    return [row["loss"] for row in trainer.history]
+
+
+CACHE_STRATEGIES_EXPERIMENT = register(Experiment(
+    "cache-strategies", "06", "chapter 6: accuracy and steps of every cache strategy and exit rule while decoding",
+    _ch06_run, _ch06_prefix))

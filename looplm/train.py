@@ -1,6 +1,6 @@
 # Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'checkpoint_model', 'load_checkpoint', 'RESUME_MAY_CHANGE', 'Recipe', 'RECIPES', 'write_metrics', 'main', 'train_two_stage']
+__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'checkpoint_model', 'load_checkpoint', 'RESUME_MAY_CHANGE', 'Recipe', 'RECIPES', 'write_metrics', 'main', 'train_stage1', 'train_stage2', 'stage2_config', 'train_two_stage']
 # fmt: on
 
 # --- book/03_fixed_loops.py, cell 56 ---
@@ -912,21 +912,61 @@ def main(argv=None):
     print(f"wrote {checkpoint_path}, {out / 'metrics.jsonl'} and {out / 'loss.png'}", flush=True)
     return 0
 
-# --- book/05_learning_when_to_stop.py, cell 176 ---
+# --- book/05_learning_when_to_stop.py, cell 197 ---
 from looplm.adaptive import AdaptiveLoss, GateLoss, gate_only
 from looplm.model import LoopLM
 
 
-def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, gamma=0.005,
-                    stage2_lr=None, evaluate=None):
-    """Ouro's recipe: Stage I (model and gate, Eq. 4, entropy weight beta) for
-    config.steps - stage2_steps updates, then Stage II (the gate alone, Eq. 6, the rest frozen)
-    for stage2_steps updates. -> the Stage II Trainer; its history holds both stages' rows
-    (key "stage": 1 or 2; "step" counted through both).
-    """
+def _require_gated(model):
     if not isinstance(model, LoopLM) or model.exit_gate is None:
         raise ValueError("the two-stage recipe trains an exit gate: build the model with "
                          "LoopLMConfig(..., exit_gate=True)")
+
+
+def train_stage1(model, get_batch, config, beta=0.1, warm_steps=0, last_weight=0.0, evaluate=None):
+    """Stage I: model and gate together for config.steps updates. The first warm_steps train on
+    the last step's loss alone; the rest on last_weight * last-step loss + (1 - last_weight) *
+    Ouro's Eq. 4 (entropy weight beta). -> the Trainer."""
+    _require_gated(model)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _require_int("warm_steps", warm_steps, 0)
+    if warm_steps > config.steps:
+        raise ValueError(f"warm_steps={warm_steps} is more than the {config.steps} Stage I updates")
+    trainer = Trainer(model, get_batch, config, loss_fn=AdaptiveLoss("stage1", beta=beta, last_weight=1.0),
+                      evaluate=evaluate)
+    trainer.run(until=warm_steps)
+    trainer.loss_fn = AdaptiveLoss("stage1", beta=beta, last_weight=last_weight)
+    trainer.run()
+    return trainer
+
+
+def train_stage2(model, get_batch, config, k=50.0, gamma=0.005, evaluate=None):
+    """Stage II: the gate alone (everything else frozen) on Ouro's Eq. 6. -> the Trainer."""
+    _require_gated(model)
+    with gate_only(model):                    # the optimizer below holds the gate's parameters only
+        trainer = Trainer(model, get_batch, config, loss_fn=GateLoss(k, gamma), evaluate=evaluate)
+        trainer.run()
+    return trainer
+
+
+def stage2_config(config, stage2_steps, stage2_lr=1e-2):
+    """Stage II's TrainConfig from the run's: stage2_steps updates, peak stage2_lr decaying to a
+    tenth of it, a short warmup, and the next batch seed."""
+    _require_int("stage2_steps", stage2_steps, 1)
+    return dataclasses.replace(config, steps=stage2_steps, lr=stage2_lr, min_lr=stage2_lr / 10,
+                               warmup_steps=min(stage2_steps - 1, max(1, stage2_steps // 20)),
+                               seed=config.seed + 1)
+
+
+def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, gamma=0.005,
+                    stage2_lr=1e-2, evaluate=None, warm_steps=None, last_weight=0.5):
+    """Stage I (train_stage1) for config.steps - stage2_steps updates, then Stage II
+    (train_stage2) for stage2_steps updates. warm_steps defaults to half of Stage I.
+    -> the Stage II Trainer; its history holds both stages' rows (key "stage": 1 or 2;
+    "step" counted through both).
+    """
+    _require_gated(model)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     _require_int("stage2_steps", stage2_steps, 1)
@@ -934,24 +974,16 @@ def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, ga
     if stage1_steps < 1:
         raise ValueError(f"stage2_steps={stage2_steps} leaves no Stage I update out of "
                          f"config.steps={config.steps}; use stage2_steps < steps")
-    stage2_lr = config.lr if stage2_lr is None else stage2_lr
+    warm_steps = stage1_steps // 2 if warm_steps is None else warm_steps
     stage1_config = dataclasses.replace(config, steps=stage1_steps,
                                         warmup_steps=min(config.warmup_steps, stage1_steps - 1))
-    stage2_config = dataclasses.replace(config, steps=stage2_steps, lr=stage2_lr,
-                                        min_lr=min(config.min_lr, stage2_lr),
-                                        warmup_steps=min(config.warmup_steps, stage2_steps // 10),
-                                        seed=config.seed + 1)
-    stage1 = Trainer(model, get_batch, stage1_config, loss_fn=AdaptiveLoss("stage1", beta=beta),
-                     evaluate=evaluate)
-    stage1.run()
-    with gate_only(model):                    # the optimizer below holds the gate's parameters only
-        stage2 = Trainer(model, get_batch, stage2_config, loss_fn=GateLoss(k, gamma), evaluate=evaluate)
-        stage2.run()
+    stage1 = train_stage1(model, get_batch, stage1_config, beta, warm_steps, last_weight, evaluate)
+    stage2 = train_stage2(model, get_batch, stage2_config(config, stage2_steps, stage2_lr), k, gamma, evaluate)
     stage2.history = ([{**row, "stage": 1} for row in stage1.history]
                       + [{**row, "stage": 2, "step": row["step"] + stage1_steps} for row in stage2.history])
     return stage2
 
-# --- book/05_learning_when_to_stop.py, cell 180 ---
+# --- book/05_learning_when_to_stop.py, cell 201 ---
 def _two_stage_arguments(parser):
     group = parser.add_argument_group("two-stage recipe (chapter 5)")
     group.add_argument("--stage2-steps", type=int, default=None,
@@ -960,7 +992,11 @@ def _two_stage_arguments(parser):
     group.add_argument("--stage2-k", type=float, default=50.0, help="Stage II label slope k (default 50)")
     group.add_argument("--stage2-gamma", type=float, default=0.005,
                        help="Stage II improvement threshold gamma (default 0.005)")
-    group.add_argument("--stage2-lr", type=float, default=None, help="Stage II peak learning rate (default --lr)")
+    group.add_argument("--stage2-lr", type=float, default=1e-2, help="Stage II peak learning rate (default 1e-2)")
+    group.add_argument("--warm-steps", type=int, default=None,
+                       help="Stage I updates on the last step's loss alone (default: half of Stage I)")
+    group.add_argument("--last-weight", type=float, default=0.5,
+                       help="weight of the last step's loss beside Eq. 4 after the warm steps (default 0.5)")
 
 
 def _with_gate(model):
@@ -979,7 +1015,7 @@ def _two_stage_run(args, model, get_batch, config, evaluate):
     stage2_steps = args.stage2_steps if args.stage2_steps is not None else max(1, config.steps // 5)
     trainer = train_two_stage(_with_gate(model), get_batch, config, stage2_steps, beta=args.beta,
                               k=args.stage2_k, gamma=args.stage2_gamma, stage2_lr=args.stage2_lr,
-                              evaluate=evaluate)
+                              evaluate=evaluate, warm_steps=args.warm_steps, last_weight=args.last_weight)
     for stage in (1, 2):
         last = [row for row in trainer.history if row["stage"] == stage][-1]
         mass = " ".join(f"{last[f'mass_{t}']:.2f}" for t in range(1, model.config.n_loops + 1))

@@ -164,6 +164,16 @@ def test_splits_are_reproducible():
     assert make_splits("sorting", 300, 80, 3, 5, seed=7).train == first.train
 
 
+def test_validation_split_is_new_to_train_and_test():
+    splits = make_splits("stack", 1000, 100, 5, 6, seed=0, n_val=100)
+    assert splits.val and len(splits.val) == 100 and splits.val != splits.test
+    seen = {ex.prompt for ex in splits.train + splits.test}
+    assert not {ex.prompt for ex in splits.val} & seen
+    assert {ex.difficulty for ex in splits.val} <= set(range(1, 6))
+    without = make_splits("stack", 1000, 100, 5, 6, seed=0)     # the other splits do not move
+    assert (without.train, without.test, without.ood, without.val) == (splits.train, splits.test, splits.ood, [])
+
+
 def test_split_errors():
     with pytest.raises(ValueError, match="ood_max_difficulty"):
         make_splits("addition", 10, 10, max_difficulty=3, ood_max_difficulty=3)

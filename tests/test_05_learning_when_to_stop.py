@@ -25,6 +25,8 @@ from looplm.adaptive import (  # noqa: F401
     exit_steps,
     select_exit_logits,
     mean_steps,
+    QEXIT_THRESHOLDS,
+    pick_exit_threshold,
     confidence_exit_steps,
     kl_exit_steps,
     hidden_change_exit_steps,
@@ -48,11 +50,22 @@ from looplm.adaptive import (  # noqa: F401
 from looplm.model import (  # noqa: F401
     LinearExitGate,
 )
+from looplm.experiments import (  # noqa: F401
+    CH05_SPLITS,
+    CH05_BUDGETS,
+    ch05_rules,
+    rule_curves,
+    best_at_budgets,
+    EXIT_RECIPE,
+)
 from looplm.train import (  # noqa: F401
+    train_stage1,
+    train_stage2,
+    stage2_config,
     train_two_stage,
 )
 
-# --- book/05_learning_when_to_stop.py, cell 102 ---
+# --- book/05_learning_when_to_stop.py, cell 111 ---
 import math
 
 import pytest
@@ -109,7 +122,7 @@ def test_linear_gate_is_registered_and_fills_the_output():
     w, b = model.exit_gate.proj.weight[0], model.exit_gate.proj.bias[0]
     torch.testing.assert_close(out.gate[0], 1 / (1 + torch.exp(-(z @ w + b))), rtol=0, atol=1e-15)
 
-# --- book/05_learning_when_to_stop.py, cell 104 ---
+# --- book/05_learning_when_to_stop.py, cell 113 ---
 def _slow_stage1(losses, probs, beta, mask):
     values = []
     for b in range(losses.shape[1]):
@@ -200,7 +213,7 @@ def test_stage2_forward_runs_the_model_without_gradients():
     for name, p in model.named_parameters():
         assert (p.grad is not None) == name.startswith("exit_gate."), name
 
-# --- book/05_learning_when_to_stop.py, cell 106 ---
+# --- book/05_learning_when_to_stop.py, cell 115 ---
 def _slow_q_exit(gates, q, min_steps):
     cdf = 0.0
     for t, p in enumerate(_slow_exit_distribution(gates), start=1):
@@ -273,7 +286,7 @@ def test_per_sequence_steps_and_select_exit_logits():
     assert torch.equal(select_exit_logits(logits, torch.full((2, 2), 3)), logits[-1])
     assert mean_steps(steps) == 2.0 and mean_steps(steps, torch.tensor([[True, True], [False, False]])) == 2.0
 
-# --- book/05_learning_when_to_stop.py, cell 120 ---
+# --- book/05_learning_when_to_stop.py, cell 129 ---
 from looplm.model import LoopOutput
 
 
@@ -301,7 +314,7 @@ def test_stability_checks():
     nan_logits = LoopOutput(logits=torch.full((2, 1, 1, 3), float("nan")))
     assert not stability_report(nan_logits).ok
 
-# --- book/05_learning_when_to_stop.py, cell 174 ---
+# --- book/05_learning_when_to_stop.py, cell 195 ---
 import torch.nn.functional as F
 
 from looplm.data import TASK_VOCAB
@@ -386,7 +399,7 @@ def test_recursive_reasoner_deep_supervision_and_halting():
         assert steps.tolist() == [1, 1, 1, 1]
         torch.testing.assert_close(logits, model(idx).logits)
 
-# --- book/05_learning_when_to_stop.py, cell 184 ---
+# --- book/05_learning_when_to_stop.py, cell 205 ---
 import copy
 import dataclasses
 import os
@@ -395,7 +408,7 @@ import sys
 import tempfile
 
 from looplm.adaptive import AdaptiveLoss
-from looplm.train import TrainConfig, Trainer
+from looplm.train import TrainConfig, Trainer, default_loss
 
 
 def _recipe_batches(generator):
@@ -411,8 +424,11 @@ def test_two_stage_recipe_freezes_the_model_in_stage_two():
     recipe = train_two_stage(model, _recipe_batches, config, stage2_steps=2, beta=0.1)
     assert [r["stage"] for r in recipe.history] == [1, 1, 1, 1, 2, 2]
     assert [r["step"] for r in recipe.history] == [1, 2, 3, 4, 5, 6]
-    Trainer(by_hand, _recipe_batches, dataclasses.replace(config, steps=4),
-            loss_fn=AdaptiveLoss("stage1", beta=0.1)).run()
+    hand = Trainer(by_hand, _recipe_batches, dataclasses.replace(config, steps=4), loss_fn=default_loss)
+    hand.run(until=2)                                          # half of Stage I on the last step alone
+    hand.loss_fn = AdaptiveLoss("stage1", beta=0.1, last_weight=0.5)
+    hand.run()
+    assert [r["loss"] for r in hand.history] == [r["loss"] for r in recipe.history[:4]]
     ours, theirs = model.state_dict(), by_hand.state_dict()
     for name in ours:
         if name.startswith("exit_gate."):
@@ -424,6 +440,27 @@ def test_two_stage_recipe_freezes_the_model_in_stage_two():
         train_two_stage(LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2)), _recipe_batches, config, 2)
     with pytest.raises(ValueError, match="leaves no Stage I update"):
         train_two_stage(model, _recipe_batches, config, stage2_steps=6)
+    with pytest.raises(ValueError, match="warm_steps=9 is more than the 4 Stage I updates"):
+        train_two_stage(model, _recipe_batches, config, stage2_steps=2, warm_steps=9)
+    with pytest.raises(ValueError, match="last_weight must be <= 1"):
+        train_two_stage(model, _recipe_batches, config, stage2_steps=2, last_weight=1.5)
+
+
+def test_warm_steps_train_exactly_the_last_step_loss():
+    # with last_weight = 1 the Stage I loss is the last step's mean loss: the same updates as a
+    # model without a gate (whose other weights start equal), and the gate never moves
+    torch.manual_seed(0)
+    gated = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, exit_gate=True, max_seq_len=8))
+    torch.manual_seed(0)
+    plain = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, max_seq_len=8))
+    gate_before = copy.deepcopy(gated.exit_gate.state_dict())
+    config = TrainConfig(steps=3, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.0,
+                         eval_every=0, progress=False)
+    a = train_stage1(gated, _recipe_batches, config, warm_steps=3)
+    b = Trainer(plain, _recipe_batches, config)
+    b.run()
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    assert all(torch.equal(v, gated.exit_gate.state_dict()[k]) for k, v in gate_before.items())
 
 
 def test_two_stage_command_line():
@@ -435,13 +472,13 @@ def test_two_stage_command_line():
         result = subprocess.run(base + ["--out", folder], capture_output=True, text=True, env=env, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "stage 2 done at step 6" in result.stdout
-        assert sorted(os.listdir(folder)) == ["checkpoint.pt", "loss.png"]
+        assert sorted(os.listdir(folder)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
         refused = subprocess.run(base + ["--grad-steps", "1", "--out", folder + "/other"], capture_output=True,
                                  text=True, env=env, timeout=120)
         assert refused.returncode == 2 and "--grad-steps belongs to the 'standard' recipe" in refused.stderr
         assert not os.path.exists(folder + "/other")
 
-# --- book/05_learning_when_to_stop.py, cell 188 ---
+# --- book/05_learning_when_to_stop.py, cell 209 ---
 def test_bad_input_gets_clear_errors():
     torch.manual_seed(0)
     plain = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3))

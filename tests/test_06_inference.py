@@ -15,9 +15,14 @@ from looplm.generate import (  # noqa: F401
 )
 from looplm.bench import (  # noqa: F401
     DECODE_SETTINGS,
+    decode_quality,
     bench_decode,
     format_decode_table,
     plot_decode,
+)
+from looplm.experiments import (  # noqa: F401
+    CH06_SPLITS,
+    CACHE_STRATEGIES_EXPERIMENT,
 )
 
 # --- book/06_inference.py, cell 30 ---
@@ -495,7 +500,7 @@ def test_unusable_checkpoints_say_why():
         with pytest.raises(CheckpointError, match="not a readable looplm checkpoint: the file is damaged"):
             load_model(folder / "junk.pt")
 
-# --- book/06_inference.py, cell 66 ---
+# --- book/06_inference.py, cell 71 ---
 import subprocess
 import sys
 
@@ -543,7 +548,7 @@ def test_command_line():
             assert run.returncode == 2 and message in run.stderr, run.stderr
         assert os.listdir(folder) == ["m.pt"]
 
-# --- book/06_inference.py, cell 68 ---
+# --- book/06_inference.py, cell 73 ---
 import contextlib
 import io
 import math
