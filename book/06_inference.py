@@ -1596,9 +1596,10 @@ if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("
 #
 # Everything so far ran on random weights, which is enough for equivalences but says nothing
 # about quality. We train the model of chapter 5: the stack task (difficulties 1 to 5), one
-# core block looped four times, width 64, with an exit gate trained by Ouro's two stages
-# (`train_two_stage`, 700 updates of Stage I and 200 of Stage II). The numbers below come
-# from the stored run of this notebook.
+# core block looped four times, width 64, with an exit gate trained by Ouro's two stages with
+# chapter 5's recipe (`train_two_stage`: 700 updates of Stage I, the first half on the last
+# step alone, and 200 of Stage II). The numbers below come from the stored run of this
+# notebook.
 
 # %%
 task = make_task("stack")
@@ -1900,33 +1901,31 @@ display(Image(filename=plot_path))
 # - **Memory.** With answers a few tokens long, the prompt dominates the cache, and the prompt
 #   is always cached per step; the shared strategies save the decoded part only. Section 6.3's
 #   demonstration shows the saving for long generations, where it approaches $S$-fold.
-# - **Quality.** The exact cache at full depth scores 0.607 on the held-out examples. The
-#   first-step cache is the worst of the shared ones (0.540), as in Ouro's Table 14; the last-step
-#   and averaged caches lose less (0.580, 0.590). This small model reads out better at step 2
-#   or 3 than at step 4 (its teacher-forced accuracy per step, printed above, peaks at step 2), so
-#   the exits *raise* accuracy here: Q-exit at $q = 0.5$ scores 0.673 with 2.54 steps per token.
+# - **Quality.** The exact cache at full depth scores 0.913 on the held-out examples. The
+#   first-step cache is the worst of the shared ones (0.800), as in Ouro's Table 14; the last-step
+#   and averaged caches lose less (0.880, 0.910). Q-exit at $q = 0.5$ scores 0.907 with 3.09 steps
+#   per token, within a point of full depth; the rules that stop at about 2 steps
+#   (confidence, fixed depth 2) lose about half the accuracy. The next section checks these
+#   differences over three seeds.
 # - **Speed.** A token that exits at step $e$ runs $e$ steps of the core instead of $S$, and its
 #   row leaves the batch. When every row exits at the same step (the `fixed` rule), batched
 #   decoding comes closest to the ideal $S / \bar s$: only the fixed costs per token
 #   (embedding, sampling, Python) are not divided by the steps saved. When rows exit at
-#   different steps, the batch
-#   keeps stepping until its slowest row has exited, and every one of those steps pays a fixed
-#   cost per block however few rows remain (launching each operation, in Python and in
-#   PyTorch), plus a gather of the remaining rows' cache entries out of the batch. For a model
-#   this small those costs are most of a step, so the measured speedup stays below the ideal;
-#   the rules that read the gate or the logits also pay for computing the gate and the rule's
-#   score at every step. In the stored run, Q-exit decoded 1.10 times as fast as full depth at
-#   batch 1 but only 0.79 times as fast at batch 64 (ideal 1.73), and fixed depth 2 1.32 and
-#   1.37 times (ideal 2). These timings come from a busy machine: the five full-depth rows,
-#   which do nearly the same work, spread by about 15% around their mean, so only larger differences
-#   mean something. The work skipped is real, as the batch-1 column shows for the settings that
-#   skip the most (confidence and fixed depth, 2 steps per token: 1.40 and 1.32); the fraction of
+#   different steps, the batch keeps stepping until its slowest row has exited, and every one
+#   of those steps pays a fixed cost per block however few rows remain (launching each
+#   operation, in Python and in PyTorch), plus a gather of the remaining rows' cache entries
+#   out of the batch. For a model this small those costs are most of a step, so the measured
+#   speedup stays below the ideal; the rules that read the gate or the logits also pay for
+#   computing the gate and the rule's score at every step. In the stored run, Q-exit decoded
+#   1.22 times as fast as full depth at batch 1 but no faster at batch 64 (1.00; ideal 1.41),
+#   KL and hidden-state change, which save little work, ran slower than full depth at batch
+#   64 (0.75 and 0.86), and fixed depth 2 ran 1.73 and 1.48 times as fast (ideal 2). These
+#   timings are one run's: the five full-depth rows, which do nearly the same work, spread
+#   by about 5% around their mean, so only larger differences mean something. The work
+#   skipped is real, as the batch-1 column shows for the settings that skip the most
+#   (confidence, 1.64 steps per token, 1.67 times; fixed depth 2, 1.73 times); the fraction of
 #   it that turns into wall time grows with the model's width, where the block's matrix
-#   products dominate. We checked that on untrained models with a random gate (only their
-#   timings mean anything), measured with `python -m looplm.bench decode --checkpoint …` on
-#   64 examples: at width 64, Q-exit at batch 64 ran at 0.93 times the speed of full depth
-#   (ideal 2.66) and fixed depth 2 at 1.72 times (ideal 2); at width 512 with 8 heads, Q-exit
-#   ran 1.29 times faster (ideal 1.58) and fixed depth 2 1.90 times.
+#   products dominate.
 
 # %% [markdown]
 # ### Quality over three seeds
@@ -2263,12 +2262,13 @@ run_tests(test_silent_results_become_errors, test_command_line_flags, test_bench
 # written without a cache, and so is every cache strategy. Decoding runs the model's own
 # `encode`, `step` and `readout`, keeps a float64 model in float64, and draws every random
 # number from the `generator` it is given. On the trained model, the memory-saving strategies
-# cost some accuracy (the first-step cache most, as Ouro found). Early exit skipped real work:
-# Q-exit ran 2.54 loop steps per token instead of 4. How much of that became speed depended on
-# the batch: in the stored run Q-exit decoded 1.10 times as fast as full depth at batch 1, but
-# at batch 64 it was slower than full depth (0.79 times), because a batch steps until its
+# cost some accuracy, the first-step cache most (0.780 against 0.884 for the exact cache over
+# three seeds), as Ouro found. Early exit skipped real work: Q-exit at $q = 0.5$ ran about 3.1
+# loop steps per token instead of 4 and stayed within a point of full depth. How much of that
+# became speed depended on the batch: in the stored run Q-exit decoded 1.22 times as fast as
+# full depth at batch 1 and no faster at batch 64 (1.00), because a batch steps until its
 # slowest row has exited and every step pays fixed costs that, for a model this small, are
-# most of its time; fixed depth 2, where all rows exit together, ran 1.32 and 1.37 times as
+# most of its time; fixed depth 2, where all rows exit together, ran 1.73 and 1.48 times as
 # fast.
 
 # %% [markdown]

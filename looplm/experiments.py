@@ -1,6 +1,6 @@
-# Generated from book/03_fixed_loops.py, book/05_learning_when_to_stop.py, book/06_inference.py: edit the chapter, then run `make export`.
+# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05_learning_when_to_stop.py, book/06_inference.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT']
+__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH04_SPLITS', 'FIXED_VS_RANDOM_DEPTH', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT']
 # fmt: on
 
 # --- book/03_fixed_loops.py, cell 103 ---
@@ -65,6 +65,52 @@ def _ch03_prefix(seed, n_steps):
 
 LOOPED_VS_STACKED = register(Experiment("looped-vs-stacked", "03", "chapter 3: looped vs stacked models, and injection and norm "
                     "placement, on the stack task", _ch03_run, _ch03_prefix))
+
+# --- book/04_backprop_through_the_loop.py, cell 110 ---
+import torch
+
+from looplm.backprop import make_loop_loss
+from looplm.data import TASK_VOCAB, make_splits, make_task
+from looplm.model import LoopLM, LoopLMConfig
+from looplm.results import Experiment, register
+from looplm.train import TrainConfig, Trainer, task_accuracy, task_batches
+
+CH04_SPLITS = dict(task="stack", n_train=5000, n_test=500, max_difficulty=4, ood_max_difficulty=5, seed=0)
+CH04_STEPS, CH04_MAX_LOOPS = 600, 16
+
+
+def _ch04_trainer(seed, randomized):
+    splits = make_splits(**CH04_SPLITS)
+    torch.manual_seed(seed)
+    model = LoopLM(LoopLMConfig(TASK_VOCAB.vocab_size, 64, 4, n_loops=4, max_seq_len=16))
+    loss_fn = make_loop_loss(sample_depth=3, seed=seed) if randomized else make_loop_loss()
+    trainer = Trainer(model, task_batches(splits.train, batch_size=32),
+                      TrainConfig(steps=CH04_STEPS, seed=seed, progress=False), loss_fn=loss_fn)
+    return trainer, splits
+
+
+def _ch04_run(seed):
+    runs = {}
+    for name, randomized in (("fixed depth 4", False), ("random depth, mean 4", True)):
+        trainer, splits = _ch04_trainer(seed, randomized)
+        trainer.run()
+        depths = [int(row["depth"]) for row in trainer.history]
+        runs[name] = {"curve": task_accuracy(trainer.model, splits.test, n_loops=CH04_MAX_LOOPS).tolist(),
+                      "mean_depth": sum(depths) / len(depths), "max_depth": max(depths),
+                      "shallow_share": sum(d <= 2 for d in depths) / len(depths),
+                      "losses": [row["loss"] for row in trainer.history]}
+    return {"runs": runs, "prefix": runs["fixed depth 4"]["losses"][:20]}
+
+
+def _ch04_prefix(seed, n_steps):
+    trainer, _ = _ch04_trainer(seed, randomized=False)
+    trainer.run(until=n_steps)
+    return [row["loss"] for row in trainer.history]
+
+
+FIXED_VS_RANDOM_DEPTH = register(Experiment(
+    "fixed-vs-random-depth", "04", "chapter 4: fixed against randomized training depth, accuracy at 1 to 16 steps",
+    _ch04_run, _ch04_prefix))
 
 # --- book/05_learning_when_to_stop.py, cell 131 ---
 import copy

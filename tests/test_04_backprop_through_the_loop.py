@@ -12,6 +12,10 @@ from looplm.backprop import (  # noqa: F401
     LoopLoss,
     make_loop_loss,
 )
+from looplm.experiments import (  # noqa: F401
+    CH04_SPLITS,
+    FIXED_VS_RANDOM_DEPTH,
+)
 from looplm.train import (  # noqa: F401
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -316,7 +320,15 @@ def test_scale_core_grad_divides_the_core_gradient_once():
     for name, g in grads(make_loop_loss(grad_steps=2)).items():  # the hooks are gone
         torch.testing.assert_close(g, plain[name])
 
-# --- book/04_backprop_through_the_loop.py, cell 132 ---
+# --- book/04_backprop_through_the_loop.py, cell 114 ---
+from looplm.results import check_prefix
+
+
+def test_stored_depth_experiment_matches_a_live_prefix():
+    difference, _ = check_prefix("fixed-vs-random-depth")
+    assert difference <= 1e-3
+
+# --- book/04_backprop_through_the_loop.py, cell 136 ---
 import os
 import tempfile
 from pathlib import Path
@@ -401,7 +413,7 @@ def test_unusable_checkpoints_get_clear_errors():
         with pytest.raises(FileNotFoundError):
             read_checkpoint(Path(folder) / "missing.pt")
 
-# --- book/04_backprop_through_the_loop.py, cell 134 ---
+# --- book/04_backprop_through_the_loop.py, cell 138 ---
 def test_checkpoints_with_non_finite_weights_are_refused():
     trainer = _tiny_trainer()
     with tempfile.TemporaryDirectory() as folder:
@@ -433,7 +445,7 @@ def test_a_save_removes_the_temporary_files_of_killed_saves():
         save_checkpoint(folder / "checkpoint.pt", trainer)
         assert sorted(os.listdir(folder)) == sorted(["checkpoint.pt", *others])
 
-# --- book/04_backprop_through_the_loop.py, cell 156 ---
+# --- book/04_backprop_through_the_loop.py, cell 160 ---
 import contextlib
 import io
 import subprocess
@@ -464,7 +476,7 @@ def test_command_line_trains_saves_and_resumes():
         assert read_checkpoint(Path(folder) / "checkpoint.pt")["trainer"]["step"] == 6
         assert _quiet_main([*args, "--steps", "8", "--resume", "--d-model", "32"]) == 2   # another model
 
-# --- book/04_backprop_through_the_loop.py, cell 158 ---
+# --- book/04_backprop_through_the_loop.py, cell 162 ---
 import errno
 import importlib
 import json
@@ -595,7 +607,7 @@ def test_loss_plot_is_written_atomically():
         _plot_history(history, path)
         assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(folder) == ["loss.png"]
 
-# --- book/04_backprop_through_the_loop.py, cell 159 ---
+# --- book/04_backprop_through_the_loop.py, cell 163 ---
 class _FullDisk:
     """A file that takes `room` bytes, then fails as a full disk does (OSError ENOSPC)."""
 
@@ -724,7 +736,7 @@ def test_memory_errors_get_one_line():
         assert status == 1 and "out of memory while training" in _one_line(err, "python -m looplm.train: stopped: ")
         assert os.listdir(out) == []
 
-# --- book/04_backprop_through_the_loop.py, cell 177 ---
+# --- book/04_backprop_through_the_loop.py, cell 181 ---
 from looplm.bench import MinimalLoopedLM, bench_train, format_train_table, minimal_from_looplm
 
 
@@ -742,7 +754,7 @@ def test_minimal_model_matches_looplm_and_the_benchmark_runs():
                                                   "LoopLM + make_loop_loss()", "LoopLM + default_loss"]
     assert result["max_logit_difference"] <= 1e-6 and "overhead" in format_train_table(result)
 
-# --- book/04_backprop_through_the_loop.py, cell 179 ---
+# --- book/04_backprop_through_the_loop.py, cell 183 ---
 from looplm.bench import BENCHMARKS, main as bench_main      # the package's (the notebook has its own copies)
 
 
@@ -784,7 +796,7 @@ def test_bench_bad_input_gets_one_error_line():
             start = "python -m looplm.bench: stopped: " if kind == "full" else "python -m looplm.bench: error: "
             assert status == (1 if kind == "full" else 2) and _one_line(err, start) == start + str(error), err
 
-# --- book/04_backprop_through_the_loop.py, cell 189 ---
+# --- book/04_backprop_through_the_loop.py, cell 193 ---
 def test_bad_arguments_get_clear_errors():
     model = _full_model()
     idx, targets = _batch()

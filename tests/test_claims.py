@@ -82,7 +82,74 @@ def ch03(model, key, index=None):
 
 LOOPED, ONE, FOUR = "looped 1 block × 4", "same parameters: 1 layer", "same compute: 4 layers"
 
+def ch05(*keys, index=None):
+    return seed_summary("exit-recipe", "runs", *keys, index=index)
+
+
+def ch04(name, key, index=None):
+    return seed_summary("fixed-vs-random-depth", "runs", name, key, index=index)
+
+
+def mean(values, digits=2):
+    return f"{sum(values) / len(values):.{digits}f}"
+
+
+FIXED, RANDOM = "fixed depth 4", "random depth, mean 4"
+
 CLAIMS = [
+    # chapter 4: fixed against randomized depth, 3 seeds
+    Claim("04", r"\(1\.00 at 4 steps in every seed, (\S+) at 3 and (\S+) at 5 on average\)",
+          lambda m: min(ch04(FIXED, "curve", 3)) >= 0.995 and (m[1], m[2]) == (mean(ch04(FIXED, "curve", 2)),
+                                                                                mean(ch04(FIXED, "curve", 4)))),
+    Claim("04", r"(\S+) at 10 steps and (\S+) at 16 on average",
+          lambda m: (m[1], m[2]) == (mean(ch04(FIXED, "curve", 9)), mean(ch04(FIXED, "curve", 15)))),
+    Claim("04", r"its best mean accuracy is (\S+), at (\d+) steps",
+          lambda m: m[1] == mean(ch04(RANDOM, "curve", int(m[2]) - 1))
+          and all(sum(ch04(RANDOM, "curve", i)) <= sum(ch04(RANDOM, "curve", int(m[2]) - 1)) for i in range(16))),
+    Claim("04", r"to (\S+) at 16 steps, and at 16 steps it is ahead of the fixed-depth model in every seed, by "
+                r"(\S+) to (\S+)\.",
+          lambda m: m[1] == mean(ch04(RANDOM, "curve", 15))
+          and [round(r - f, 2) for r, f in zip(ch04(RANDOM, "curve", 15), ch04(FIXED, "curve", 15))]
+          and min(r - f for r, f in zip(ch04(RANDOM, "curve", 15), ch04(FIXED, "curve", 15))) > 0
+          and f"{min(r - f for r, f in zip(ch04(RANDOM, 'curve', 15), ch04(FIXED, 'curve', 15))):.2f}" == m[2]
+          and f"{max(r - f for r, f in zip(ch04(RANDOM, 'curve', 15), ch04(FIXED, 'curve', 15))):.2f}" == m[3]),
+    Claim("04", r"about (\d+)% of its batches run one or two steps",
+          lambda m: f"{100 * sum(ch04(RANDOM, 'shallow_share')) / 3:.0f}" == m[1]),
+    # chapter 5: the baseline, the diagnosis, the recipe, 3 seeds
+    Claim("05", r"it is best at step 2 \((\S+ ± \S+) over three seeds\) and worse at step 4 \((\S+ ± \S+)\)",
+          lambda m: (m[1], m[2]) == (pm(ch05("eq4", "test_per_step", index=1)), pm(ch05("eq4", "test_per_step", index=3)))
+          and sum(ch05("eq4", "test_per_step", index=3)) < sum(ch05("eq4", "test_per_step", index=1))),
+    Claim("05", r"The model without a gate reaches (\S+ ± \S+) at step 4\. Its early readouts are poor \((\S+)\s+at step 1\)",
+          lambda m: m[1] == pm(ch05("baseline", "test_per_step", index=3))
+          and m[2] == mean(ch05("baseline", "test_per_step", index=0), 3)),
+    Claim("05", r"It falls short the same way: (\S+ ± \S+) at its best step, (\S+ ± \S+) at step 4",
+          lambda m: m[1] == pm(ch05("weights_only", "test_per_step", index=2))
+          and m[2] == pm(ch05("weights_only", "test_per_step", index=3))),
+    Claim("05", r"model keeps what the baseline has: (\S+ ± \S+) at step 4 over three seeds, the baseline's (\S+ ± \S+)",
+          lambda m: m[1] == pm(ch05("recipe", "test_per_step", index=3)) and m[2] == pm(ch05("baseline", "test_per_step", index=3))),
+    Claim("05", r"\((\S+) at step 2 and (\S+) at step 3, against (\S+) and (\S+)\)",
+          lambda m: (m[1], m[2], m[3], m[4]) == tuple(mean(ch05(run, "test_per_step", index=i), 3) for run, i in
+                                                       (("recipe", 1), ("recipe", 2), ("baseline", 1), ("baseline", 2)))),
+    Claim("05", r"falls from (\S+) to (\S+) and the mass on step 4 from (\S+) to (\S+), so the entropy \*rises\*, "
+                r"from (\S+) to (\S+)\.",
+          lambda m: (m[1], m[2]) == (mean(ch05("recipe", "stage1", "depth")), mean(ch05("recipe", "stage2", "depth")))
+          and (m[3], m[4]) == (mean(ch05("recipe", "stage1", "mass", index=3)), mean(ch05("recipe", "stage2", "mass", index=3)))
+          and (m[5], m[6]) == (mean(ch05("recipe", "stage1", "entropy")), mean(ch05("recipe", "stage2", "entropy")))),
+    Claim("05", r"two-stage model scores (\S+ ± \S+) on the test set with (\S+ ± \S+) steps per answer token, against "
+                r"(\S+ ± \S+) for the model without a gate",
+          lambda m: (m[1], m[2], m[3]) == (pm(ch05("recipe", "stage2", "q_accuracy")), pm(ch05("recipe", "stage2", "q_steps"), 2),
+                                           pm(ch05("baseline", "test_per_step", index=3)))),
+    Claim("05", r"exits much earlier \((\S+) steps\) and is about 20 points worse",
+          lambda m: m[1] == mean(ch05("eq4", "stage2", "q_steps"))
+          and 0.15 < (sum(ch05("recipe", "stage2", "q_accuracy")) - sum(ch05("eq4", "stage2", "q_accuracy"))) / 3 < 0.25),
+    Claim("05", r"does as well as the Stage II gate \((\S+ ± \S+) at (\S+)\s+steps\)",
+          lambda m: m[1] == pm(ch05("recipe", "stage1", "q_accuracy")) and m[2] == mean(ch05("recipe", "stage1", "q_steps"))),
+    Claim("05", r"Q-exit with the Stage II gate has the highest mean \((\S+ ± \S+)\), ahead of KL \((\S+)\)",
+          lambda m: m[1] == pm(ch05("recipe", "budgets", "Q-exit, Stage II gate", index=2))
+          and m[2] == mean(ch05("recipe", "budgets", "KL (Huginn)", index=2), 3)),
+    Claim("05", r"Past the trained depth the last step gets worse: (\S+ ± \S+) at 4 steps, (\S+) at 5 and (\S+ ± \S+) at 8",
+          lambda m: m[1] == pm([r[3]["test_last"] for r in seed_summary("exit-recipe", "runs", "recipe", "loop_budget")])
+          and m[3] == pm([r[7]["test_last"] for r in seed_summary("exit-recipe", "runs", "recipe", "loop_budget")])),
     Claim("03", r"0\.93 on the test set at 5 steps, 0\.92 at 4\), then it falls, to 0\.72 at 8",
           lambda m: "test 0.04 0.34 0.80 0.92 0.93 0.88 0.81 0.72" in output_after("03", "looped_curves = {")),
     Claim("03", r"1-layer model reaches (\S+ ± \S+) test", lambda m: m[1] == pm(ch03(ONE, "test_acc"))),
