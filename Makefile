@@ -51,8 +51,8 @@ $(MATHJAX):
 test: $(STAMP) $(MATHJAX)
 	$(PY) tools/sync.py
 	$(PY) tools/export.py --check
-	$(PY) -m pytest tests/ -q
-	$(PY) -m pytest --nbval-lax -q book/
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/ -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax -q -n 2 --dist loadfile book/
 
 grade: $(STAMP)
 	$(PY) -m looplm.grade $(CHAPTER)

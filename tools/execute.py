@@ -194,6 +194,9 @@ def execute(py: Path, fresh_timings: bool = False) -> float:
 def main(argv: list[str]) -> int:
     os.environ.setdefault("PYTHONHASHSEED", "0")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # one thread per kernel, as under `make test`: the same floating-point sums, so the same
+    # outputs, on machines with any number of cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     fresh_timings = "--fresh-timings" in argv or os.environ.get("LOOPLM_FRESH_TIMINGS") == "1"
     argv = [a for a in argv if a != "--fresh-timings"]
