@@ -235,7 +235,7 @@ print("bfloat16 in ->", norm(x.bfloat16()).dtype, "out")
 # The first test compares the module with a float64 reference, written again from the
 # formula so that it shares no code with the module:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 import pytest
 import torch
@@ -283,7 +283,7 @@ run_tests(test_rmsnorm_matches_float64_reference, test_rmsnorm_eps_on_small_and_
 # The second feeds it float16 values near 300. Their squares overflow float16, so only a
 # float32 computation gets them right:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_rmsnorm_low_precision_input():
     torch.manual_seed(0)
@@ -488,7 +488,7 @@ for m, n in [(3, 0), (10, 7), (40, 37), (7, 10), (0, 3), (37, 40)]:
 # rotation of a pair is a multiplication by $e^{\mathrm{i}\, m \theta}$ in the complex
 # plane, with $x_i$ as the real part and $x_{i+d/2}$ as the imaginary part.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def _rope_complex(x, positions, base=10000.0):
     """Rotate-half RoPE via complex numbers: (x_i + j x_{i+d/2}) * exp(j m theta_i)."""
@@ -514,7 +514,7 @@ run_tests(test_rope_matches_complex_rotation)
 # The other two pin the two properties we just saw: lengths are kept, and scores depend on
 # the offset alone.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_rope_preserves_norm():
     torch.manual_seed(0)
@@ -525,7 +525,7 @@ def test_rope_preserves_norm():
 
 run_tests(test_rope_preserves_norm)
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_rope_scores_depend_only_on_offset():
     torch.manual_seed(0)
@@ -550,7 +550,7 @@ run_tests(test_rope_scores_depend_only_on_offset)
 # 6), `apply_rope` takes one table per row, $[B, T, h_s/2]$. Row by row it must equal the
 # shared-table version:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_rope_per_row_tables_match_row_by_row():
     torch.manual_seed(0)
@@ -632,7 +632,7 @@ print("state_dict keys:", list(rope.state_dict()))
 # `state_dict` is empty: a checkpoint stores weights, and the tables are not weights.
 # Converted to float64, the module holds the float64 tables, not widened float32 ones:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_rope_tables_follow_the_dtype():
     rope = RotaryEmbedding(head_dim=16, max_seq_len=300).double()
@@ -817,7 +817,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, attend=None):
         """attend(q, k, v) -> [B, nh, T, hs] replaces the causal attention op (a KV cache passes
-        one, chapter 6); by default it is scaled_dot_product_attention(is_causal=True)."""
+        one, chapter 7); by default it is scaled_dot_product_attention(is_causal=True)."""
         _check_hidden(x, self.d_model)
         q, k, v = self.project_qkv(x, cos, sin)
         if attend is None:
@@ -896,7 +896,7 @@ print(f"positions 7..11: max change {(y1[:, 7:] - y2[:, 7:]).abs().max():.1e}")
 # Three tests follow. The first checks the reference against the fused kernel, with and
 # without the mask:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_reference_attention_matches_sdpa():
     torch.manual_seed(0)
@@ -914,7 +914,7 @@ run_tests(test_reference_attention_matches_sdpa)
 # The second checks the alignment a KV cache relies on: the last three queries against all
 # the keys give the last three rows of the full computation.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_causal_mask_aligns_queries_to_last_keys():
     torch.manual_seed(0)
@@ -931,7 +931,7 @@ run_tests(test_causal_mask_aligns_queries_to_last_keys)
 # The third is the causality experiment above as a test. `_changes_only_from` is reused
 # for the whole block in section 1.6.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def _changes_only_from(module_call, x, t0):
     """Change x from position t0 on; return (max change before t0, max change from t0)."""
@@ -1124,11 +1124,11 @@ print(block)
 
 # %% [markdown]
 # The attention op itself can be replaced: `attend(q, k, v)` receives the rotated queries and
-# keys and the values, and returns what attention would. Chapter 6 passes a function that
+# keys and the values, and returns what attention would. Chapter 7 passes a function that
 # also reads and writes a KV cache. Passing plain causal attention must change nothing, in
 # the block too, for every norm placement:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_attend_hook_replaces_the_attention_op():
     torch.manual_seed(0)
@@ -1239,7 +1239,7 @@ plt.show()
 # First, shapes: every module maps a `(B, T, C)` input to a `(B, T, C)` output, for all
 # three norm styles.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_shapes():
     torch.manual_seed(0)
@@ -1261,7 +1261,7 @@ run_tests(test_shapes)
 # Next, causality of the whole block. The MLP and the norms act on each position
 # separately, so if attention is causal the block must be too.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_block_is_causal():
     for style in NORM_STYLES:
@@ -1278,7 +1278,7 @@ run_tests(test_block_is_causal)
 # Last, gradients. We apply one block three times to its own output, as a looped model
 # will, and backpropagate. Every parameter must get a finite gradient.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_gradients_are_finite():
     for style in NORM_STYLES:
@@ -1361,7 +1361,7 @@ print(f"1 block applied 8 times:  {per_block:>9,d} parameters")
 # %% [markdown]
 # A test keeps the formula honest for a few more shapes, including an explicit `d_hidden`:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_param_count_formula():
     for d_model, n_heads, d_hidden in [(32, 2, None), (48, 4, 100), (64, 8, 64)]:
@@ -1424,7 +1424,7 @@ show_error(lambda: block(torch.randn(2, 40, 64), cos, sin))
 # The tests pin down each message, so a change to the checks cannot quietly remove one.
 # First the constructors:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="n_heads=3 must divide d_model=100"):
@@ -1442,7 +1442,7 @@ run_tests(test_bad_arguments_raise)
 # %% [markdown]
 # Sizes must be positive ints. A float or a bool is refused, not rounded or read as 1:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_bad_sizes_raise():
     for bad in (0, -8, 2.5, True):
@@ -1461,7 +1461,7 @@ run_tests(test_bad_sizes_raise)
 # %% [markdown]
 # Then the inputs:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_bad_inputs_raise():
     torch.manual_seed(0)
@@ -1483,7 +1483,7 @@ run_tests(test_bad_inputs_raise)
 # %% [markdown]
 # And the rope tables and masks, which must match the sequence they are used with:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_bad_positions_raise():
     torch.manual_seed(0)

@@ -713,7 +713,7 @@ def _check_targets(targets, idx, vocab_size):
 #   the normed state that the head and the gate read.
 #
 # Each takes an optional `attend` hook, `attend(i)` giving the attention operation of its
-# block `i` (chapter 1's `Block` accepts one), and `readout` a `last_only` flag. Chapter 6's
+# block `i` (chapter 1's `Block` accepts one), and `readout` a `last_only` flag. Chapter 7's
 # decoder uses them to run the very same step through a KV cache, so that there is one
 # definition of a loop step for training and for decoding.
 
@@ -1041,7 +1041,7 @@ with torch.no_grad():
 # are written to `tests/test_02_one_step_is_a_gpt.py` for pytest. First, `from_gpt` on several
 # configurations, including the sandwich norm and an untied head:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 import dataclasses
 import math
@@ -1092,7 +1092,7 @@ run_tests(test_from_gpt_matches_gpt, test_from_gpt_copies_instead_of_sharing)
 # its weights to a GPT, and the two agree. And a 1-block core looped $t$ times agrees with the
 # $t$-layer unrolled GPT at every step:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def _gpt_config_like(cfg, n_layers):
     """The GPTConfig with cfg's shared fields and n_layers blocks."""
@@ -1137,7 +1137,7 @@ run_tests(test_looped_model_with_one_step_is_a_gpt, test_each_step_is_an_unrolle
 # override, the per-step losses against `F.cross_entropy`, causality of the whole model, and
 # determinism under a seed.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def _small_loop_config(**changes):
     base = dict(vocab_size=37, d_model=32, n_heads=4, n_prelude=1, n_core=2, n_coda=1, n_loops=3)
@@ -1401,7 +1401,7 @@ plt.show()
 # `n_loops`. The core's blocks must run once per step, with their own weights each time. And
 # the gradient of a multi-step loss must accumulate into those same tensors:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_weights_are_shared_across_steps():
     counts = set()
@@ -1567,7 +1567,7 @@ show_error(lambda: small(ids, n_loops=0))
 # %% [markdown]
 # The tests pin every one of these messages, field by field:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 import re
 
@@ -1703,7 +1703,7 @@ run_tests(test_config_validation_errors, test_model_input_errors, test_config_de
 # shapes of the table in section 2.5. The test registers a stand-in gate (a constant
 # $\lambda = 1/2$) and removes it again:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 class _HalfGate(torch.nn.Module):
     """A stand-in exit gate: λ = 1/2 everywhere, exit_probs uniform over the steps."""

@@ -305,7 +305,7 @@ for name in INJECTIONS:
 # written out step by step with the model's parts: embedding, $h_0 = x_0$, then injection and
 # core $S$ times, with a readout after each step.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 import math
 
@@ -425,7 +425,7 @@ class ZerosInit(nn.Module):
 # 1 is set by the injection.
 #
 # A random draw must still be reproducible. `RandomInit` draws from the `generator` it is
-# called with: `model(idx, generator=g)` passes one down, and so does chapter 6's decoder.
+# called with: `model(idx, generator=g)` passes one down, and so does chapter 7's decoder.
 # Without one it uses `self.generator` if that is set, and otherwise torch's global random
 # number generator, so that `torch.manual_seed` fixes it. The trainer below saves and restores
 # the global generator's state, so a resumed run draws the same starts as an uninterrupted one.
@@ -533,7 +533,7 @@ print("own generator: same seed same draw:", torch.equal(a, random_init(x0)))
 # a reseed, gives a new one.) The tests pin all of this, plus the refusal of an initial state
 # that would hide the input:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def _normal_cdf(z):
     return 0.5 * (1 + math.erf(z / math.sqrt(2)))
@@ -688,7 +688,7 @@ print("change matches by hand:", all(abs(a - b) < 1e-5 for a, b in zip(step_chan
 # %% [markdown]
 # The tests repeat the check on every token, and pin the errors:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def test_diagnostics_match_an_explicit_loop():
     torch.manual_seed(0)
@@ -1229,7 +1229,7 @@ def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
 # target at each position is the token itself. A model learns it within a few dozen steps.
 # First the schedule, against its formula at the key steps:
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 import dataclasses
 
@@ -1257,7 +1257,7 @@ run_tests(test_lr_schedule_at_key_steps)
 # bit (with the random initial state, so that torch's global generator is exercised too); and
 # a non-finite loss or gradient stops training without touching the weights.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 def _copy_batches(batch_size=8, seq_len=10, vocab_size=23):
     def get_batch(generator):
@@ -1340,7 +1340,7 @@ run_tests(test_training_lowers_the_loss, test_resume_is_exact, test_non_finite_l
 # Last, the weight-decay groups, the task helpers, and bad input: invalid config fields (each
 # named in its error), a `get_batch` that returns the wrong thing, and bad metrics.
 
-# %% tags=["nbval-check-output"]
+# %% tags=["remove-cell", "nbval-check-output"]
 #| test
 from looplm.data import TASK_VOCAB, answer_accuracy, encode_examples, make_splits
 

@@ -1612,8 +1612,8 @@ plt.show()
 # %% [markdown]
 # What the three seeds show, and no more:
 #
-# - The **fixed-depth** model answers almost every test problem at its trained depth (1.00 at
-#   4 steps in every seed, 0.95 at 3 and 0.97 at 5 on average) and gets worse the further it
+# - The **fixed-depth** model answers almost every test problem at its trained depth (at least
+#   0.99 at 4 steps in every seed, 0.95 at 3 and 0.97 at 5 on average) and gets worse the further it
 #   runs past it: 0.53 at 10 steps and 0.27 at 16 on average, with a wide spread between the
 #   seeds (the band). It learned to have the answer *at* step 4, not to keep it.
 # - The **randomized-depth** model learned less in the same 600 steps: its best mean accuracy
@@ -1832,7 +1832,7 @@ def save_checkpoint(path, trainer, extra=None):
 # `save_checkpoint` never writes non-finite weights, but a file can come from elsewhere: an
 # older tool, a hand-edited payload, a bit flipped on disk. A model loaded from such a file
 # would produce NaN logits with no hint of why, so `read_checkpoint`, which every loader in the
-# package goes through (`load_checkpoint` here, `load_model` in chapter 6), refuses it and
+# package goes through (`load_checkpoint` here, `load_model` in chapter 7), refuses it and
 # names the tensor.
 
 # %%

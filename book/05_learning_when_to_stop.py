@@ -28,9 +28,10 @@
 # simple rule turns it into a step count.
 #
 # Ouro is not the only answer. Huginn (arXiv 2502.05171) trains no gate at all and stops when
-# the prediction stops changing. Adaptive Computation Time (ACT, arXiv 1603.08983) and
-# PonderNet (arXiv 2107.05407) train the same kind of gate with other objectives. TRM (arXiv
-# 2510.04871) refines an answer in a loop and learns to halt when the answer is right.
+# the prediction stops changing; this chapter compares its rule with Ouro's. Adaptive
+# Computation Time (ACT, arXiv 1603.08983) and PonderNet (arXiv 2107.05407) train the same
+# kind of gate with other objectives, and TRM (arXiv 2510.04871) refines an answer in a loop
+# and learns to halt when the answer is right: those are chapter 6.
 
 # %% [markdown]
 # The plan:
@@ -43,12 +44,9 @@
 #    behind one interface that a decoder can call step by step;
 # 5. diagnostics: heatmaps, entropy, expected depth, and stability checks;
 # 6. three experiments: depth against difficulty, accuracy against compute, and longer inputs
-#    against the loop budget;
-# 7. other objectives for the same gate: ACT's ponder cost, PonderNet's geometric prior and
-#    Gumbel-softmax sampling;
-# 8. recursive refinement in TRM's style, with a halting head;
-# 9. Ouro's two-stage recipe from the command line;
-# 10. clear errors for bad input.
+#    against the loop budget, with the threshold chosen on validation data;
+# 7. Ouro's two-stage recipe as functions and from the command line;
+# 8. clear errors for bad input.
 #
 # The functions go to `looplm/adaptive.py`. The gate itself is registered in
 # `looplm/model.py`, and the two-stage recipe in `looplm/train.py`.
@@ -88,14 +86,13 @@ print("torch", torch.__version__)
 # %%
 #| export
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding
-from looplm.data import IGNORE_INDEX, TASK_VOCAB, CharVocab, Example, TaskBatch, answer_accuracy
+from looplm.data import IGNORE_INDEX, TASK_VOCAB, CharVocab, answer_accuracy
 from looplm.diagnostics import hidden_norms, step_changes
 
 # %% [markdown]
@@ -349,7 +346,7 @@ print("untrained model, mass per step:", [round(v, 2) for v in out.exit_probs.me
 # exit step: the loss pulls $p$ toward the steps that predict well, and the prior pulls it
 # back toward using every step. Ouro picked the uniform prior over geometric or
 # Poisson-lognormal ones because those bias the model toward halting early (its Appendix A);
-# section 5.8 tries the geometric one. Ouro used $\beta = 0.1$, later $0.05$.
+# chapter 6 tries the geometric one. Ouro used $\beta = 0.1$, later $0.05$.
 
 # %% [markdown]
 # The slow version, one token at a time, straight from the formula:
@@ -470,8 +467,9 @@ print("train", tuple(train_data.idx.shape), " test", tuple(test_data.idx.shape),
 # Our loss function runs the model, applies an objective to the step losses and the gate,
 # and reports a few numbers besides the loss: the mean loss of the last step, the mean entropy
 # of $p$ and the mean expected depth over the answer tokens, and the mass on each step. It
-# is exported as a small class so that it can carry options (and, for the Gumbel objective of
-# section 5.8, a random generator). `objective` selects the formula; Stage I is the default.
+# is exported as a small class so that it can carry options, and a random generator for an
+# objective that samples (chapter 6 has one). `objective` names an entry of the registry
+# `OBJECTIVES`; Stage I is the default.
 
 # %%
 #| export
@@ -493,25 +491,23 @@ def _exit_summary(out, mask, probs=None):
 class AdaptiveLoss:
     """loss_fn(model, idx, targets) -> (loss, metrics) for the Trainer, for a model with a gate.
 
-    objective: "stage1" (Ouro Eq. 4, options beta and last_weight), "act" (tau, eps),
-    "pondernet" (lambda_p, beta) or "gumbel" (tau, hard, beta, seed). With last_weight = w the
-    Stage I loss is w * (mean last-step loss) + (1 - w) * Eq. 4 (section 5.3 says why).
-    The metrics: the mean last-step loss, and the entropy, expected depth and mass per step of
-    p over the answer tokens.
+    objective: a key of OBJECTIVES; "stage1" is Ouro's Eq. 4 with options beta and last_weight
+    (w * mean last-step loss + (1 - w) * Eq. 4; section 5.3 says why). Chapter 6 registers
+    "act", "pondernet" and "gumbel". The metrics: the mean last-step loss, and the entropy,
+    expected depth and mass per step of p over the answer tokens.
     """
 
     def __init__(self, objective="stage1", **options):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(repr(o) for o in OBJECTIVES)}; "
                              f"got {objective!r}")
-        allowed = OBJECTIVES[objective]
-        unknown = sorted(set(options) - set(allowed))
+        entry = OBJECTIVES[objective]
+        unknown = sorted(set(options) - set(entry.options))
         if unknown:
-            raise ValueError(f"objective {objective!r} takes options {sorted(allowed)}, got {unknown}")
-        self.objective, self.options = objective, {**allowed, **options}
-        if objective == "stage1":
-            self.options["last_weight"] = _require_number("last_weight", self.options["last_weight"], low=0, high=1)
-        self.generator = torch.Generator().manual_seed(self.options.pop("seed")) if objective == "gumbel" else None
+            raise ValueError(f"objective {objective!r} takes options {sorted(entry.options)}, got {unknown}")
+        self.objective, self.entry = objective, entry
+        self.options = entry.check({**entry.options, **options}) if entry.check else {**entry.options, **options}
+        self.generator = torch.Generator().manual_seed(self.options.pop("seed")) if entry.random else None
 
     def __call__(self, model, idx, targets):
         if getattr(model, "exit_gate", None) is None:
@@ -519,20 +515,7 @@ class AdaptiveLoss:
                              "use LoopLMConfig(..., exit_gate=True)")
         out = model(idx, targets=targets)
         mask = targets != IGNORE_INDEX
-        o, probs = self.options, None
-        if self.objective == "stage1":
-            w = o["last_weight"]
-            loss = out.loss if w == 1 else stage1_loss(out.step_losses, out.exit_probs, o["beta"], mask)
-            if 0 < w < 1:
-                loss = w * out.loss + (1 - w) * loss
-        elif self.objective == "act":
-            loss = act_loss(out.step_losses, out.gate, o["tau"], o["eps"], mask)
-            probs = act_halting(out.gate, o["eps"])[0]      # ACT reads the gates its own way
-        elif self.objective == "pondernet":
-            loss = pondernet_loss(out.step_losses, out.exit_probs, o["lambda_p"], o["beta"], mask)
-        else:
-            loss = gumbel_exit_loss(out.step_losses, out.exit_probs, o["tau"], o["hard"], o["beta"],
-                                    mask, generator=self.generator)
+        loss, probs = self.entry.loss(out, mask, self.generator, **self.options)
         return loss, _exit_summary(out, mask, probs)
 
     def state_dict(self):
@@ -546,18 +529,38 @@ class AdaptiveLoss:
         return f"AdaptiveLoss({self.objective!r}, {', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
 # %% [markdown]
-# `OBJECTIVES` lists each objective with its options and their defaults. The three other
-# objectives are defined in section 5.8; the table is complete here so that the loss class
-# can check its arguments.
+# `OBJECTIVES` is a registry like chapter 2's: a name maps to an `Objective`, which holds the
+# loss as a function of the forward pass, the options with their defaults, and whether it draws
+# random numbers. Stage I is its first entry; chapter 6 adds three more.
 
 # %%
 #| export
-OBJECTIVES = {
-    "stage1": {"beta": 0.1, "last_weight": 0.0},
-    "act": {"tau": 0.01, "eps": 0.01},
-    "pondernet": {"lambda_p": 0.5, "beta": 0.01},
-    "gumbel": {"tau": 1.0, "hard": True, "beta": 0.0, "seed": 0},
-}
+@dataclass(frozen=True)
+class Objective:
+    """An entry of OBJECTIVES. loss(out, mask, generator, **options) -> (loss, p or None), where p
+    [S, B, T] is the exit distribution the metrics describe (None: out.exit_probs); options maps
+    each option to its default; check(options) -> options validates them; random: the loss
+    draws from a generator, seeded by the option "seed"."""
+
+    loss: Callable
+    options: dict
+    check: Callable | None = None
+    random: bool = False
+
+
+def _stage1_objective(out, mask, generator, beta, last_weight):
+    if last_weight == 1:
+        return out.loss, None                  # the last step's mean loss; the gate gets no gradient
+    loss = stage1_loss(out.step_losses, out.exit_probs, beta, mask)
+    return (last_weight * out.loss + (1 - last_weight) * loss if last_weight else loss), None
+
+
+def _check_stage1(options):
+    return {"beta": _require_number("beta", options["beta"], low=0),
+            "last_weight": _require_number("last_weight", options["last_weight"], low=0, high=1)}
+
+
+OBJECTIVES = {"stage1": Objective(_stage1_objective, {"beta": 0.1, "last_weight": 0.0}, _check_stage1)}
 
 # %% [markdown]
 # ### Without the bonus, the exit collapses
@@ -1090,7 +1093,7 @@ print("q_exit_steps matches the slow loop on 480 cases:", agree)
 # - **fixed depth**: stop at step $n$, for comparison.
 
 # %% [markdown]
-# A decoder (chapter 6) runs the loop one step at a time, and a rule must decide after each
+# A decoder (chapter 7) runs the loop one step at a time, and a rule must decide after each
 # step with only what has been computed so far. So a rule is an object with one method that
 # sees a **view** of step $t$: its readout, the previous readout, the gates so far, the state
 # and the previous state. Each rule reduces the view to a **score** per token and compares it
@@ -1377,7 +1380,7 @@ for rule in (ConfidenceExit(0.9), KLExit(5e-4), KLExit(0.2), FixedDepth(2)):
 # step it stopped at, $[S, B, T, V] \to [B, T, V]$. This is how the exit is applied in this
 # chapter: all $S$ steps are computed and the exit only chooses which readout a token reports.
 # Ouro's released code does the same. Skipping the computation for real, with a KV cache, is
-# chapter 6's job.
+# chapter 7's job.
 
 # %%
 #| export
@@ -2344,623 +2347,7 @@ plt.show()
 # extrapolation is a separate matter (chapter 4's randomized depth is one lever).
 
 # %% [markdown]
-# ## 5.8 Other objectives for the same gate
-#
-# Ouro's Stage I is one way to train a gate jointly with the model. Two older ones use the
-# same per-step gate outputs and differ in how they read them and what they penalise; a third
-# option replaces the expectation over exit steps by a sample.
-#
-# ### ACT: a ponder cost
-#
-# Adaptive Computation Time (Graves, arXiv 1603.08983; used by the Universal Transformer)
-# reads the gate outputs $h_n = \lambda_n$ as *increments* of a halting budget, not as
-# conditional probabilities. A token halts at the first step where the budget is spent,
-#
-# $$
-# N = \min\Big\{ n : \sum_{j \le n} h_j \ge 1 - \varepsilon \Big\} \quad (\text{or } S), \qquad
-# R = 1 - \sum_{j < N} h_j ,
-# $$
-#
-# and step $n$ gets weight $h_n$ before $N$ and the remainder $R$ at $N$; the weights sum to
-# one. ACT mixes the *states* with these weights; we mix the step losses, as for Ouro. The
-# **ponder cost** $\rho = N + R$ counts the steps used, and the loss adds $\tau \rho$:
-#
-# $$
-# \mathcal{L}_{\text{ACT}} = \sum_{n \le N} w_n L^{(n)} + \tau\, (N + R) .
-# $$
-#
-# $N$ is a whole number and has no gradient; $R$ has one, and it pushes the gates of the steps
-# before $N$ up, so that the token halts sooner. As in `exit_distribution`, the gate of the
-# last step is never used.
-
-# %%
-#| export
-def act_halting(gate, eps=0.01):
-    """ACT's reading of the gates h_n = gate[n-1]: (weights [S, ...], N LongTensor [...], R [...]).
-
-    N = first n with Σ_{j<=n} h_j >= 1 - eps (else S); R = 1 - Σ_{j<N} h_j; weights are h_n for
-    n < N, R at n = N and 0 after, summing to 1.
-    """
-    _check_gate(gate)
-    eps = _require_number("eps", eps, low=0, high=1, high_open=True)
-    halted = gate.cumsum(0) >= 1 - eps                                # (S, ...)
-    halted[-1] = True
-    n_halt = halted.long().argmax(0) + 1                              # N, from 1: (...)
-    steps = torch.arange(1, gate.shape[0] + 1, device=gate.device).view(-1, *[1] * (gate.ndim - 1))
-    before = steps < n_halt                                           # n < N: (S, ...)
-    remainder = 1 - torch.where(before, gate, 0).sum(0)               # R: (...)
-    weights = torch.where(before, gate, 0) + (steps == n_halt) * remainder
-    return weights, n_halt, remainder
-
-
-def act_loss(step_losses, gate, tau=0.01, eps=0.01, mask=None):
-    """ACT (Graves 2016): mean over tokens of Σ_n w_n L_n + tau (N + R), the gates read as ACT does."""
-    _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
-    _check_gate(gate)
-    _check_pair("step_losses", step_losses, "gate", gate)
-    tau = _require_number("tau", tau, low=0)
-    weights, n_halt, remainder = act_halting(gate, eps)
-    return _token_mean((weights * step_losses).sum(0) + tau * (n_halt + remainder), mask)
-
-# %% [markdown]
-# By hand, gates $0.3, 0.5, 0.4, 0.9$ and $\varepsilon = 0.01$: the running sums are $0.3$,
-# $0.8$, $1.2$, so $N = 3$, $R = 1 - 0.8 = 0.2$, the weights are $0.3, 0.5, 0.2, 0$ and the
-# ponder cost is $3.2$:
-
-# %% tags=["nbval-check-output"]
-weights, n_halt, remainder = act_halting(torch.tensor([0.3, 0.5, 0.4, 0.9]))
-print("weights", [round(w, 4) for w in weights.tolist()], " N =", n_halt.item(), " R =", round(remainder.item(), 4))
-
-# %% [markdown]
-# ### PonderNet: a geometric prior
-#
-# PonderNet (Banino et al., arXiv 2107.05407) reads the gates exactly as Ouro does,
-# $p_n = \lambda_n \prod_{j<n} (1 - \lambda_j)$, and regularises with a KL divergence to a
-# geometric prior instead of the uniform one:
-#
-# $$
-# \mathcal{L}_{\text{Ponder}} = \sum_n p_n L^{(n)} + \beta\, \mathrm{KL}\big(p \,\|\, p_G(\lambda_p)\big),
-# \qquad p_G(n) = \lambda_p (1 - \lambda_p)^{n-1} .
-# $$
-#
-# The prior says "halt at each step with probability $\lambda_p$", an expected
-# $1/\lambda_p$ steps. With $S$ steps we truncate it the way `exit_distribution` truncates:
-# the last step takes the remaining mass. So the prior *is* the exit distribution of a
-# constant gate $\lambda_p$, and sums to one. At inference PonderNet samples the exit step.
-
-# %%
-#| export
-def geometric_prior(n_steps, lambda_p):
-    """PonderNet's geometric prior over S steps, truncated like exit_distribution: [S]."""
-    _require_int("n_steps", n_steps, 1)
-    lambda_p = _require_number("lambda_p", lambda_p, low=0, high=1, low_open=True)
-    return exit_distribution(torch.full((n_steps,), lambda_p, dtype=torch.float64)).float()
-
-
-def pondernet_loss(step_losses, exit_probs, lambda_p=0.5, beta=0.01, mask=None):
-    """PonderNet: mean over tokens of Σ_n p_n L_n + beta KL(p || geometric prior(lambda_p))."""
-    _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
-    _require_steps("exit_probs", exit_probs, _NO_GATE)
-    _check_pair("step_losses", step_losses, "exit_probs", exit_probs)
-    beta = _require_number("beta", beta, low=0)
-    prior = geometric_prior(exit_probs.shape[0], lambda_p).to(exit_probs)
-    prior = prior.view(-1, *[1] * (exit_probs.ndim - 1))               # (S, 1, ...)
-    kl = (exit_probs * (exit_probs.clamp_min(1e-12).log() - prior.log())).sum(0)
-    return _token_mean((exit_probs * step_losses).sum(0) + beta * kl, mask)
-
-# %% [markdown]
-# The prior for $\lambda_p = \tfrac12$ over four steps, and a check that a distribution equal
-# to the prior pays no KL:
-
-# %% tags=["nbval-check-output"]
-prior = geometric_prior(4, 0.5)
-print("prior:", prior.tolist())
-zero_losses = torch.zeros(4, 1)
-print("KL term at p = prior:", pondernet_loss(zero_losses, prior[:, None], 0.5, beta=1.0).item())
-print("KL term at p = uniform:", round(pondernet_loss(zero_losses, torch.full((4, 1), 0.25), 0.5, beta=1.0).item(), 4))
-
-# %% [markdown]
-# ### Gumbel-softmax: sample the exit step
-#
-# Stage I and PonderNet train on the *expected* loss over exit steps. One can instead sample
-# one exit step per token and train on its loss, which is what happens at inference. The
-# sample is made differentiable with the Gumbel-softmax trick: add Gumbel noise
-# $g_t = -\log(-\log u_t)$, $u_t \sim \mathcal{U}(0, 1)$, to the log-probabilities and take a
-# softmax at temperature $\tau$,
-#
-# $$
-# y_t = \frac{\exp\big((\log p_t + g_t)/\tau\big)}{\sum_s \exp\big((\log p_s + g_s)/\tau\big)} .
-# $$
-#
-# The argmax of $\log p_t + g_t$ is an exact sample from $p$. With `hard=True` the forward pass
-# uses that one-hot sample and the backward pass the gradient of the soft $y$ (the
-# straight-through estimator). An optional entropy bonus $\beta$ works as in Stage I.
-
-# %%
-#| export
-def gumbel_exit_weights(exit_probs, tau=1.0, hard=True, generator=None):
-    """A Gumbel-softmax sample of the exit step: [S, ...] weights summing to 1 over the steps.
-
-    hard=True: one-hot in the forward pass, the soft sample's gradient in the backward pass.
-    """
-    _require_steps("exit_probs", exit_probs, _NO_GATE)
-    tau = _require_number("tau", tau, low=0, low_open=True)
-    uniform = torch.rand(exit_probs.shape, generator=generator, dtype=exit_probs.dtype).to(exit_probs.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-10)))
-    soft = ((exit_probs.clamp_min(1e-12).log() + gumbel) / tau).softmax(0)   # (S, ...)
-    if not hard:
-        return soft
-    one_hot = torch.zeros_like(soft).scatter_(0, soft.argmax(0, keepdim=True), 1.0)
-    return one_hot - soft.detach() + soft
-
-
-def gumbel_exit_loss(step_losses, exit_probs, tau=1.0, hard=True, beta=0.0, mask=None, generator=None):
-    """Mean over tokens of Σ_t y_t L_t − beta H(p), y a Gumbel-softmax sample of the exit step."""
-    _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
-    _require_steps("exit_probs", exit_probs, _NO_GATE)
-    _check_pair("step_losses", step_losses, "exit_probs", exit_probs)
-    beta = _require_number("beta", beta, low=0)
-    weights = gumbel_exit_weights(exit_probs, tau, hard, generator)
-    return _token_mean((weights * step_losses).sum(0) - beta * _entropy(exit_probs), mask)
-
-# %% [markdown]
-# The hard samples are exact samples from $p$: over many draws their frequencies match it.
-
-# %% tags=["nbval-check-output"]
-p = torch.tensor([0.1, 0.2, 0.3, 0.4])[:, None].expand(4, 20000)  # (S, draws)
-draws = gumbel_exit_weights(p, generator=torch.Generator().manual_seed(0))
-print("one-hot:", bool(((draws == 0) | (draws == 1)).all() and (draws.sum(0) == 1).all()))
-print("frequencies within 0.01 of p:", torch.allclose(draws.mean(1), p[:, 0], atol=0.01))
-
-# %% [markdown]
-# ### The four objectives side by side
-#
-# Training four models from scratch would take longer than this chapter should. Instead we
-# start four copies from the Stage I model and train each for 150 more steps with one
-# objective: Stage I itself as the control, ACT with $\tau = 0.01$, PonderNet with
-# $\lambda_p = \tfrac12$ and $\beta = 0.01$, and Gumbel sampling without a bonus. We compare
-# the exit distributions they end with and their test accuracy under Q-exit at $q = 0.5$ (for
-# ACT, its own halting step $N$).
-
-# %%
-objective_runs = {}
-for name, loss_fn in (("Stage I (control)", AdaptiveLoss("stage1", beta=0.1)),
-                      ("ACT", AdaptiveLoss("act", tau=0.01)),
-                      ("PonderNet", AdaptiveLoss("pondernet", lambda_p=0.5, beta=0.01)),
-                      ("Gumbel", AdaptiveLoss("gumbel", tau=1.0))):
-    model = LoopLM(stage1_model.config)
-    model.load_state_dict(stage1_model.state_dict())
-    config = TrainConfig(steps=150, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=10,
-                         weight_decay=0.0, eval_every=150, seed=2, progress=False)
-    trainer = Trainer(model, task_batches(splits.train, 32, SEQ_LEN), config, loss_fn=loss_fn)
-    trainer.run()
-    objective_runs[name] = trainer
-
-# %%
-print(f"{'objective':18s} {'mass per step (train, last batch)':34s} {'H(p)':>5s} {'E[t]':>5s} | test: steps  accuracy")
-for name, trainer in objective_runs.items():
-    record = trainer.history[-1]
-    mass = " ".join(f"{record[f'mass_{t}']:.2f}" for t in range(1, 5))
-    with torch.no_grad():
-        out = trainer.model(test_data.idx)
-    steps = act_halting(out.gate)[1] if name == "ACT" else q_exit_steps(out.gate, 0.5)
-    accuracy = answer_accuracy(select_exit_logits(out.logits, steps), test_data.targets).float().mean()
-    print(f"{name:18s} [{mass}]{'':11s} {record['entropy']:5.2f} {record['depth']:5.2f} | "
-          f"{mean_steps(steps, answer_mask):11.2f}  {accuracy:.3f}")
-
-# %% [markdown]
-# All four end within four points of each other in test accuracy (0.853 to 0.890), so in this
-# short run the objective mostly decides where the exit mass goes. ACT's ponder cost moved
-# mass to the early steps (0.52 on step 2, against the control's 0.31); PonderNet's prior
-# (mean $1/\lambda_p = 2$ steps before truncation, 1.875 truncated at 4 steps) left it close
-# to the control's; Gumbel sampling without a bonus collapsed it onto the last step (0.95,
-# entropy 0.14). The test-steps column uses Q-exit at $q = 0.5$ (ACT its own $N$), so it need
-# not equal $\mathbb{E}[t]$ on the training batch. This is one seed of each: differences of a
-# few points are within what another seed could change.
-
-# %% [markdown]
-# ## 5.9 Recursive refinement with a halting head
-#
-# Everything so far loops a language model over its hidden state and decides per token. TRM
-# (Tiny Recursive Models, arXiv 2510.04871) loops differently. It keeps two states of the
-# shape of the input: an **answer** $y$, from which the output is read, and a **latent** $z$,
-# a scratchpad. One small network $f$ updates both:
-#
-# $$
-# z \leftarrow f(z + y + x) \quad (n \text{ times}), \qquad y \leftarrow f(y + z) .
-# $$
-#
-# That is one *recursion*. TRM runs $T$ of them per **supervision step**, the first $T - 1$
-# without gradients, reads out $y$ and takes a loss. Then it *detaches* $(y, z)$ and runs the
-# next supervision step from there, up to $N_{\text{sup}}$ times, each with its own optimizer
-# step: **deep supervision**. The answer is improved again and again, and every improvement is
-# trained to be a good answer by itself.
-
-# %% [markdown]
-# The halting head is TRM's exit gate, trained with a different label from Ouro's: a binary
-# cross-entropy on **whether the current answer is correct**,
-#
-# $$
-# \mathcal{L} = \mathrm{CE}(\hat y, y^\star) + 0.5\, \mathrm{BCE}\big(q_{\text{halt}}, \mathbb{1}[\hat y = y^\star]\big),
-# $$
-#
-# so at inference a sample stops refining once the head believes its answer is right
-# ($\sigma(q) \ge 0.5$, or a stricter threshold). TRM decides per *sample*, not per token.
-# (TRM's training also halts samples early, with some exploration; we run every supervision
-# step during training, which is simpler and costs a little more.)
-
-# %% [markdown]
-# Our version reuses chapter 1's `Block` as $f$ (a stack of `n_layers` blocks) and chapter 0's
-# tasks. The output is predicted for all answer positions at once, not token by token: the
-# input is the prompt followed by `n_slots` blank **answer slots**, and the targets sit at the
-# slots. Prompts are padded on the left, so the last slot is the last position for every row;
-# the blocks attend causally, so the slots see the whole prompt, and the halting head reads
-# the last position, which sees everything.
-
-# %%
-#| export
-def encode_answer_slots(examples, n_slots, vocab=TASK_VOCAB, seq_len=None):
-    """Batch examples for whole-answer prediction: [pads] prompt [n_slots blanks].
-
-    idx [B, L]: the prompt, left-padded, then n_slots pad tokens (the slots); targets [B, L]: the
-    answer and the end token at the first slots, IGNORE_INDEX elsewhere. L = seq_len or the
-    longest prompt + n_slots. -> TaskBatch.
-    """
-    if isinstance(examples, Example) or not examples or not all(isinstance(e, Example) for e in examples):
-        raise ValueError("examples must be a non-empty list of Example")
-    _require_int("n_slots", n_slots, 1)
-    needed = max(len(e.prompt) for e in examples) + n_slots
-    length = needed if seq_len is None else _require_int("seq_len", seq_len, needed)
-    idx = torch.full((len(examples), length), vocab.pad_id, dtype=torch.long)        # (B, L)
-    targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)    # (B, L)
-    for row, example in enumerate(examples):
-        prompt, answer = vocab.encode(example.prompt), vocab.encode(example.answer) + [vocab.eos_id]
-        if len(answer) > n_slots:
-            raise ValueError(f"the answer of {example.prompt!r} needs {len(answer)} slots (with its "
-                             f"end token), more than n_slots={n_slots}")
-        start = length - n_slots
-        idx[row, start - len(prompt):start] = torch.tensor(prompt)
-        targets[row, start:start + len(answer)] = torch.tensor(answer)
-    return TaskBatch(idx, targets, torch.tensor([e.difficulty for e in examples]))
-
-# %% [markdown]
-# The config holds TRM's knobs, with TRM's own values as defaults ($n = 6$, $T = 3$, up to 16
-# supervision steps, halting weight 0.5). The model below learns $y_0$ and $z_0$, as TRM does.
-
-# %%
-#| export
-@dataclass(frozen=True)
-class RecursiveConfig:
-    """A TRM-style recursive reasoner: f = n_layers Blocks; n_latent updates of z per update of
-    y; n_cycles recursions per supervision step (the first n_cycles - 1 without gradients)."""
-
-    vocab_size: int
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers: int = 2
-    n_latent: int = 6            # n
-    n_cycles: int = 3            # T
-    max_supervision: int = 16    # N_sup
-    halt_weight: float = 0.5
-    max_seq_len: int = 64
-    norm_style: str = "pre"
-    init_std: float = 0.02
-
-    def __post_init__(self):
-        for name, low in (("vocab_size", 1), ("d_model", 1), ("n_heads", 1), ("n_layers", 1),
-                          ("n_latent", 1), ("n_cycles", 1), ("max_supervision", 1), ("max_seq_len", 1)):
-            _require_int(name, getattr(self, name), low)
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"n_heads must divide d_model into heads of even size, got "
-                             f"d_model={self.d_model}, n_heads={self.n_heads}")
-        _require_number("halt_weight", self.halt_weight, low=0)
-        _require_number("init_std", self.init_std, low=0, low_open=True)
-        if self.norm_style not in NORM_STYLES:
-            raise ValueError(f"norm_style must be one of {NORM_STYLES}, got {self.norm_style!r}")
-
-
-@dataclass
-class RecursiveOutput:
-    logits: torch.Tensor       # [B, L, V] read out from the answer state y
-    halt_logit: torch.Tensor   # [B] the halting head's logit q: halt when sigmoid(q) >= threshold
-    carry: tuple               # (y, z) [B, L, D] each, detached: the next supervision step's start
-
-
-class RecursiveReasoner(nn.Module):
-    """TRM-style recursive refinement: model(idx, carry=None) runs one supervision step."""
-
-    def __init__(self, config):
-        super().__init__()
-        if not isinstance(config, RecursiveConfig):
-            raise TypeError(f"config must be a RecursiveConfig, got {type(config).__name__}")
-        self.config = c = config
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.rope = RotaryEmbedding(c.d_model // c.n_heads, c.max_seq_len)
-        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, None, c.norm_style) for _ in range(c.n_layers))
-        self.norm = RMSNorm(c.d_model)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.halt_head = nn.Linear(c.d_model, 1)
-        self.y_init = nn.Parameter(torch.zeros(c.d_model))
-        self.z_init = nn.Parameter(torch.zeros(c.d_model))
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=c.init_std)
-        nn.init.zeros_(self.halt_head.bias)
-        nn.init.normal_(self.y_init, std=c.init_std)
-        nn.init.normal_(self.z_init, std=c.init_std)
-
-    def f(self, h, cos, sin):
-        for block in self.blocks:
-            h = block(h, cos, sin)
-        return h
-
-    def recursion(self, x, y, z, cos, sin):
-        """One recursion: n_latent updates z <- f(z + y + x), then y <- f(y + z)."""
-        for _ in range(self.config.n_latent):
-            z = self.f(z + y + x, cos, sin)
-        return self.f(y + z, cos, sin), z
-
-    def forward(self, idx, carry=None):
-        c = self.config
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.ndim != 2:
-            raise ValueError(f"idx must be a LongTensor [B, L], got {getattr(idx, 'dtype', type(idx).__name__)}")
-        if idx.shape[1] > c.max_seq_len or idx.min() < 0 or idx.max() >= c.vocab_size:
-            raise ValueError(f"idx must hold ids in [0, {c.vocab_size}) and at most {c.max_seq_len} positions")
-        cos, sin = self.rope(idx.shape[1])
-        x = self.embed(idx)                                            # (B, L, D)
-        if carry is None:
-            y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-        else:
-            y, z = carry
-        with torch.no_grad():                                          # T - 1 recursions, no gradient
-            for _ in range(c.n_cycles - 1):
-                y, z = self.recursion(x, y, z, cos, sin)
-        y, z = self.recursion(x, y, z, cos, sin)                       # the last one with gradient
-        h = self.norm(y)
-        return RecursiveOutput(self.lm_head(h), self.halt_head(h[:, -1]).squeeze(-1),
-                               (y.detach(), z.detach()))
-
-# %% [markdown]
-# Training on one batch is a short loop: up to `max_supervision` supervision steps, each with
-# its loss, its backward pass and its optimizer step, the carry detached in between. The
-# label of the halting head is computed from the detached logits of the same step.
-
-# %%
-#| export
-def deep_supervision_step(model, optimizer, idx, targets, grad_clip=1.0):
-    """Train a RecursiveReasoner on one batch with deep supervision. -> list of per-step metrics."""
-    c, mask, carry, records = model.config, targets != IGNORE_INDEX, None, []
-    if not mask.any(-1).all():
-        raise ValueError("every row of targets needs at least one answer position")
-    for step in range(1, c.max_supervision + 1):
-        out = model(idx, carry)
-        answer_loss = F.cross_entropy(out.logits[mask], targets[mask])
-        correct = answer_accuracy(out.logits.detach(), targets).float()              # (B,)
-        halt_loss = F.binary_cross_entropy_with_logits(out.halt_logit, correct)
-        loss = answer_loss + c.halt_weight * halt_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        carry = out.carry
-        records.append({"step": step, "loss": answer_loss.item(), "halt_loss": halt_loss.item(),
-                        "accuracy": correct.mean().item()})
-    return records
-
-# %% [markdown]
-# At inference a sample stops at the first supervision step whose halting probability
-# reaches the threshold, and keeps that step's answer. The loop stops as soon as every sample
-# has halted; the steps used are reported per sample.
-
-# %%
-#| export
-def recursive_predict(model, idx, max_supervision=None, halt_threshold=0.5):
-    """-> (logits [B, L, V] at each sample's halting step, steps LongTensor [B] from 1).
-
-    A sample halts at the first supervision step with sigmoid(halt_logit) >= halt_threshold,
-    else at max_supervision (default: the config's).
-    """
-    n_max = model.config.max_supervision if max_supervision is None else _require_int("max_supervision", max_supervision, 1)
-    halt_threshold = _require_number("halt_threshold", halt_threshold, low=0, high=1)
-    carry, chosen, steps = None, None, None
-    with torch.no_grad():
-        for step in range(1, n_max + 1):
-            out = model(idx, carry)
-            carry = out.carry
-            if chosen is None:
-                chosen = out.logits.clone()
-                steps = torch.full((idx.shape[0],), n_max, dtype=torch.long, device=idx.device)
-                running = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)
-            chosen[running] = out.logits[running]                     # running samples take the new answer
-            halts = running & ((out.halt_logit.sigmoid() >= halt_threshold) | (step == n_max))
-            steps[halts] = step
-            running = running & ~halts
-            if not running.any():
-                break
-    return chosen, steps
-
-# %% [markdown]
-# A tiny reasoner on chapter 0's parentheses task: width 32, one block as $f$, one latent
-# update per answer update ($n = 1$), two recursions per supervision step ($T = 2$, the first
-# without gradients) and four supervision steps. The prompts hold up to 8 pairs of
-# parentheses; 9 and 10 are out of distribution. The answer is `T` or `F` plus the end token,
-# two slots.
-
-# %% tags=["nbval-check-output"]
-paren_task = make_task("parentheses")
-paren = make_splits(paren_task, n_train=4000, n_test=300, max_difficulty=8, ood_max_difficulty=10, seed=0)
-slots_len = max(len(e.prompt) for e in paren.train + paren.test + paren.ood) + 2
-paren_train, paren_test, paren_ood = (encode_answer_slots(split, 2, seq_len=slots_len)
-                                      for split in (paren.train, paren.test, paren.ood))
-print(paren.test[0])
-print("idx    ", TASK_VOCAB.decode(paren_test.idx[0]))
-print("targets", [TASK_VOCAB.chars[t] if t != IGNORE_INDEX else "·" for t in paren_test.targets[0].tolist()])
-
-# %%
-torch.manual_seed(0)
-reasoner = RecursiveReasoner(RecursiveConfig(vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, n_layers=1,
-                                             n_latent=1, n_cycles=2, max_supervision=4, max_seq_len=slots_len))
-optimizer = torch.optim.AdamW(reasoner.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
-generator, n_batches = torch.Generator().manual_seed(0), 120
-for batch in range(n_batches):
-    for group in optimizer.param_groups:                        # warmup, then cosine to a tenth
-        group["lr"] = 2e-3 * min(1, (batch + 1) / 10) * (0.55 + 0.45 * math.cos(math.pi * batch / n_batches))
-    rows = torch.randint(0, len(paren_train.idx), (32,), generator=generator)
-    records = deep_supervision_step(reasoner, optimizer, paren_train.idx[rows], paren_train.targets[rows])
-    if (batch + 1) % 40 == 0:
-        print(f"batch {batch + 1}: accuracy per supervision step {[round(r['accuracy'], 2) for r in records]}")
-
-# %% [markdown]
-# Does refining help? The accuracy after each supervision step, with no halting:
-
-# %%
-def accuracy_per_supervision_step(model, data):
-    accuracies, carry = [], None
-    with torch.no_grad():
-        for _ in range(model.config.max_supervision):
-            out = model(data.idx, carry)
-            carry = out.carry
-            accuracies.append(answer_accuracy(out.logits, data.targets).float().mean().item())
-    return accuracies
-
-
-for name, data in (("test (up to 8 pairs)", paren_test), ("OOD (9 and 10 pairs)", paren_ood)):
-    print(f"{name:22s}", [round(a, 3) for a in accuracy_per_supervision_step(reasoner, data)])
-
-# %% [markdown]
-# And with the halting head deciding, at TRM's threshold $\sigma(q) \ge 0.5$. The steps are
-# per sample; we split them by difficulty:
-
-# %%
-for name, data in (("test", paren_test), ("OOD", paren_ood)):
-    logits, steps = recursive_predict(reasoner, data.idx, halt_threshold=0.5)
-    accuracy = answer_accuracy(logits, data.targets).float().mean().item()
-    by_difficulty = "  ".join(f"d{d}: {steps[data.difficulty == d].float().mean():.2f}"
-                              for d in sorted(set(data.difficulty.tolist())))
-    print(f"{name:4s} accuracy {accuracy:.3f}  mean steps {steps.float().mean():.2f}  ({by_difficulty})")
-
-# %% [markdown]
-# A halting head is only useful if it can tell right answers from wrong ones. The mean
-# halting probability after the first supervision step, split by whether the answer is right:
-
-# %%
-with torch.no_grad():
-    first = reasoner(paren_test.idx)
-right = answer_accuracy(first.logits, paren_test.targets)
-halt_probability = first.halt_logit.sigmoid()
-print(f"right answers: {halt_probability[right].mean():.3f}   wrong answers: {halt_probability[~right].mean():.3f}"
-      f"   (fraction right: {right.float().mean():.3f})")
-
-# %% [markdown]
-# In this run refinement did not pay. The first supervision step sets the accuracy (0.717 on
-# the test set, 0.763 on the longer inputs) and the later steps leave it as it is or lower it
-# by a hair. The halting head gives right answers (0.845) and wrong ones (0.834) almost the
-# same probability of halting, so at the 0.5 threshold every sample stops after one step: a
-# halting head can only learn to tell right from wrong if the answers change from step to
-# step and its input carries the difference. One block of width 32 trained on 120 batches
-# gets neither; TRM's 7M-parameter networks train far longer. The machinery is what this
-# section is for, and the tests check it on cases whose answers are known: the carry is
-# detached, every supervision step takes its own optimizer step, and inference stops each
-# sample at its first confident step and reports it. (TRM itself evaluates with every
-# supervision step; halting at inference is how we use its head here, to report the steps.)
-
-# %% [markdown]
-# Tests for the three other objectives and for the recursive reasoner. The references are
-# hand-computed cases and explicit loops; for the reasoner, properties that must hold: the
-# carry holds no graph, every supervision step makes one optimizer step, the halting label is
-# the answer's correctness, and inference stops each sample at its first confident step.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-import torch.nn.functional as F
-
-from looplm.data import TASK_VOCAB
-
-
-def test_act_pondernet_and_gumbel_match_their_definitions():
-    gate = torch.tensor([0.3, 0.5, 0.4, 0.9], dtype=torch.float64).view(4, 1)
-    weights, n_halt, remainder = act_halting(gate, eps=0.01)
-    torch.testing.assert_close(weights.flatten(), torch.tensor([0.3, 0.5, 0.2, 0.0], dtype=torch.float64))
-    assert n_halt.item() == 3 and abs(remainder.item() - 0.2) < 1e-12
-    losses = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64).view(4, 1)
-    expected = 0.3 * 4 + 0.5 * 3 + 0.2 * 2 + 0.01 * (3 + 0.2)
-    assert abs(act_loss(losses, gate, tau=0.01).item() - expected) < 1e-12
-    gates = torch.rand(5, 3, 7, dtype=torch.float64)                  # ACT weights always sum to 1
-    torch.testing.assert_close(act_halting(gates)[0].sum(0), torch.ones(3, 7, dtype=torch.float64))
-
-    prior = geometric_prior(4, 0.5)
-    torch.testing.assert_close(prior, torch.tensor([0.5, 0.25, 0.125, 0.125]))
-    probs = exit_distribution(torch.rand(4, 6, dtype=torch.float64))
-    step_losses = torch.rand(4, 6, dtype=torch.float64)
-    kl = sum(probs[t] * (probs[t].log() - math.log(prior[t].item())) for t in range(4))
-    expected = ((probs * step_losses).sum(0) + 0.1 * kl).mean()
-    torch.testing.assert_close(pondernet_loss(step_losses, probs, lambda_p=0.5, beta=0.1), expected)
-
-    generator = torch.Generator().manual_seed(0)
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(4, 1).expand(4, 20000)
-    sample = gumbel_exit_weights(probs, hard=True, generator=generator)
-    assert set(sample.unique().tolist()) == {0.0, 1.0} and (sample.sum(0) == 1).all()
-    torch.testing.assert_close(sample.mean(1), torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015, rtol=0)
-    logits = torch.zeros(4, 1, requires_grad=True)                    # straight-through: a gradient flows
-    gumbel_exit_loss(torch.arange(4.0).view(4, 1), logits.softmax(0), generator=generator).backward()
-    assert logits.grad is not None and logits.grad.abs().sum() > 0
-
-
-def _tiny_reasoner(**changes):
-    torch.manual_seed(0)
-    options = dict(vocab_size=TASK_VOCAB.vocab_size, d_model=16, n_heads=2, n_layers=1, n_latent=2,
-                   n_cycles=2, max_supervision=3, max_seq_len=12)
-    return RecursiveReasoner(RecursiveConfig(**{**options, **changes}))
-
-
-def test_recursive_reasoner_deep_supervision_and_halting():
-    model = _tiny_reasoner()
-    idx = torch.randint(0, TASK_VOCAB.vocab_size, (4, 10))
-    targets = torch.full((4, 10), IGNORE_INDEX)
-    targets[:, -2:] = torch.randint(0, TASK_VOCAB.vocab_size, (4, 2))
-    out = model(idx)
-    assert out.logits.shape == (4, 10, TASK_VOCAB.vocab_size) and out.halt_logit.shape == (4,)
-    assert all(not t.requires_grad for t in out.carry)                # the carry is detached
-
-    # one supervision step = one recursion with gradient after n_cycles - 1 without: same values
-    cos, sin = model.rope(10)
-    x = model.embed(idx)
-    y, z = model.y_init.expand_as(x), model.z_init.expand_as(x)
-    for _ in range(model.config.n_cycles):
-        for _ in range(model.config.n_latent):
-            z = model.f(z + y + x, cos, sin)
-        y = model.f(y + z, cos, sin)
-    torch.testing.assert_close(out.logits, model.lm_head(model.norm(y)), rtol=0, atol=1e-6)
-
-    # deep supervision: one optimizer step per supervision step, halting label = correctness
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    calls = []
-    optimizer.step = lambda *a, **k: calls.append(1)
-    records = deep_supervision_step(model, optimizer, idx, targets)
-    assert len(records) == len(calls) == model.config.max_supervision
-    with torch.no_grad():
-        first = model(idx)
-        correct = ((first.logits.argmax(-1) == targets) | (targets == IGNORE_INDEX)).all(-1).float()
-        expected = F.binary_cross_entropy_with_logits(first.halt_logit, correct).item()
-    assert abs(records[0]["halt_loss"] - expected) < 1e-6
-    assert abs(records[0]["accuracy"] - correct.mean().item()) < 1e-6
-
-    # inference: halt at the first step whose halting probability reaches the threshold
-    with torch.no_grad():
-        model.halt_head.bias.fill_(-20.0)                                # never confident
-        logits, steps = recursive_predict(model, idx)
-        assert steps.tolist() == [3, 3, 3, 3]
-        model.halt_head.weight.zero_()
-        model.halt_head.bias.fill_(20.0)                                 # always confident
-        logits, steps = recursive_predict(model, idx)
-        assert steps.tolist() == [1, 1, 1, 1]
-        torch.testing.assert_close(logits, model(idx).logits)
-
-
-run_tests(test_act_pondernet_and_gumbel_match_their_definitions, test_recursive_reasoner_deep_supervision_and_halting)
-
-# %% [markdown]
-# ## 5.10 Ouro's two stages as a recipe
+# ## 5.8 Ouro's two stages as a recipe
 #
 # The chapter trained Stage I and Stage II by hand. Three functions package the recipe for
 # any `get_batch`, in `looplm/train.py` beside chapter 3's trainer:
@@ -3122,18 +2509,25 @@ RECIPES["two-stage"] = Recipe(
     add_arguments=_two_stage_arguments, run=_two_stage_run)
 
 # %% [markdown]
-# The command line runs in a process of its own. A short run on the stack task; the output
-# folder is a temporary one:
+# A short run on the stack task, with the output in a temporary folder. From a shell it is the
+# `python -m looplm.train` line printed first; here we call the same `main` in this process,
+# which saves starting Python again:
 
 # %%
+import contextlib
+import io
+
+from looplm.train import main as train_main   # what `python -m looplm.train` runs
+
 with tempfile.TemporaryDirectory() as folder:
-    command = [sys.executable, "-m", "looplm.train", "--recipe", "two-stage", "--task", "stack",
-               "--difficulty", "3", "--n-train", "2000", "--steps", "60", "--stage2-steps", "20",
-               "--batch-size", "16", "--d-model", "32", "--n-loops", "3", "--no-progress",
-               "--out", str(Path(folder) / "run")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    print(result.stdout[-2000:].replace(folder, "DIR"))
-    print("exit status:", result.returncode, result.stderr[-2000:].replace(folder, "DIR"))
+    argv = ["--recipe", "two-stage", "--task", "stack", "--difficulty", "3", "--n-train", "2000", "--steps", "60",
+            "--stage2-steps", "20", "--batch-size", "16", "--d-model", "32", "--n-loops", "3", "--no-progress",
+            "--out", str(Path(folder) / "run")]
+    print("$ python -m looplm.train", " ".join(argv).replace(folder, "DIR"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = train_main(argv)
+    print(printed.getvalue().replace(folder, "DIR"), "exit status:", status)
 
 # %% [markdown]
 # The recipe's test. Stage I of the recipe must be exactly a `Trainer` run on the last step's
@@ -3145,11 +2539,11 @@ with tempfile.TemporaryDirectory() as folder:
 
 # %% tags=["remove-cell", "nbval-check-output"]
 #| test
+import contextlib
 import copy
 import dataclasses
+import io
 import os
-import subprocess
-import sys
 import tempfile
 
 from looplm.adaptive import AdaptiveLoss
@@ -3209,18 +2603,22 @@ def test_warm_steps_train_exactly_the_last_step_loss():
 
 
 def test_two_stage_command_line():
+    # in this process (main() is the command line), which is much faster than a subprocess
+    from looplm.train import main
+
     with tempfile.TemporaryDirectory() as folder:
-        base = [sys.executable, "-m", "looplm.train", "--recipe", "two-stage", "--task", "stack",
-                "--difficulty", "2", "--n-train", "100", "--n-test", "20", "--steps", "6", "--stage2-steps", "2",
-                "--batch-size", "4", "--d-model", "16", "--n-heads", "2", "--n-loops", "2", "--no-progress"]
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        result = subprocess.run(base + ["--out", folder], capture_output=True, text=True, env=env, timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert "stage 2 done at step 6" in result.stdout
+        base = ["--recipe", "two-stage", "--task", "stack", "--difficulty", "2", "--n-train", "100", "--n-test", "20",
+                "--steps", "6", "--stage2-steps", "2", "--batch-size", "4", "--d-model", "16", "--n-heads", "2",
+                "--n-loops", "2", "--no-progress"]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(base + ["--out", folder]) == 0
+        assert "stage 2 done at step 6" in out.getvalue()
         assert sorted(os.listdir(folder)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
-        refused = subprocess.run(base + ["--grad-steps", "1", "--out", folder + "/other"], capture_output=True,
-                                 text=True, env=env, timeout=120)
-        assert refused.returncode == 2 and "--grad-steps belongs to the 'standard' recipe" in refused.stderr
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as refused:
+            main(base + ["--grad-steps", "1", "--out", folder + "/other"])
+        assert refused.value.code == 2 and "--grad-steps belongs to the 'standard' recipe" in err.getvalue()
         assert not os.path.exists(folder + "/other")
 
 
@@ -3228,7 +2626,7 @@ run_tests(test_two_stage_recipe_freezes_the_model_in_stage_two, test_warm_steps_
           test_two_stage_command_line)
 
 # %% [markdown]
-# ## 5.11 Bad input gets a clear error
+# ## 5.9 Bad input gets a clear error
 #
 # A gate's functions check what they are given. Each of these is a mistake that would
 # otherwise give a silently wrong number:
@@ -3310,8 +2708,6 @@ run_tests(test_bad_input_gets_clear_errors)
 # | `exit_steps(rule, out, per="token" or "sequence")`, `select_exit_logits`, `mean_steps` | apply a rule to a forward pass |
 | `pick_exit_threshold(model, val_data)` | the Q-exit threshold to deploy, chosen on validation data |
 # | `check_exit_probs`, `stability_report` | the stability checks |
-# | `act_loss`, `pondernet_loss`, `gumbel_exit_loss` | ACT, PonderNet and Gumbel-softmax objectives |
-# | `RecursiveReasoner`, `deep_supervision_step`, `recursive_predict` | TRM-style refinement with a halting head |
 # | `train_stage1`, `train_stage2`, `train_two_stage`, `RECIPES["two-stage"]` | the two stages, with the last step learned first, also as `python -m looplm.train --recipe two-stage` |
 #
 # What we measured on the stack task, over three seeds unless marked otherwise:
@@ -3332,7 +2728,8 @@ run_tests(test_bad_input_gets_clear_errors)
 #   token no rule kept the accuracy; and a gate trained at 4 steps did not turn a larger loop
 #   budget into accuracy on longer inputs.
 #
-# Chapter 6 takes the exit rules into decoding, where stopping early must save real work and
+# Chapter 6 trains the same gate with other objectives and halts a different kind of loop;
+# chapter 7 takes the exit rules into decoding, where stopping early must save real work and
 # the KV cache must stay correct for the tokens that stopped.
 
 # %% [markdown]

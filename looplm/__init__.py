@@ -12,7 +12,10 @@ public names of the book's API; the submodules hold the rest:
     looplm.backprop per-step losses, truncation, checkpointing, depth     (chapter 4)
     looplm.bench    `python -m looplm.bench`                             (chapter 4)
     looplm.adaptive exit distribution, the two stages, exit rules        (chapter 5)
-    looplm.generate KV-cached decoding, cache strategies, early exit     (chapter 6)
+    looplm.objectives  ACT, PonderNet and Gumbel objectives for the gate (chapter 6)
+    looplm.refine   TRM-style recursive refinement with a halting head   (chapter 6)
+    looplm.generate KV-cached decoding, cache strategies, early exit     (chapter 7)
+    looplm.experiments, looplm.results  multi-seed stored results        (chapters 3-7, appendix B)
     looplm.grade    the exercise grader                                  (appendix A)
 """
 
@@ -30,6 +33,7 @@ warnings.filterwarnings("ignore", message=r"'looplm\.\w+' found in sys\.modules 
 
 from looplm.model import GPT, GPTConfig, LoopLM, LoopLMConfig, LoopOutput  # noqa: E402
 from looplm.adaptive import exit_distribution, q_exit_steps, stage1_loss, stage2_gate_loss  # noqa: E402
+import looplm.objectives  # noqa: E402,F401  (registers ACT, PonderNet and Gumbel in adaptive.OBJECTIVES)
 # the function generate, bound after the submodule of the same name is imported, so the package
 # attribute stays the function however the submodule is imported later
 from looplm.generate import GenerationResult, generate, load_model, save_model  # noqa: E402

@@ -1,18 +1,17 @@
 # Generated from book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['exit_distribution', 'exit_entropy', 'expected_depth', 'stage1_loss', 'AdaptiveLoss', 'OBJECTIVES', 'stage2_targets', 'stage2_gate_loss', 'gate_on_detached_states', 'GateLoss', 'gate_only', 'q_exit_steps', 'StepView', 'ExitRule', 'QExit', 'ConfidenceExit', 'KLExit', 'HiddenChangeExit', 'FixedDepth', 'EXIT_RULES', 'make_exit_rule', 'step_view', 'exit_steps', 'select_exit_logits', 'mean_steps', 'QEXIT_THRESHOLDS', 'pick_exit_threshold', 'confidence_exit_steps', 'kl_exit_steps', 'hidden_change_exit_steps', 'check_exit_probs', 'StabilityCheck', 'StabilityReport', 'stability_report', 'act_halting', 'act_loss', 'geometric_prior', 'pondernet_loss', 'gumbel_exit_weights', 'gumbel_exit_loss', 'encode_answer_slots', 'RecursiveConfig', 'RecursiveOutput', 'RecursiveReasoner', 'deep_supervision_step', 'recursive_predict']
+__all__ = ['exit_distribution', 'exit_entropy', 'expected_depth', 'stage1_loss', 'AdaptiveLoss', 'Objective', 'OBJECTIVES', 'stage2_targets', 'stage2_gate_loss', 'gate_on_detached_states', 'GateLoss', 'gate_only', 'q_exit_steps', 'StepView', 'ExitRule', 'QExit', 'ConfidenceExit', 'KLExit', 'HiddenChangeExit', 'FixedDepth', 'EXIT_RULES', 'make_exit_rule', 'step_view', 'exit_steps', 'select_exit_logits', 'mean_steps', 'QEXIT_THRESHOLDS', 'pick_exit_threshold', 'confidence_exit_steps', 'kl_exit_steps', 'hidden_change_exit_steps', 'check_exit_probs', 'StabilityCheck', 'StabilityReport', 'stability_report']
 # fmt: on
 
 # --- book/05_learning_when_to_stop.py, cell 6 ---
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding
-from looplm.data import IGNORE_INDEX, TASK_VOCAB, CharVocab, Example, TaskBatch, answer_accuracy
+from looplm.data import IGNORE_INDEX, TASK_VOCAB, CharVocab, answer_accuracy
 from looplm.diagnostics import hidden_norms, step_changes
 
 # --- book/05_learning_when_to_stop.py, cell 16 ---
@@ -142,25 +141,23 @@ def _exit_summary(out, mask, probs=None):
 class AdaptiveLoss:
     """loss_fn(model, idx, targets) -> (loss, metrics) for the Trainer, for a model with a gate.
 
-    objective: "stage1" (Ouro Eq. 4, options beta and last_weight), "act" (tau, eps),
-    "pondernet" (lambda_p, beta) or "gumbel" (tau, hard, beta, seed). With last_weight = w the
-    Stage I loss is w * (mean last-step loss) + (1 - w) * Eq. 4 (section 5.3 says why).
-    The metrics: the mean last-step loss, and the entropy, expected depth and mass per step of
-    p over the answer tokens.
+    objective: a key of OBJECTIVES; "stage1" is Ouro's Eq. 4 with options beta and last_weight
+    (w * mean last-step loss + (1 - w) * Eq. 4; section 5.3 says why). Chapter 6 registers
+    "act", "pondernet" and "gumbel". The metrics: the mean last-step loss, and the entropy,
+    expected depth and mass per step of p over the answer tokens.
     """
 
     def __init__(self, objective="stage1", **options):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(repr(o) for o in OBJECTIVES)}; "
                              f"got {objective!r}")
-        allowed = OBJECTIVES[objective]
-        unknown = sorted(set(options) - set(allowed))
+        entry = OBJECTIVES[objective]
+        unknown = sorted(set(options) - set(entry.options))
         if unknown:
-            raise ValueError(f"objective {objective!r} takes options {sorted(allowed)}, got {unknown}")
-        self.objective, self.options = objective, {**allowed, **options}
-        if objective == "stage1":
-            self.options["last_weight"] = _require_number("last_weight", self.options["last_weight"], low=0, high=1)
-        self.generator = torch.Generator().manual_seed(self.options.pop("seed")) if objective == "gumbel" else None
+            raise ValueError(f"objective {objective!r} takes options {sorted(entry.options)}, got {unknown}")
+        self.objective, self.entry = objective, entry
+        self.options = entry.check({**entry.options, **options}) if entry.check else {**entry.options, **options}
+        self.generator = torch.Generator().manual_seed(self.options.pop("seed")) if entry.random else None
 
     def __call__(self, model, idx, targets):
         if getattr(model, "exit_gate", None) is None:
@@ -168,20 +165,7 @@ class AdaptiveLoss:
                              "use LoopLMConfig(..., exit_gate=True)")
         out = model(idx, targets=targets)
         mask = targets != IGNORE_INDEX
-        o, probs = self.options, None
-        if self.objective == "stage1":
-            w = o["last_weight"]
-            loss = out.loss if w == 1 else stage1_loss(out.step_losses, out.exit_probs, o["beta"], mask)
-            if 0 < w < 1:
-                loss = w * out.loss + (1 - w) * loss
-        elif self.objective == "act":
-            loss = act_loss(out.step_losses, out.gate, o["tau"], o["eps"], mask)
-            probs = act_halting(out.gate, o["eps"])[0]      # ACT reads the gates its own way
-        elif self.objective == "pondernet":
-            loss = pondernet_loss(out.step_losses, out.exit_probs, o["lambda_p"], o["beta"], mask)
-        else:
-            loss = gumbel_exit_loss(out.step_losses, out.exit_probs, o["tau"], o["hard"], o["beta"],
-                                    mask, generator=self.generator)
+        loss, probs = self.entry.loss(out, mask, self.generator, **self.options)
         return loss, _exit_summary(out, mask, probs)
 
     def state_dict(self):
@@ -195,12 +179,32 @@ class AdaptiveLoss:
         return f"AdaptiveLoss({self.objective!r}, {', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
 # --- book/05_learning_when_to_stop.py, cell 40 ---
-OBJECTIVES = {
-    "stage1": {"beta": 0.1, "last_weight": 0.0},
-    "act": {"tau": 0.01, "eps": 0.01},
-    "pondernet": {"lambda_p": 0.5, "beta": 0.01},
-    "gumbel": {"tau": 1.0, "hard": True, "beta": 0.0, "seed": 0},
-}
+@dataclass(frozen=True)
+class Objective:
+    """An entry of OBJECTIVES. loss(out, mask, generator, **options) -> (loss, p or None), where p
+    [S, B, T] is the exit distribution the metrics describe (None: out.exit_probs); options maps
+    each option to its default; check(options) -> options validates them; random: the loss
+    draws from a generator, seeded by the option "seed"."""
+
+    loss: Callable
+    options: dict
+    check: Callable | None = None
+    random: bool = False
+
+
+def _stage1_objective(out, mask, generator, beta, last_weight):
+    if last_weight == 1:
+        return out.loss, None                  # the last step's mean loss; the gate gets no gradient
+    loss = stage1_loss(out.step_losses, out.exit_probs, beta, mask)
+    return (last_weight * out.loss + (1 - last_weight) * loss if last_weight else loss), None
+
+
+def _check_stage1(options):
+    return {"beta": _require_number("beta", options["beta"], low=0),
+            "last_weight": _require_number("last_weight", options["last_weight"], low=0, high=1)}
+
+
+OBJECTIVES = {"stage1": Objective(_stage1_objective, {"beta": 0.1, "last_weight": 0.0}, _check_stage1)}
 
 # --- book/05_learning_when_to_stop.py, cell 63 ---
 def _at_least_float32(x):
@@ -688,240 +692,3 @@ def stability_report(out, tol=1e-4, max_rms=1e3, raise_on_failure=False):
     if raise_on_failure:
         report.raise_if_failed()
     return report
-
-# --- book/05_learning_when_to_stop.py, cell 159 ---
-def act_halting(gate, eps=0.01):
-    """ACT's reading of the gates h_n = gate[n-1]: (weights [S, ...], N LongTensor [...], R [...]).
-
-    N = first n with Σ_{j<=n} h_j >= 1 - eps (else S); R = 1 - Σ_{j<N} h_j; weights are h_n for
-    n < N, R at n = N and 0 after, summing to 1.
-    """
-    _check_gate(gate)
-    eps = _require_number("eps", eps, low=0, high=1, high_open=True)
-    halted = gate.cumsum(0) >= 1 - eps                                # (S, ...)
-    halted[-1] = True
-    n_halt = halted.long().argmax(0) + 1                              # N, from 1: (...)
-    steps = torch.arange(1, gate.shape[0] + 1, device=gate.device).view(-1, *[1] * (gate.ndim - 1))
-    before = steps < n_halt                                           # n < N: (S, ...)
-    remainder = 1 - torch.where(before, gate, 0).sum(0)               # R: (...)
-    weights = torch.where(before, gate, 0) + (steps == n_halt) * remainder
-    return weights, n_halt, remainder
-
-
-def act_loss(step_losses, gate, tau=0.01, eps=0.01, mask=None):
-    """ACT (Graves 2016): mean over tokens of Σ_n w_n L_n + tau (N + R), the gates read as ACT does."""
-    _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
-    _check_gate(gate)
-    _check_pair("step_losses", step_losses, "gate", gate)
-    tau = _require_number("tau", tau, low=0)
-    weights, n_halt, remainder = act_halting(gate, eps)
-    return _token_mean((weights * step_losses).sum(0) + tau * (n_halt + remainder), mask)
-
-# --- book/05_learning_when_to_stop.py, cell 163 ---
-def geometric_prior(n_steps, lambda_p):
-    """PonderNet's geometric prior over S steps, truncated like exit_distribution: [S]."""
-    _require_int("n_steps", n_steps, 1)
-    lambda_p = _require_number("lambda_p", lambda_p, low=0, high=1, low_open=True)
-    return exit_distribution(torch.full((n_steps,), lambda_p, dtype=torch.float64)).float()
-
-
-def pondernet_loss(step_losses, exit_probs, lambda_p=0.5, beta=0.01, mask=None):
-    """PonderNet: mean over tokens of Σ_n p_n L_n + beta KL(p || geometric prior(lambda_p))."""
-    _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
-    _require_steps("exit_probs", exit_probs, _NO_GATE)
-    _check_pair("step_losses", step_losses, "exit_probs", exit_probs)
-    beta = _require_number("beta", beta, low=0)
-    prior = geometric_prior(exit_probs.shape[0], lambda_p).to(exit_probs)
-    prior = prior.view(-1, *[1] * (exit_probs.ndim - 1))               # (S, 1, ...)
-    kl = (exit_probs * (exit_probs.clamp_min(1e-12).log() - prior.log())).sum(0)
-    return _token_mean((exit_probs * step_losses).sum(0) + beta * kl, mask)
-
-# --- book/05_learning_when_to_stop.py, cell 167 ---
-def gumbel_exit_weights(exit_probs, tau=1.0, hard=True, generator=None):
-    """A Gumbel-softmax sample of the exit step: [S, ...] weights summing to 1 over the steps.
-
-    hard=True: one-hot in the forward pass, the soft sample's gradient in the backward pass.
-    """
-    _require_steps("exit_probs", exit_probs, _NO_GATE)
-    tau = _require_number("tau", tau, low=0, low_open=True)
-    uniform = torch.rand(exit_probs.shape, generator=generator, dtype=exit_probs.dtype).to(exit_probs.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-10)))
-    soft = ((exit_probs.clamp_min(1e-12).log() + gumbel) / tau).softmax(0)   # (S, ...)
-    if not hard:
-        return soft
-    one_hot = torch.zeros_like(soft).scatter_(0, soft.argmax(0, keepdim=True), 1.0)
-    return one_hot - soft.detach() + soft
-
-
-def gumbel_exit_loss(step_losses, exit_probs, tau=1.0, hard=True, beta=0.0, mask=None, generator=None):
-    """Mean over tokens of Σ_t y_t L_t − beta H(p), y a Gumbel-softmax sample of the exit step."""
-    _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
-    _require_steps("exit_probs", exit_probs, _NO_GATE)
-    _check_pair("step_losses", step_losses, "exit_probs", exit_probs)
-    beta = _require_number("beta", beta, low=0)
-    weights = gumbel_exit_weights(exit_probs, tau, hard, generator)
-    return _token_mean((weights * step_losses).sum(0) - beta * _entropy(exit_probs), mask)
-
-# --- book/05_learning_when_to_stop.py, cell 177 ---
-def encode_answer_slots(examples, n_slots, vocab=TASK_VOCAB, seq_len=None):
-    """Batch examples for whole-answer prediction: [pads] prompt [n_slots blanks].
-
-    idx [B, L]: the prompt, left-padded, then n_slots pad tokens (the slots); targets [B, L]: the
-    answer and the end token at the first slots, IGNORE_INDEX elsewhere. L = seq_len or the
-    longest prompt + n_slots. -> TaskBatch.
-    """
-    if isinstance(examples, Example) or not examples or not all(isinstance(e, Example) for e in examples):
-        raise ValueError("examples must be a non-empty list of Example")
-    _require_int("n_slots", n_slots, 1)
-    needed = max(len(e.prompt) for e in examples) + n_slots
-    length = needed if seq_len is None else _require_int("seq_len", seq_len, needed)
-    idx = torch.full((len(examples), length), vocab.pad_id, dtype=torch.long)        # (B, L)
-    targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)    # (B, L)
-    for row, example in enumerate(examples):
-        prompt, answer = vocab.encode(example.prompt), vocab.encode(example.answer) + [vocab.eos_id]
-        if len(answer) > n_slots:
-            raise ValueError(f"the answer of {example.prompt!r} needs {len(answer)} slots (with its "
-                             f"end token), more than n_slots={n_slots}")
-        start = length - n_slots
-        idx[row, start - len(prompt):start] = torch.tensor(prompt)
-        targets[row, start:start + len(answer)] = torch.tensor(answer)
-    return TaskBatch(idx, targets, torch.tensor([e.difficulty for e in examples]))
-
-# --- book/05_learning_when_to_stop.py, cell 179 ---
-@dataclass(frozen=True)
-class RecursiveConfig:
-    """A TRM-style recursive reasoner: f = n_layers Blocks; n_latent updates of z per update of
-    y; n_cycles recursions per supervision step (the first n_cycles - 1 without gradients)."""
-
-    vocab_size: int
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers: int = 2
-    n_latent: int = 6            # n
-    n_cycles: int = 3            # T
-    max_supervision: int = 16    # N_sup
-    halt_weight: float = 0.5
-    max_seq_len: int = 64
-    norm_style: str = "pre"
-    init_std: float = 0.02
-
-    def __post_init__(self):
-        for name, low in (("vocab_size", 1), ("d_model", 1), ("n_heads", 1), ("n_layers", 1),
-                          ("n_latent", 1), ("n_cycles", 1), ("max_supervision", 1), ("max_seq_len", 1)):
-            _require_int(name, getattr(self, name), low)
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"n_heads must divide d_model into heads of even size, got "
-                             f"d_model={self.d_model}, n_heads={self.n_heads}")
-        _require_number("halt_weight", self.halt_weight, low=0)
-        _require_number("init_std", self.init_std, low=0, low_open=True)
-        if self.norm_style not in NORM_STYLES:
-            raise ValueError(f"norm_style must be one of {NORM_STYLES}, got {self.norm_style!r}")
-
-
-@dataclass
-class RecursiveOutput:
-    logits: torch.Tensor       # [B, L, V] read out from the answer state y
-    halt_logit: torch.Tensor   # [B] the halting head's logit q: halt when sigmoid(q) >= threshold
-    carry: tuple               # (y, z) [B, L, D] each, detached: the next supervision step's start
-
-
-class RecursiveReasoner(nn.Module):
-    """TRM-style recursive refinement: model(idx, carry=None) runs one supervision step."""
-
-    def __init__(self, config):
-        super().__init__()
-        if not isinstance(config, RecursiveConfig):
-            raise TypeError(f"config must be a RecursiveConfig, got {type(config).__name__}")
-        self.config = c = config
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.rope = RotaryEmbedding(c.d_model // c.n_heads, c.max_seq_len)
-        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, None, c.norm_style) for _ in range(c.n_layers))
-        self.norm = RMSNorm(c.d_model)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.halt_head = nn.Linear(c.d_model, 1)
-        self.y_init = nn.Parameter(torch.zeros(c.d_model))
-        self.z_init = nn.Parameter(torch.zeros(c.d_model))
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=c.init_std)
-        nn.init.zeros_(self.halt_head.bias)
-        nn.init.normal_(self.y_init, std=c.init_std)
-        nn.init.normal_(self.z_init, std=c.init_std)
-
-    def f(self, h, cos, sin):
-        for block in self.blocks:
-            h = block(h, cos, sin)
-        return h
-
-    def recursion(self, x, y, z, cos, sin):
-        """One recursion: n_latent updates z <- f(z + y + x), then y <- f(y + z)."""
-        for _ in range(self.config.n_latent):
-            z = self.f(z + y + x, cos, sin)
-        return self.f(y + z, cos, sin), z
-
-    def forward(self, idx, carry=None):
-        c = self.config
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.ndim != 2:
-            raise ValueError(f"idx must be a LongTensor [B, L], got {getattr(idx, 'dtype', type(idx).__name__)}")
-        if idx.shape[1] > c.max_seq_len or idx.min() < 0 or idx.max() >= c.vocab_size:
-            raise ValueError(f"idx must hold ids in [0, {c.vocab_size}) and at most {c.max_seq_len} positions")
-        cos, sin = self.rope(idx.shape[1])
-        x = self.embed(idx)                                            # (B, L, D)
-        if carry is None:
-            y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-        else:
-            y, z = carry
-        with torch.no_grad():                                          # T - 1 recursions, no gradient
-            for _ in range(c.n_cycles - 1):
-                y, z = self.recursion(x, y, z, cos, sin)
-        y, z = self.recursion(x, y, z, cos, sin)                       # the last one with gradient
-        h = self.norm(y)
-        return RecursiveOutput(self.lm_head(h), self.halt_head(h[:, -1]).squeeze(-1),
-                               (y.detach(), z.detach()))
-
-# --- book/05_learning_when_to_stop.py, cell 181 ---
-def deep_supervision_step(model, optimizer, idx, targets, grad_clip=1.0):
-    """Train a RecursiveReasoner on one batch with deep supervision. -> list of per-step metrics."""
-    c, mask, carry, records = model.config, targets != IGNORE_INDEX, None, []
-    if not mask.any(-1).all():
-        raise ValueError("every row of targets needs at least one answer position")
-    for step in range(1, c.max_supervision + 1):
-        out = model(idx, carry)
-        answer_loss = F.cross_entropy(out.logits[mask], targets[mask])
-        correct = answer_accuracy(out.logits.detach(), targets).float()              # (B,)
-        halt_loss = F.binary_cross_entropy_with_logits(out.halt_logit, correct)
-        loss = answer_loss + c.halt_weight * halt_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        carry = out.carry
-        records.append({"step": step, "loss": answer_loss.item(), "halt_loss": halt_loss.item(),
-                        "accuracy": correct.mean().item()})
-    return records
-
-# --- book/05_learning_when_to_stop.py, cell 183 ---
-def recursive_predict(model, idx, max_supervision=None, halt_threshold=0.5):
-    """-> (logits [B, L, V] at each sample's halting step, steps LongTensor [B] from 1).
-
-    A sample halts at the first supervision step with sigmoid(halt_logit) >= halt_threshold,
-    else at max_supervision (default: the config's).
-    """
-    n_max = model.config.max_supervision if max_supervision is None else _require_int("max_supervision", max_supervision, 1)
-    halt_threshold = _require_number("halt_threshold", halt_threshold, low=0, high=1)
-    carry, chosen, steps = None, None, None
-    with torch.no_grad():
-        for step in range(1, n_max + 1):
-            out = model(idx, carry)
-            carry = out.carry
-            if chosen is None:
-                chosen = out.logits.clone()
-                steps = torch.full((idx.shape[0],), n_max, dtype=torch.long, device=idx.device)
-                running = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)
-            chosen[running] = out.logits[running]                     # running samples take the new answer
-            halts = running & ((out.halt_logit.sigmoid() >= halt_threshold) | (step == n_max))
-            steps[halts] = step
-            running = running & ~halts
-            if not running.any():
-                break
-    return chosen, steps

@@ -1,4 +1,4 @@
-# Generated from book/04_backprop_through_the_loop.py, book/06_inference.py: edit the chapter, then run `make export`.
+# Generated from book/04_backprop_through_the_loop.py, book/07_inference.py: edit the chapter, then run `make export`.
 # fmt: off
 __all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'decode_quality', 'bench_decode', 'format_decode_table', 'plot_decode']
 # fmt: on
@@ -256,7 +256,7 @@ def main(argv=None):
         print(f"python -m looplm.bench: stopped: {e}", file=sys.stderr)
         return 1
 
-# --- book/06_inference.py, cell 54 ---
+# --- book/07_inference.py, cell 54 ---
 import math
 import statistics as _statistics
 
@@ -391,7 +391,7 @@ def plot_decode(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/06_inference.py, cell 56 ---
+# --- book/07_inference.py, cell 56 ---
 def _decode_arguments(parser):
     parser.add_argument("--checkpoint", default=None, help="a saved model (default: train a small one first)")
     parser.add_argument("--task", default="stack", help="the chapter 0 task of the held-out examples (default stack)")

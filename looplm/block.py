@@ -223,7 +223,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, attend=None):
         """attend(q, k, v) -> [B, nh, T, hs] replaces the causal attention op (a KV cache passes
-        one, chapter 6); by default it is scaled_dot_product_attention(is_causal=True)."""
+        one, chapter 7); by default it is scaled_dot_product_attention(is_causal=True)."""
         _check_hidden(x, self.d_model)
         q, k, v = self.project_qkv(x, cos, sin)
         if attend is None:

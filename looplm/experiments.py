@@ -1,6 +1,6 @@
-# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05_learning_when_to_stop.py, book/06_inference.py: edit the chapter, then run `make export`.
+# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05_learning_when_to_stop.py, book/06_other_ways_to_stop.py, book/07_inference.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH04_SPLITS', 'FIXED_VS_RANDOM_DEPTH', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT']
+__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH04_SPLITS', 'FIXED_VS_RANDOM_DEPTH', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_OBJECTIVES', 'OTHER_OBJECTIVES', 'CH07_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT']
 # fmt: on
 
 # --- book/03_fixed_loops.py, cell 103 ---
@@ -282,7 +282,66 @@ EXIT_RECIPE = register(Experiment("exit-recipe", "05", "chapter 5: the baseline,
                                   "its step weights alone, and the recipe; exit rules, depth and budgets",
                                   _ch05_run, _ch05_prefix))
 
-# --- book/06_inference.py, cell 62 ---
+# --- book/06_other_ways_to_stop.py, cell 25 ---
+import copy
+
+import torch
+
+from looplm.adaptive import AdaptiveLoss, mean_steps, q_exit_steps, select_exit_logits
+from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
+from looplm.model import LoopLM, LoopLMConfig
+from looplm.objectives import act_halting
+from looplm.results import Experiment, register
+from looplm.train import TrainConfig, Trainer, task_batches, train_stage1
+
+CH06_OBJECTIVES = {"Stage I (control)": ("stage1", dict(beta=0.1)), "ACT": ("act", dict(tau=0.01)),
+                   "PonderNet": ("pondernet", dict(lambda_p=0.5, beta=0.01)), "Gumbel": ("gumbel", dict(tau=1.0))}
+
+
+def _ch06_setup(seed):
+    task, splits = make_task("stack"), make_splits("stack", 4000, 300, 5, 7, seed=0)
+    seq_len = task.max_seq_len(7)
+    torch.manual_seed(seed)
+    model = LoopLM(LoopLMConfig(TASK_VOCAB.vocab_size, 64, 4, n_loops=4, exit_gate=True, max_seq_len=seq_len))
+    config = TrainConfig(steps=600, batch_size=32, lr=5e-3, min_lr=5e-4, warmup_steps=50, weight_decay=0.0,
+                         eval_every=600, seed=seed, progress=False)
+    return model, splits, task_batches(splits.train, 32, seq_len), config, seq_len
+
+
+def _ch06_run(seed):
+    model, splits, batches, config, seq_len = _ch06_setup(seed)
+    stage1 = train_stage1(model, batches, config, beta=0.1, warm_steps=300, last_weight=0.5)
+    test = encode_examples(splits.test, seq_len=seq_len)
+    mask = test.targets != IGNORE_INDEX
+    runs = {}
+    for name, (objective, options) in CH06_OBJECTIVES.items():
+        copy_ = copy.deepcopy(model)
+        tune = TrainConfig(steps=150, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=10, weight_decay=0.0,
+                           eval_every=150, seed=seed + 2, progress=False)
+        trainer = Trainer(copy_, batches, tune, loss_fn=AdaptiveLoss(objective, **options))
+        trainer.run()
+        with torch.no_grad():
+            out = copy_(test.idx)
+        steps = act_halting(out.gate)[1] if objective == "act" else q_exit_steps(out.gate, 0.5)
+        last = trainer.history[-1]
+        runs[name] = {"mass": [last[f"mass_{t}"] for t in range(1, 5)], "entropy": last["entropy"],
+                      "depth": last["depth"], "test_steps": mean_steps(steps, mask),
+                      "test_accuracy": answer_accuracy(select_exit_logits(out.logits, steps),
+                                                       test.targets).float().mean().item()}
+    return {"runs": runs, "prefix": [row["loss"] for row in stage1.history[:20]]}
+
+
+def _ch06_prefix(seed, n_steps):
+    model, _, batches, config, _ = _ch06_setup(seed)
+    trainer = Trainer(model, batches, config, loss_fn=AdaptiveLoss("stage1", beta=0.1, last_weight=1.0))
+    trainer.run(until=n_steps)
+    return [row["loss"] for row in trainer.history]
+
+
+OTHER_OBJECTIVES = register(Experiment("other-objectives", "06", "chapter 6: Stage I, ACT, PonderNet and Gumbel "
+                                       "fine-tunes of one Stage I model", _ch06_run, _ch06_prefix))
+
+# --- book/07_inference.py, cell 62 ---
 import dataclasses
 
 import torch
@@ -294,11 +353,11 @@ from looplm.model import LoopLM, LoopLMConfig
 from looplm.results import Experiment, register
 from looplm.train import TrainConfig, Trainer, task_accuracy, task_batches, train_two_stage
 
-CH06_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0)
+CH07_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0)
 
 
-def _ch06_setup(seed, steps=900):
-    task, splits = make_task("stack"), make_splits(**CH06_SPLITS)
+def _ch07_setup(seed, steps=900):
+    task, splits = make_task("stack"), make_splits(**CH07_SPLITS)
     seq_len = task.max_seq_len(7)
     torch.manual_seed(seed)
     model = LoopLM(LoopLMConfig(TASK_VOCAB.vocab_size, 64, 4, n_loops=4, exit_gate=True, max_seq_len=seq_len))
@@ -307,16 +366,16 @@ def _ch06_setup(seed, steps=900):
     return model, splits, task_batches(splits.train, 32, seq_len), config
 
 
-def _ch06_run(seed):
-    model, splits, batches, config = _ch06_setup(seed)
+def _ch07_run(seed):
+    model, splits, batches, config = _ch07_setup(seed)
     trainer = train_two_stage(model, batches, config, stage2_steps=200)
     return {"rows": decode_quality(model, splits.test), "test_per_step": task_accuracy(model, splits.test).tolist(),
             "prefix": [row["loss"] for row in trainer.history[:20]]}
 
 
-def _ch06_prefix(seed, n_steps):
+def _ch07_prefix(seed, n_steps):
     # train_two_stage's first updates: Stage I (700 of the 900) starts on the last step's loss
-    model, _, batches, config = _ch06_setup(seed)
+    model, _, batches, config = _ch07_setup(seed)
     trainer = Trainer(model, batches, dataclasses.replace(config, steps=700),
                       loss_fn=AdaptiveLoss("stage1", beta=0.1, last_weight=1.0))
     trainer.run(until=n_steps)
@@ -324,5 +383,5 @@ def _ch06_prefix(seed, n_steps):
 
 
 CACHE_STRATEGIES_EXPERIMENT = register(Experiment(
-    "cache-strategies", "06", "chapter 6: accuracy and steps of every cache strategy and exit rule while decoding",
-    _ch06_run, _ch06_prefix))
+    "cache-strategies", "07", "chapter 7: accuracy and steps of every cache strategy and exit rule while decoding",
+    _ch07_run, _ch07_prefix))

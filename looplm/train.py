@@ -347,7 +347,7 @@ def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
 
     return evaluate
 
-# --- book/04_backprop_through_the_loop.py, cell 114 ---
+# --- book/04_backprop_through_the_loop.py, cell 118 ---
 import argparse
 import contextlib
 import dataclasses
@@ -365,7 +365,7 @@ from looplm.backprop import STEP_WEIGHTS, make_loop_loss
 from looplm.data import TASK_VOCAB, TASKS, make_splits, make_task
 from looplm.model import INJECTIONS, LoopLM, LoopLMConfig
 
-# --- book/04_backprop_through_the_loop.py, cell 119 ---
+# --- book/04_backprop_through_the_loop.py, cell 123 ---
 def _temporary_name_pattern(path):
     """The names of the temporary files of `path`: .NAME.<random>.tmp (random: hex here, or
     letters, digits and _ as tempfile.mkstemp, which earlier versions used)."""
@@ -451,7 +451,7 @@ def _atomic_write(path, write):
         raise
     return path
 
-# --- book/04_backprop_through_the_loop.py, cell 121 ---
+# --- book/04_backprop_through_the_loop.py, cell 125 ---
 CHECKPOINT_FORMAT = "looplm-checkpoint"
 
 
@@ -488,7 +488,7 @@ def save_checkpoint(path, trainer, extra=None):
     }
     return _atomic_write(path, lambda f: torch.save(payload, f))
 
-# --- book/04_backprop_through_the_loop.py, cell 123 ---
+# --- book/04_backprop_through_the_loop.py, cell 127 ---
 def _version_tuple(version):
     return tuple(int(part) for part in re.findall(r"\d+", str(version))[:3])
 
@@ -559,7 +559,7 @@ def checkpoint_model(path, payload, model=None):
                               + "; ".join(_config_differences(stored, model.config)))
     return model
 
-# --- book/04_backprop_through_the_loop.py, cell 125 ---
+# --- book/04_backprop_through_the_loop.py, cell 129 ---
 def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, evaluate=None,
                     map_location="cpu", payload=None):
     """A Trainer restored from a checkpoint written by save_checkpoint.
@@ -584,7 +584,7 @@ def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, e
         loss_fn.load_state_dict(payload["loss_fn"])
     return trainer
 
-# --- book/04_backprop_through_the_loop.py, cell 137 ---
+# --- book/04_backprop_through_the_loop.py, cell 141 ---
 def _task_splits(args):
     """The command line's TaskSplits: difficulties 1..N for training and testing."""
     options = {"reverse_answer": True} if args.reverse_answer else {}
@@ -594,7 +594,7 @@ def _task_splits(args):
                        max_difficulty=args.difficulty, ood_max_difficulty=args.difficulty + 1,
                        seed=args.seed)
 
-# --- book/04_backprop_through_the_loop.py, cell 140 ---
+# --- book/04_backprop_through_the_loop.py, cell 144 ---
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -717,7 +717,7 @@ def _check_resumed_flags(parser, args, payload, path, other_recipes=()):
         raise ValueError(f"--steps {args.steps}: the run being resumed is already at step {reached}; "
                          f"pass --steps {reached} or more")
 
-# --- book/04_backprop_through_the_loop.py, cell 142 ---
+# --- book/04_backprop_through_the_loop.py, cell 146 ---
 def _standard_arguments(parser):
     loss = parser.add_argument_group("standard recipe: the loss (section 4.7)")
     loss.add_argument("--step-weights", default="last", choices=STEP_WEIGHTS)
@@ -761,7 +761,7 @@ def _standard_run(args, model, get_batch, config, evaluate):
 RECIPES["standard"] = Recipe(help="one loss for the whole run, from section 4.7's options",
                              add_arguments=_standard_arguments, run=_standard_run, resumable=True)
 
-# --- book/04_backprop_through_the_loop.py, cell 144 ---
+# --- book/04_backprop_through_the_loop.py, cell 148 ---
 def _json_value(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -801,7 +801,7 @@ def _plot_history(history, path):
     fig.tight_layout()
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
-# --- book/04_backprop_through_the_loop.py, cell 146 ---
+# --- book/04_backprop_through_the_loop.py, cell 150 ---
 def _out_of_memory(error):
     """Whether `error` says that an allocation failed (CPU or GPU)."""
     if isinstance(error, MemoryError):
@@ -912,7 +912,7 @@ def main(argv=None):
     print(f"wrote {checkpoint_path}, {out / 'metrics.jsonl'} and {out / 'loss.png'}", flush=True)
     return 0
 
-# --- book/05_learning_when_to_stop.py, cell 197 ---
+# --- book/05_learning_when_to_stop.py, cell 159 ---
 from looplm.adaptive import AdaptiveLoss, GateLoss, gate_only
 from looplm.model import LoopLM
 
@@ -983,7 +983,7 @@ def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, ga
                       + [{**row, "stage": 2, "step": row["step"] + stage1_steps} for row in stage2.history])
     return stage2
 
-# --- book/05_learning_when_to_stop.py, cell 201 ---
+# --- book/05_learning_when_to_stop.py, cell 163 ---
 def _two_stage_arguments(parser):
     group = parser.add_argument_group("two-stage recipe (chapter 5)")
     group.add_argument("--stage2-steps", type=int, default=None,
@@ -1028,7 +1028,7 @@ RECIPES["two-stage"] = Recipe(
     help="Ouro's two stages: model and exit gate with an entropy bonus, then the gate alone",
     add_arguments=_two_stage_arguments, run=_two_stage_run)
 
-# --- book/04_backprop_through_the_loop.py, cell 147 ---
+# --- book/04_backprop_through_the_loop.py, cell 151 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.train` (not a notebook, not the chapter run as a script). The export
     # places this cell last in looplm/train.py, after the recipes later chapters register.

@@ -5,6 +5,7 @@ from looplm.adaptive import (  # noqa: F401
     expected_depth,
     stage1_loss,
     AdaptiveLoss,
+    Objective,
     OBJECTIVES,
     stage2_targets,
     stage2_gate_loss,
@@ -34,18 +35,6 @@ from looplm.adaptive import (  # noqa: F401
     StabilityCheck,
     StabilityReport,
     stability_report,
-    act_halting,
-    act_loss,
-    geometric_prior,
-    pondernet_loss,
-    gumbel_exit_weights,
-    gumbel_exit_loss,
-    encode_answer_slots,
-    RecursiveConfig,
-    RecursiveOutput,
-    RecursiveReasoner,
-    deep_supervision_step,
-    recursive_predict,
 )
 from looplm.model import (  # noqa: F401
     LinearExitGate,
@@ -314,97 +303,12 @@ def test_stability_checks():
     nan_logits = LoopOutput(logits=torch.full((2, 1, 1, 3), float("nan")))
     assert not stability_report(nan_logits).ok
 
-# --- book/05_learning_when_to_stop.py, cell 195 ---
-import torch.nn.functional as F
-
-from looplm.data import TASK_VOCAB
-
-
-def test_act_pondernet_and_gumbel_match_their_definitions():
-    gate = torch.tensor([0.3, 0.5, 0.4, 0.9], dtype=torch.float64).view(4, 1)
-    weights, n_halt, remainder = act_halting(gate, eps=0.01)
-    torch.testing.assert_close(weights.flatten(), torch.tensor([0.3, 0.5, 0.2, 0.0], dtype=torch.float64))
-    assert n_halt.item() == 3 and abs(remainder.item() - 0.2) < 1e-12
-    losses = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64).view(4, 1)
-    expected = 0.3 * 4 + 0.5 * 3 + 0.2 * 2 + 0.01 * (3 + 0.2)
-    assert abs(act_loss(losses, gate, tau=0.01).item() - expected) < 1e-12
-    gates = torch.rand(5, 3, 7, dtype=torch.float64)                  # ACT weights always sum to 1
-    torch.testing.assert_close(act_halting(gates)[0].sum(0), torch.ones(3, 7, dtype=torch.float64))
-
-    prior = geometric_prior(4, 0.5)
-    torch.testing.assert_close(prior, torch.tensor([0.5, 0.25, 0.125, 0.125]))
-    probs = exit_distribution(torch.rand(4, 6, dtype=torch.float64))
-    step_losses = torch.rand(4, 6, dtype=torch.float64)
-    kl = sum(probs[t] * (probs[t].log() - math.log(prior[t].item())) for t in range(4))
-    expected = ((probs * step_losses).sum(0) + 0.1 * kl).mean()
-    torch.testing.assert_close(pondernet_loss(step_losses, probs, lambda_p=0.5, beta=0.1), expected)
-
-    generator = torch.Generator().manual_seed(0)
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(4, 1).expand(4, 20000)
-    sample = gumbel_exit_weights(probs, hard=True, generator=generator)
-    assert set(sample.unique().tolist()) == {0.0, 1.0} and (sample.sum(0) == 1).all()
-    torch.testing.assert_close(sample.mean(1), torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015, rtol=0)
-    logits = torch.zeros(4, 1, requires_grad=True)                    # straight-through: a gradient flows
-    gumbel_exit_loss(torch.arange(4.0).view(4, 1), logits.softmax(0), generator=generator).backward()
-    assert logits.grad is not None and logits.grad.abs().sum() > 0
-
-
-def _tiny_reasoner(**changes):
-    torch.manual_seed(0)
-    options = dict(vocab_size=TASK_VOCAB.vocab_size, d_model=16, n_heads=2, n_layers=1, n_latent=2,
-                   n_cycles=2, max_supervision=3, max_seq_len=12)
-    return RecursiveReasoner(RecursiveConfig(**{**options, **changes}))
-
-
-def test_recursive_reasoner_deep_supervision_and_halting():
-    model = _tiny_reasoner()
-    idx = torch.randint(0, TASK_VOCAB.vocab_size, (4, 10))
-    targets = torch.full((4, 10), IGNORE_INDEX)
-    targets[:, -2:] = torch.randint(0, TASK_VOCAB.vocab_size, (4, 2))
-    out = model(idx)
-    assert out.logits.shape == (4, 10, TASK_VOCAB.vocab_size) and out.halt_logit.shape == (4,)
-    assert all(not t.requires_grad for t in out.carry)                # the carry is detached
-
-    # one supervision step = one recursion with gradient after n_cycles - 1 without: same values
-    cos, sin = model.rope(10)
-    x = model.embed(idx)
-    y, z = model.y_init.expand_as(x), model.z_init.expand_as(x)
-    for _ in range(model.config.n_cycles):
-        for _ in range(model.config.n_latent):
-            z = model.f(z + y + x, cos, sin)
-        y = model.f(y + z, cos, sin)
-    torch.testing.assert_close(out.logits, model.lm_head(model.norm(y)), rtol=0, atol=1e-6)
-
-    # deep supervision: one optimizer step per supervision step, halting label = correctness
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    calls = []
-    optimizer.step = lambda *a, **k: calls.append(1)
-    records = deep_supervision_step(model, optimizer, idx, targets)
-    assert len(records) == len(calls) == model.config.max_supervision
-    with torch.no_grad():
-        first = model(idx)
-        correct = ((first.logits.argmax(-1) == targets) | (targets == IGNORE_INDEX)).all(-1).float()
-        expected = F.binary_cross_entropy_with_logits(first.halt_logit, correct).item()
-    assert abs(records[0]["halt_loss"] - expected) < 1e-6
-    assert abs(records[0]["accuracy"] - correct.mean().item()) < 1e-6
-
-    # inference: halt at the first step whose halting probability reaches the threshold
-    with torch.no_grad():
-        model.halt_head.bias.fill_(-20.0)                                # never confident
-        logits, steps = recursive_predict(model, idx)
-        assert steps.tolist() == [3, 3, 3, 3]
-        model.halt_head.weight.zero_()
-        model.halt_head.bias.fill_(20.0)                                 # always confident
-        logits, steps = recursive_predict(model, idx)
-        assert steps.tolist() == [1, 1, 1, 1]
-        torch.testing.assert_close(logits, model(idx).logits)
-
-# --- book/05_learning_when_to_stop.py, cell 205 ---
+# --- book/05_learning_when_to_stop.py, cell 167 ---
+import contextlib
 import copy
 import dataclasses
+import io
 import os
-import subprocess
-import sys
 import tempfile
 
 from looplm.adaptive import AdaptiveLoss
@@ -464,21 +368,25 @@ def test_warm_steps_train_exactly_the_last_step_loss():
 
 
 def test_two_stage_command_line():
+    # in this process (main() is the command line), which is much faster than a subprocess
+    from looplm.train import main
+
     with tempfile.TemporaryDirectory() as folder:
-        base = [sys.executable, "-m", "looplm.train", "--recipe", "two-stage", "--task", "stack",
-                "--difficulty", "2", "--n-train", "100", "--n-test", "20", "--steps", "6", "--stage2-steps", "2",
-                "--batch-size", "4", "--d-model", "16", "--n-heads", "2", "--n-loops", "2", "--no-progress"]
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        result = subprocess.run(base + ["--out", folder], capture_output=True, text=True, env=env, timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert "stage 2 done at step 6" in result.stdout
+        base = ["--recipe", "two-stage", "--task", "stack", "--difficulty", "2", "--n-train", "100", "--n-test", "20",
+                "--steps", "6", "--stage2-steps", "2", "--batch-size", "4", "--d-model", "16", "--n-heads", "2",
+                "--n-loops", "2", "--no-progress"]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(base + ["--out", folder]) == 0
+        assert "stage 2 done at step 6" in out.getvalue()
         assert sorted(os.listdir(folder)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
-        refused = subprocess.run(base + ["--grad-steps", "1", "--out", folder + "/other"], capture_output=True,
-                                 text=True, env=env, timeout=120)
-        assert refused.returncode == 2 and "--grad-steps belongs to the 'standard' recipe" in refused.stderr
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as refused:
+            main(base + ["--grad-steps", "1", "--out", folder + "/other"])
+        assert refused.value.code == 2 and "--grad-steps belongs to the 'standard' recipe" in err.getvalue()
         assert not os.path.exists(folder + "/other")
 
-# --- book/05_learning_when_to_stop.py, cell 209 ---
+# --- book/05_learning_when_to_stop.py, cell 171 ---
 def test_bad_input_gets_clear_errors():
     torch.manual_seed(0)
     plain = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3))

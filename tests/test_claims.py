@@ -98,8 +98,8 @@ FIXED, RANDOM = "fixed depth 4", "random depth, mean 4"
 
 CLAIMS = [
     # chapter 4: fixed against randomized depth, 3 seeds
-    Claim("04", r"\(1\.00 at 4 steps in every seed, (\S+) at 3 and (\S+) at 5 on average\)",
-          lambda m: min(ch04(FIXED, "curve", 3)) >= 0.995 and (m[1], m[2]) == (mean(ch04(FIXED, "curve", 2)),
+    Claim("04", r"\(at least 0\.99 at 4 steps in every seed, (\S+) at 3 and (\S+) at 5 on average\)",
+          lambda m: min(ch04(FIXED, "curve", 3)) >= 0.99 and (m[1], m[2]) == (mean(ch04(FIXED, "curve", 2)),
                                                                                 mean(ch04(FIXED, "curve", 4)))),
     Claim("04", r"(\S+) at 10 steps and (\S+) at 16 on average",
           lambda m: (m[1], m[2]) == (mean(ch04(FIXED, "curve", 9)), mean(ch04(FIXED, "curve", 15)))),

@@ -1,6 +1,6 @@
-"""Exercise 6.2: The deepest-state fill rule
+"""Exercise 7.2: The deepest-state fill rule
 
-A token that exits at step e never computes its keys and values for the steps after e. Chapter 6
+A token that exits at step e never computes its keys and values for the steps after e. Chapter 7
 fills those entries by the deepest-state rule: the entry for every deeper step t > e is a copy
 of the entry for step e.
 
@@ -14,7 +14,7 @@ Write `fill_deeper(entries, exit_steps)`:
   Do not modify `entries`.
 - Raise ValueError if exit_steps is not of shape [B] or holds a step outside [1, S].
 
-Grade it with `python -m looplm.grade ch06`.
+Grade it with `python -m looplm.grade ch07`.
 """
 
 import torch
@@ -22,4 +22,4 @@ import torch
 
 def fill_deeper(entries: torch.Tensor, exit_steps: torch.Tensor) -> torch.Tensor:
     """entries [S, B, ...] with the steps after each row's exit step replaced by its exit-step entry."""
-    raise NotImplementedError("Exercise 6.2: write fill_deeper")
+    raise NotImplementedError("Exercise 7.2: write fill_deeper")

@@ -2,7 +2,7 @@ from looplm.grade import load_exercise
 
 ex = load_exercise(__file__)
 
-# Graded tests for Exercise 6.1 (the bytes of each cache strategy). The reference is the cache
+# Graded tests for Exercise 7.1 (the bytes of each cache strategy). The reference is the cache
 # that looplm.generate builds: LoopKVCache(...).nbytes(), counted from its tensors. Exact match.
 
 import pytest  # noqa: E402

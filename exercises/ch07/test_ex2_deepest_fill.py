@@ -2,7 +2,7 @@ from looplm.grade import load_exercise
 
 ex = load_exercise(__file__)
 
-# Graded tests for Exercise 6.2 (the deepest-state fill rule). The reference is a Python loop
+# Graded tests for Exercise 7.2 (the deepest-state fill rule). The reference is a Python loop
 # over rows and steps; the fill is a copy, so the comparison is exact. The last test checks the
 # rule against the cache that looplm.generate fills while decoding with early exits.
 

@@ -1,4 +1,4 @@
-"""Exercise 6.1: The bytes of each cache strategy (reference solution)."""
+"""Exercise 7.1: The bytes of each cache strategy (reference solution)."""
 
 import re
 

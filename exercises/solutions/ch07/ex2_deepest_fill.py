@@ -1,4 +1,4 @@
-"""Exercise 6.2: The deepest-state fill rule (reference solution)."""
+"""Exercise 7.2: The deepest-state fill rule (reference solution)."""
 
 import torch
 
