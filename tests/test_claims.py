@@ -96,7 +96,73 @@ def mean(values, digits=2):
 
 FIXED, RANDOM = "fixed depth 4", "random depth, mean 4"
 
+def ch06(name, key, index=None):
+    return seed_summary("other-objectives", "runs", name, key, index=index)
+
+
+OBJECTIVES6 = ("Stage I (control)", "ACT", "PonderNet", "Gumbel")
+
+
+def ch07_rows(cache, rule, key):
+    """A value of one (cache, exit rule) row of the stored cache-strategies results, per seed."""
+    payload = results("cache-strategies")
+    return [next(r[key] for r in payload["results"][str(s)]["rows"] if (r["cache"], r["rule"]) == (cache, rule))
+            for s in payload["seeds"]]
+
+
+def ch07_table(cache, rule):
+    """One row of the stored decode table of chapter 7, as a list of its numbers."""
+    for line in output_after("07", "decode_result = bench_decode(").splitlines():
+        parts = line.split()
+        if parts[:2] == [cache, rule]:
+            return parts[2:]
+    raise AssertionError(f"no row {cache} {rule} in the stored decode table")
+
+
 CLAIMS = [
+    # chapter 6: other objectives, 3 seeds
+    Claim("06", r"end at the same accuracy \((\S+) to (\S+) on average, and within 4 points of one another in each seed\)",
+          lambda m: (m[1], m[2]) == (min(mean(ch06(o, "test_accuracy"), 3) for o in OBJECTIVES6),
+                                     max(mean(ch06(o, "test_accuracy"), 3) for o in OBJECTIVES6))
+          and all(max(ch06(o, "test_accuracy")[i] for o in OBJECTIVES6) - min(ch06(o, "test_accuracy")[i] for o in OBJECTIVES6)
+                  <= 0.04 for i in range(3))),
+    Claim("06", r"the control keeps its bonus \((\S+ ± \S+)\), PonderNet's weak KL term \(\$\\beta = 0\.01\$\) keeps "
+                r"less \((\S+)\), ACT less still \((\S+)\), and Gumbel .* \((\S+) of it, entropy (\S+)\)",
+          lambda m: m[1] == pm(ch06("Stage I (control)", "entropy"), 2)
+          and (m[2], m[3], m[5]) == tuple(mean(ch06(o, "entropy")) for o in ("PonderNet", "ACT", "Gumbel"))
+          and m[4] == mean(ch06("Gumbel", "mass", 3))
+          and all(ch06(o, "entropy")[i] < ch06("Stage I (control)", "entropy")[i] for o in OBJECTIVES6[1:] for i in range(3))),
+    Claim("06", r"Q-exit uses the fewest steps on the control model in every seed \((\S+ ± \S+)\)",
+          lambda m: m[1] == pm(ch06("Stage I (control)", "test_steps"), 2)
+          and all(ch06("Stage I (control)", "test_steps")[i] <= min(ch06(o, "test_steps")[i] for o in OBJECTIVES6[1:])
+                  for i in range(3))),
+    Claim("06", r"In seed 0 alone ACT moved mass to step 2 \((\S+), the run above\)",
+          lambda m: m[1] == f"{ch06('ACT', 'mass', 1)[0]:.2f}" and max(ch06("ACT", "mass", 1)[1:]) < 0.4),
+    # chapter 7: the stored decode table (one run) and the cache strategies over 3 seeds
+    Claim("07", r"The exact cache at full depth scores (\S+) on the held-out examples\. The first-step cache is the worst "
+                r"of the shared ones \((\S+)\), as in Ouro's Table 14; the last-step and averaged caches lose less \((\S+), (\S+)\)",
+          lambda m: (m[1], m[2], m[3], m[4]) == tuple(ch07_table(c, "none")[1] for c in ("exact", "first", "last", "average"))),
+    Claim("07", r"Q-exit at \$q = 0\.5\$ scores (\S+) with (\S+) steps per token",
+          lambda m: [m[1], m[2]] == ch07_table("exact", "q_exit")[1:3]),
+    Claim("07", r"In the stored run, Q-exit decoded at about the speed of full depth \((\S+) times at batch 1, (\S+) at batch "
+                r"64; ideal (\S+)\), KL and hidden-state change, .* \((\S+) and (\S+) at batch 1\), and fixed depth 2 ran "
+                r"(\S+) and (\S+) times as fast",
+          lambda m: [m[1], m[2], m[3]] == ch07_table("exact", "q_exit")[5:8]
+          and [m[4], m[5]] == [ch07_table("exact", "kl")[5], ch07_table("exact", "hidden_change")[5]]
+          and [m[6], m[7]] == ch07_table("exact", "fixed")[5:7]),
+    Claim("07", r"\((\d+) to (\d+) tokens per second at batch 1\)",
+          lambda m: (m[1], m[2]) == tuple(str(f(int(ch07_table(c, "none")[3]) for c in ("exact", "last", "first", "average", "mod-2")))
+                                          for f in (min, max))),
+    Claim("07", r"first-step cache is the worst of the shared ones, as in Ouro's Table 14 \((\S+ ± \S+) against (\S+ ± \S+) "
+                r"for the exact cache; in each seed it is the lowest of the five caches at full depth\)\. The last-step, "
+                r"averaged and mod-2 caches lose little \((\S+), (\S+) and (\S+)\)",
+          lambda m: (m[1], m[2]) == (pm(ch07_rows("first", "none", "accuracy")), pm(ch07_rows("exact", "none", "accuracy")))
+          and (m[3], m[4], m[5]) == tuple(mean(ch07_rows(c, "none", "accuracy"), 3) for c in ("last", "average", "mod-2"))
+          and all(ch07_rows("first", "none", "accuracy")[i] == min(ch07_rows(c, "none", "accuracy")[i]
+                  for c in ("exact", "last", "first", "average", "mod-2")) for i in range(3))),
+    Claim("07", r"confidence and fixed depth 2 stop at about 2 steps and lose (\d+) and (\d+) points on average",
+          lambda m: (m[1], m[2]) == tuple(f"{100 * (sum(ch07_rows('exact', 'none', 'accuracy')) - sum(ch07_rows('exact', r, 'accuracy'))) / 3:.0f}"
+                                          for r in ("confidence", "fixed"))),
     # chapter 4: fixed against randomized depth, 3 seeds
     Claim("04", r"\(at least 0\.99 at 4 steps in every seed, (\S+) at 3 and (\S+) at 5 on average\)",
           lambda m: min(ch04(FIXED, "curve", 3)) >= 0.99 and (m[1], m[2]) == (mean(ch04(FIXED, "curve", 2)),
