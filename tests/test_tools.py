@@ -90,6 +90,23 @@ def test_export_writes_module_and_tests_with_provenance(book):
     assert "test_double()" not in tests.replace("def test_double()", "")  # the call stays in the notebook
 
 
+def test_an_appendix_part_extends_a_module_between_chapters(book):
+    """book/07a_slug.py sorts after chapter 7 and before chapter 8: the module is built from
+    chapter 7, then extended by the appendix part, then by chapter 8."""
+    part = CHAPTER.replace("# # Chapter 7: A toy", "# # Appendix C, continued: a toy").replace(
+        "#| default_exp toy", "#| default_exp toy").replace("def double(x):\n    return 2 * x", "def triple(x):\n    return 3 * x")
+    part = part.replace("def test_double():\n    assert double(2) == 4\n\ntest_double()", "def test_triple():\n    assert triple(2) == 6")
+    later = part.replace("Appendix C, continued: a toy", "Chapter 8: More toy").replace("triple", "quadruple").replace(
+        "3 * x", "4 * x").replace("== 6", "== 8")
+    (book / "book" / "07a_toy_part.py").write_text(part)
+    (book / "book" / "08_more_toy.py").write_text(later)
+    assert run(book, "export.py").returncode == 0, "export failed"
+    module = (book / "looplm" / "toy.py").read_text()
+    assert module.startswith("# Generated from book/07_toy.py, book/07a_toy_part.py, book/08_more_toy.py")
+    assert module.index("def double") < module.index("def triple") < module.index("def quadruple")
+    assert (book / "tests" / "test_07a_toy_part.py").is_file()
+
+
 def test_export_is_deterministic_and_check_passes(book):
     run(book, "export.py")
     first = {p: p.read_text() for p in book.rglob("*.py")}

@@ -39,6 +39,10 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export import chapter_files  # noqa: E402  (one rule for which files are chapters)
+
 ADDRESS = re.compile(r"\bat 0x[0-9a-fA-F]{6,}")
 
 
@@ -128,7 +132,7 @@ def keep_stored_figures(py: Path, nb) -> list[int]:
 def inputs_hash(py: Path, nb, index: int) -> str:
     """What cell `index` of chapter `py` can depend on: earlier chapters and cells 0..index."""
     digest = hashlib.sha256()
-    for earlier in sorted(BOOK.glob("[0-9][0-9]_*.py")):
+    for earlier in chapter_files("py", BOOK):
         if earlier.name < py.name:
             digest.update(earlier.read_bytes())
     for cell in nb.cells[: index + 1]:
@@ -200,7 +204,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     fresh_timings = "--fresh-timings" in argv or os.environ.get("LOOPLM_FRESH_TIMINGS") == "1"
     argv = [a for a in argv if a != "--fresh-timings"]
-    chosen = sorted(BOOK.glob("[0-9][0-9]_*.py"))
+    chosen = chapter_files("py", BOOK)
     if argv:
         chosen = [p for p in chosen if any(p.name.startswith(a) for a in argv)]
         if not chosen:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,14 @@ import jupytext
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
+
+
+def chapter_files(suffix: str, book: Path = BOOK) -> list[Path]:
+    """book/NN_slug.<suffix> and book/NNa_slug.<suffix> (an appendix kept right after chapter NN,
+    so that the modules it holds are built before later chapters extend them), in file-name order."""
+    return sorted(p for p in book.glob(f"[0-9][0-9]*_*.{suffix}") if re.match(r"\d\d[a-z]?_", p.name))
+
+
 GENERATED_MARK = "# Generated from "
 # The only hand-written Python files allowed inside the package folders.
 HAND_WRITTEN = {"looplm/__init__.py", "kernels/__init__.py"}
@@ -49,7 +58,7 @@ class Target:
 
 
 def chapters() -> list[Path]:
-    return sorted(p for p in BOOK.glob("[0-9][0-9]_*.py"))
+    return chapter_files("py")
 
 
 def module_path(module: str) -> str:

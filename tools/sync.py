@@ -16,6 +16,9 @@ import jupytext
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export import chapter_files  # noqa: E402  (one rule for which files are chapters)
+
 
 def cell_key(cell) -> tuple[str, str, tuple[str, ...]]:
     return cell.cell_type, cell.source, tuple(cell.metadata.get("tags", ()))
@@ -43,8 +46,8 @@ def check_pair(py: Path, ipynb: Path) -> list[str]:
 
 def main() -> int:
     problems = []
-    pys = {p.stem: p for p in BOOK.glob("[0-9][0-9]_*.py")}
-    nbs = {p.stem: p for p in BOOK.glob("[0-9][0-9]_*.ipynb")}
+    pys = {p.stem: p for p in chapter_files("py", BOOK)}
+    nbs = {p.stem: p for p in chapter_files("ipynb", BOOK)}
     for stem in sorted(set(pys) | set(nbs)):
         if stem not in nbs:
             problems.append(f"book/{stem}.py has no executed notebook: run `make execute CHAPTER={stem[:2]}`")
