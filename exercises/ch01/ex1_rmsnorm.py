@@ -1,9 +1,8 @@
 """Exercise 1.1: RMSNorm
 
 Write `rms_norm(x, weight, eps)`, the RMSNorm of section 1.2 of chapter 1 as a plain function.
-Normalise x over its last dimension by its root mean square, then scale by the gain `weight`:
-
-    y = x / sqrt(mean(x ** 2, over the last dimension) + eps) * weight
+Divide x by its root mean square over the last dimension, with eps added to the mean square
+inside the square root, then multiply by the gain `weight`, coordinate by coordinate.
 
 - x has any shape [..., d], weight has shape [d], and the result has x's shape and dtype.
 - Compute in float32 even when x is float16 or bfloat16, then cast the result back to x's

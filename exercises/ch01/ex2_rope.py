@@ -10,13 +10,10 @@ shape [max_seq_len, head_dim // 2], with
 for positions m = 0 .. max_seq_len - 1 and pairs i = 0 .. head_dim/2 - 1.
 
 `apply_rope(x, cos, sin)` rotates x of shape [B, n_heads, T, head_dim] (cos and sin are the
-T rows for x's positions, shape [T, head_dim // 2]). Pair i is (x[..., i], x[..., i + d/2]),
-with d = head_dim, and it is rotated by the angle of row m for the token at position m:
-
-    x'[i]       = x[i] * cos - x[i + d/2] * sin
-    x'[i + d/2] = x[i] * sin + x[i + d/2] * cos
-
-Return a tensor of x's shape and dtype.
+T rows for x's positions, shape [T, head_dim // 2]). Pair i is the point
+(x[..., i], x[..., i + d/2]) of the plane, with d = head_dim, and the token in row m of the
+tables is rotated counterclockwise by that row's angle m * theta_i. Return a tensor of x's
+shape and dtype.
 
 Grade it with `python -m looplm.grade ch01`, or run `pytest exercises/ch01/test_ex2_rope.py`.
 """

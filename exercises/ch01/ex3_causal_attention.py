@@ -8,11 +8,10 @@ i may see key j, and -inf elsewhere. The t_q queries are the LAST t_q of the t_k
 (as when a KV cache holds the earlier keys), so query i sits at position i + (t_k - t_q) and
 may see the keys j <= i + (t_k - t_q). For t_q == t_k this is the usual lower triangle.
 
-`causal_attention(q, k, v)` computes, for q [B, nh, t_q, hs] and k, v [B, nh, t_k, hs],
-
-    softmax(q @ k^T / sqrt(hs) + causal_mask(t_q, t_k)) @ v      -> [B, nh, t_q, hs]
-
-with the softmax over the key dimension.
+`causal_attention(q, k, v)` is the scaled dot-product attention of section 1.4 for
+q [B, nh, t_q, hs] and k, v [B, nh, t_k, hs]: every query scores every key by their dot product
+divided by sqrt(hs), the mask above is added, a softmax over the keys turns the scores into
+weights, and the result is the weighted sum of the values, [B, nh, t_q, hs].
 
 Grade it with `python -m looplm.grade ch01`, or run
 `pytest exercises/ch01/test_ex3_causal_attention.py`.

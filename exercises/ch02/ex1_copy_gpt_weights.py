@@ -6,8 +6,8 @@ so that the looped model's one-step logits equal the GPT's logits (section 2.8 o
 - `model` has no prelude and no coda, and its core has as many blocks as the GPT has layers.
   Its embedding, final norm and LM head take the GPT's `embed`, `norm` and `lm_head`; core
   block i takes GPT block i (`gpt.blocks[i]` -> `model.core[i]`).
-- Copy the values into `model`'s own parameters (`param.copy_(...)` under `torch.no_grad()`).
-  Do not assign the GPT's tensors to `model`: afterwards the two models must share no tensor.
+- Copy the values into `model`'s own parameters. Do not assign the GPT's tensors to `model`:
+  afterwards the two models must share no tensor.
   A tied model must stay tied (`model.lm_head.weight is model.embed.weight`).
 - Raise ValueError when the two cannot match: a prelude or a coda, a core of another depth,
   one model tied and the other not, or any parameter whose shape differs.

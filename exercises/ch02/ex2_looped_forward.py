@@ -1,19 +1,14 @@
 """Exercise 2.2: The looped forward pass
 
 Write `looped_logits(model, idx, n_loops)`: run a `LoopLM`'s parts by hand and return the
-logits read out after every loop step, a tensor [n_loops, B, T, V] (sections 2.3 and 2.6 of
-chapter 2). The model uses no input injection and starts the loop from the embedding, so
-
-    x0       = prelude(embed(idx))                 the prelude's blocks, once
-    h_0      = x0
-    h_t      = core(h_{t-1})                       the core's blocks, in order, every step
-    logits_t = lm_head(norm(coda(h_t)))            for t = 1..n_loops
+logits read out after every loop step, a tensor [n_loops, B, T, V]: the logits that
+`model(idx, n_loops=n_loops).logits` returns (sections 2.3 and 2.6 of chapter 2). The model
+uses no input injection and starts the loop from the embedding (the defaults).
 
 - The parts are `model.embed`, `model.prelude`, `model.core`, `model.coda` (lists of blocks,
   possibly empty), `model.norm` and `model.lm_head`.
 - Every block is called as `block(h, cos, sin)` with the rope rows for the sequence:
   `cos, sin = model.rope(T)`.
-- The coda is part of the readout: the next step continues from h_t, not from coda(h_t).
 - Use `n_loops` (an int >= 1), not `model.config.n_loops`.
 
 Do not call `model(...)` or its `encode`/`step`/`readout` methods: the point is to write the

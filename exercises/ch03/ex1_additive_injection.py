@@ -3,9 +3,10 @@
 Write `AdditiveInjection`, an entry for the `INJECTIONS` registry of `looplm.model` (chapter 3,
 section 3.2). A looped model calls it before the core at every step:
 
-    inject(h, x0) = h + RMSNorm_g(x0),   RMSNorm_g(x) = x / sqrt(mean(x ** 2, last dim) + eps) * g
+    inject(h, x0) = h + RMSNorm_g(x0)
 
-so that the loop computes h_t = core(h_{t-1} + RMSNorm_g(x0)).
+so that the loop computes h_t = core(h_{t-1} + RMSNorm_g(x0)). RMSNorm_g is chapter 1's RMSNorm
+(over the last dimension, eps inside the square root) with a gain g of its own.
 
 - `__init__(self, config)`: `config` is a `LoopLMConfig`; use `config.d_model` and
   `config.eps`. The gain g is the module's only parameter, `self.weight`, of shape

@@ -1,14 +1,15 @@
 """Exercise 3.2: The warmup-cosine learning-rate schedule
 
-Write `warmup_cosine(step, total_steps, warmup_steps, max_lr, min_lr)`, the schedule of
-chapter 3, section 3.5, as a plain function of numbers. With s = step, W = warmup_steps,
-N = total_steps:
+Write `warmup_cosine(step, total_steps, warmup_steps, max_lr, min_lr)`, the trainer's
+learning-rate schedule (the one `looplm.train.lr_at` computes), as a plain function of numbers.
+With s = step, W = warmup_steps, N = total_steps:
 
-    s < W:       max_lr * s / W                                            (linear warmup from 0)
-    W <= s <= N: min_lr + 0.5 * (max_lr - min_lr) * (1 + cos(pi * (s - W) / (N - W)))
-    s > N:       min_lr
+- for s < W the rate rises linearly, from 0 at step 0 towards max_lr at step W;
+- from step W to step N it falls from max_lr to min_lr along half a period of a cosine (flat
+  at both ends, steepest half way, where it is the mean of max_lr and min_lr);
+- after step N it stays at min_lr.
 
-So the rate is 0 at step 0, max_lr at step W and min_lr at step N. Return a Python float.
+Return a Python float.
 
 Raise ValueError for: a step that is not an int >= 0; total_steps not an int >= 1;
 warmup_steps not an int with 0 <= warmup_steps < total_steps; max_lr not > 0; min_lr not in

@@ -5,17 +5,13 @@ return the logits read out after every step, a tensor [n_loops, B, T, V], where 
 `grad_steps` steps get gradients (section 4.4 of chapter 4; Huginn trains this way). With
 S = n_loops and k = grad_steps:
 
-    cos, sin = model.rope(T)
-    x0       = model.encode(idx, cos, sin)
-    h        = model.init_state(x0)
-    for t = 1..S:
-        h            = model.step(h, x0, cos, sin)
-        logits_t, _  = model.readout(h, cos, sin)
-
-- Steps 1..S-k, and their readouts, run under `torch.no_grad()`: they record nothing for
-  backward, so their memory is freed at once and no gradient flows through them.
+- Steps 1..S-k, and their readouts, record nothing for backward: their memory is freed at
+  once and no gradient flows through them.
 - Steps S-k+1..S run with autograd as usual.
 - Raise ValueError unless grad_steps is an int with 1 <= grad_steps <= n_loops.
+
+Build it from the model's own parts, the ones section 4.4's runner is built from, so that
+whatever the config puts behind them (a prelude, a coda, an injection) keeps working.
 
 The values must equal `model(idx, n_loops=n_loops).logits`. Do not call
 `looplm.backprop.loop_forward`: the point is to write it. Grade it with

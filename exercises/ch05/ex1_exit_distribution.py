@@ -5,15 +5,15 @@ Write `exit_distribution(gate)`, Ouro's Eq. 3 (section 5.2 of chapter 5): turn t
 
 - gate: a floating-point tensor [S, ...] with S >= 1 steps first (the model gives [S, B, T]),
   every value in [0, 1]. Steps are counted from 1 in the formulas and from 0 in the tensor.
-- Return a tensor of the same shape and dtype, where, with S_t = ∏_{j<=t} (1 − λ_j) the
-  probability of surviving the first t steps (S_0 = 1):
+- Return a tensor of the same shape and dtype, where, with r_t = ∏_{j<=t} (1 − λ_j) the
+  probability of surviving the first t steps (r_0 = 1):
 
-      p_t = λ_t · S_{t-1}          for t = 1 .. S-1
-      p_S = S_{S-1}                the last step takes the remaining mass; λ_S is not used
+      p_t = λ_t · r_{t-1}          for t = 1 .. S-1
+      p_S = r_{S-1}                the last step takes the remaining mass; λ_S is not used
 
   so the p_t sum to 1 over the steps for every token. With S = 1, p_1 = 1.
-- Work on every token at once (no Python loop over tokens): `torch.cumprod` over dim 0 gives
-  the survival products. Gradients must flow from p back to the gate.
+- Work on every token at once (no Python loop over tokens). Gradients must flow from p back
+  to the gate.
 - Raise ValueError when gate is not a floating-point tensor, has no step dimension (0-d) or
   S = 0 steps, holds NaN or inf, or holds a value outside [0, 1].
 

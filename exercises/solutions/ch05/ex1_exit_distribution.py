@@ -18,6 +18,6 @@ def exit_distribution(gate: torch.Tensor) -> torch.Tensor:
     if (gate < 0).any() or (gate > 1).any():
         raise ValueError(f"gate values must lie in [0, 1], got min {gate.min().item():.4g} "
                          f"and max {gate.max().item():.4g}")
-    survive = torch.cumprod(1 - gate[:-1], dim=0)                # S_1 .. S_{S-1}: (S-1, ...)
-    reach = torch.cat([torch.ones_like(gate[:1]), survive])       # S_0 .. S_{S-1}: (S, ...)
+    survive = torch.cumprod(1 - gate[:-1], dim=0)                # r_1 .. r_{S-1}: (S-1, ...)
+    reach = torch.cat([torch.ones_like(gate[:1]), survive])       # r_0 .. r_{S-1}: (S, ...)
     return torch.cat([gate[:-1] * reach[:-1], reach[-1:]])         # (S, ...)
