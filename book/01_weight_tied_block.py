@@ -22,8 +22,9 @@
 # $$h_{t+1} = \mathrm{block}(h_t), \qquad t = 0, 1, \dots, S-1 .$$
 #
 # The weights are *tied* across the applications, so the model has the parameters of one
-# block but the compute of $S$, the number of loop steps. Ouro (arXiv 2510.25741) loops its
-# whole 24-layer stack 4 times; Huginn (arXiv 2502.05171) loops a core of 4 layers, 32 times on average.
+# block but the compute of $S$, the number of loop steps. Ouro {cite:p}`zhu2025ouro` loops its
+# whole 24-layer stack 4 times; Huginn {cite:p}`geiping2025huginn` loops a core of 4 layers,
+# 32 times on average.
 #
 # Everything in this book is built on one block, and this chapter builds it from parts:
 #
@@ -123,7 +124,7 @@ except ValueError as e:
 #
 # A deep stack of residual layers keeps adding to its hidden state, so the state's scale
 # drifts. Normalisation layers pull it back. LayerNorm subtracts the mean and divides by the
-# standard deviation. **RMSNorm** (Zhang & Sennrich, arXiv 1910.07467) keeps only the
+# standard deviation. **RMSNorm** {cite:p}`zhang2019rmsnorm` keeps only the
 # division. It rescales each vector $x \in \mathbb{R}^d$ by its root mean square and then
 # multiplies by a learned gain $g \in \mathbb{R}^d$:
 #
@@ -303,14 +304,14 @@ run_tests(test_rmsnorm_low_precision_input)
 #
 # Attention by itself is blind to order. Shuffle the keys and values together and each
 # query's output stays the same. The model needs some other way to know where each token
-# sits. **Rotary position embeddings** (RoPE; Su et al., RoFormer, arXiv 2104.09864) do it
+# sits. **Rotary position embeddings** (RoPE), from RoFormer {cite:p}`su2021roformer`, do it
 # by rotating the queries and keys. Nothing is added to the token vectors.
 
 # %% [markdown]
-# Split a head's vector $x \in \mathbb{R}^{d}$ ($d$ is the head dimension, which must be
-# even) into $d/2$ pairs. Pair $i$ gets the frequency
+# Split a head's vector $x \in \mathbb{R}^{h_s}$ ($h_s$ is the head size, which must be
+# even) into $h_s/2$ pairs. Pair $i$ gets the frequency
 #
-# $$\theta_i = b^{-2i/d}, \qquad i = 0, 1, \dots, d/2 - 1, \qquad b = 10000 .$$
+# $$\theta_i = b^{-2i/h_s}, \qquad i = 0, 1, \dots, h_s/2 - 1, \qquad b = 10000 .$$
 #
 # At position $m$, pair $i$ is rotated by the angle $m\,\theta_i$. Low $i$ turns fast with
 # position, high $i$ slowly: a spread of clock hands.
@@ -366,16 +367,16 @@ plt.show()
 # %% [markdown]
 # **Which coordinates form a pair.** The RoFormer paper pairs neighbours:
 # $(x_0, x_1), (x_2, x_3), \dots$ (the "interleaved" layout). We use the other common layout,
-# "rotate half" (GPT-NeoX and the Hugging Face Llama code use it). It pairs coordinate $i$
-# with coordinate $i + d/2$.
+# "rotate half" (GPT-NeoX {cite:p}`black2022gptneox` and the Hugging Face Llama code use it).
+# It pairs coordinate $i$ with coordinate $i + h_s/2$.
 
 # %% [markdown]
-# The rotate-half formula, for $0 \le i < d/2$:
+# The rotate-half formula, for $0 \le i < h_s/2$:
 #
 # $$
 # \begin{aligned}
-# x'_i &= x_i \cos(m\theta_i) - x_{i+d/2} \sin(m\theta_i), \\
-# x'_{i+d/2} &= x_i \sin(m\theta_i) + x_{i+d/2} \cos(m\theta_i).
+# x'_i &= x_i \cos(m\theta_i) - x_{i+h_s/2} \sin(m\theta_i), \\
+# x'_{i+h_s/2} &= x_i \sin(m\theta_i) + x_{i+h_s/2} \cos(m\theta_i).
 # \end{aligned}
 # $$
 
@@ -486,7 +487,7 @@ for m, n in [(3, 0), (10, 7), (40, 37), (7, 10), (0, 3), (37, 40)]:
 # %% [markdown]
 # Now the checks become tests. The first compares against an independent formulation: a
 # rotation of a pair is a multiplication by $e^{\mathrm{i}\, m \theta}$ in the complex
-# plane, with $x_i$ as the real part and $x_{i+d/2}$ as the imaginary part.
+# plane, with $x_i$ as the real part and $x_{i+h_s/2}$ as the imaginary part.
 
 # %% tags=["remove-cell", "nbval-check-output"]
 #| test
@@ -649,11 +650,11 @@ run_tests(test_rope_tables_follow_the_dtype)
 # %% [markdown]
 # ## 1.4 Causal self-attention
 #
-# Scaled dot-product attention (Vaswani et al., arXiv 1706.03762) mixes information across
+# Scaled dot-product attention {cite:p}`vaswani2017attention` mixes information across
 # positions. For a single head with queries $Q$, keys $K$ and values $V$, each of shape
-# $[T, d]$:
+# $[T, h_s]$:
 #
-# $$\mathrm{Attn}(Q, K, V) = \mathrm{softmax}\!\left(\frac{Q K^\top}{\sqrt{d}} + M\right) V .$$
+# $$\mathrm{Attn}(Q, K, V) = \mathrm{softmax}\!\left(\frac{Q K^\top}{\sqrt{h_s}} + M\right) V .$$
 
 # %% [markdown]
 # A language model predicts token $t+1$ from tokens $0..t$, so position $i$ must not see
@@ -959,7 +960,7 @@ run_tests(test_attention_is_causal)
 #
 # Attention moves information between positions. The MLP then transforms each position on
 # its own. The classic transformer MLP is $W_2\,\mathrm{ReLU}(W_1 x)$ with a hidden size of
-# $4d$. Shazeer's GLU variants (arXiv 2002.05202) replace it with a *gated* unit. One
+# $4d$. Shazeer's GLU variants {cite:p}`shazeer2020glu` replace it with a *gated* unit. One
 # projection, passed through the SiLU (also called Swish, $\mathrm{silu}(z) = z\,\sigma(z)$),
 # multiplies another projection element by element:
 #
@@ -1035,22 +1036,23 @@ print(f"max |SwiGLU - formula| = {(mlp(h) - by_formula).abs().max():.1e}")
 # writing $n_1, \dots, n_4$ for separate RMSNorms with their own gains.
 
 # %% [markdown]
-# **`"pre"`**, the pre-norm arrangement of GPT-2 and Llama. It normalises the input of each
-# sub-layer and leaves the residual stream $h$ untouched:
+# **`"pre"`**, the pre-norm arrangement of GPT-2 {cite:p}`radford2019gpt2` and Llama
+# {cite:p}`touvron2023llama`. It normalises the input of each sub-layer and leaves the residual
+# stream $h$ untouched:
 #
 # $$h \leftarrow h + \mathrm{Attn}(n_1(h)), \qquad h \leftarrow h + \mathrm{MLP}(n_2(h)).$$
 
 # %% [markdown]
-# **`"sandwich"`**, as in Ouro's model code. It also normalises each sub-layer's *output*
-# before adding it to the stream (the paper's text mentions only the RMSNorm before attention
-# and the FFN; the four norms per layer are in the code):
+# **`"sandwich"`**, as in Ouro's model code {cite:p}`ouro-model-card,ouro-modeling-code`. It also
+# normalises each sub-layer's *output* before adding it to the stream (the paper's text mentions
+# only the RMSNorm before attention and the FFN; the four norms per layer are in the code):
 #
 # $$h \leftarrow h + n_2(\mathrm{Attn}(n_1(h))), \qquad h \leftarrow h + n_4(\mathrm{MLP}(n_3(h))).$$
 
 # %% [markdown]
 # **`"huginn"`**, Huginn's sandwich. It normalises *after* each residual add, so the stream
-# itself is renormalised twice per block. The Huginn paper found this placement necessary to
-# train its recurrence at scale:
+# itself is renormalised twice per block. The Huginn paper {cite:p}`geiping2025huginn` found
+# this placement necessary to train its recurrence at scale:
 #
 # $$\hat h = n_2(h + \mathrm{Attn}(n_1(h))), \qquad h \leftarrow n_4(\hat h + \mathrm{MLP}(n_3(\hat h))).$$
 
@@ -1530,7 +1532,8 @@ run_tests(test_bad_positions_raise)
 # Each exercise is a module in `exercises/ch01/` with a function body for you to write,
 # plus a file of graded tests next to it. Open the module, read its docstring, and replace
 # the `raise NotImplementedError(...)`. The reference solutions are in
-# `exercises/solutions/ch01/`, to read after you have tried.
+# `exercises/solutions/ch01/`, to read after you have tried. Under each exercise are hints,
+# folded away: open them one at a time, and only when you are stuck.
 
 # %% [markdown]
 # **Exercise 1.1: RMSNorm** (`ex1_rmsnorm.py`). Write `rms_norm(x, weight, eps)` as a
@@ -1539,16 +1542,126 @@ run_tests(test_bad_positions_raise)
 # large enough that their squares overflow float16.
 
 # %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# Convert first and convert back last: `x32 = x.float()` at the start, `.to(x.dtype)` on the
+# result. Everything in between is float32, so no square can overflow.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# The mean square is over the last dimension only, and it must broadcast back against `x`:
+# `x32.pow(2).mean(dim=-1, keepdim=True)` has shape `[..., 1]`. `eps` is added to it *before*
+# the square root.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# `x32 * torch.rsqrt(ms + eps) * weight.float()`, where `torch.rsqrt` is $1/\sqrt{\cdot}$. An
+# all-zero row gives $0 \cdot 1/\sqrt{\epsilon} = 0$, not NaN.
+# ```
+
+# %% [markdown]
 # **Exercise 1.2: Rotary position embeddings** (`ex2_rope.py`). Write `rope_angles` and
 # `apply_rope` in the rotate-half layout of section 1.3. The tests compare against rotation
 # by complex numbers, and they check that norms are preserved and that scores depend only on
 # $m - n$.
 
 # %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# `rope_angles`: the frequencies $\theta_i = \text{base}^{-2i/h_s}$ for $i = 0, \dots, h_s/2 - 1$
+# are one vector; `torch.arange(0, head_dim, 2)` gives the values $2i$. Compute in float64 and
+# cast the tables to float32 at the end, so that large positions keep their precision.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# The table of angles $m\,\theta_i$ is an outer product of the positions and the frequencies:
+# `torch.outer(positions, inv_freq)`, shape `[max_seq_len, head_dim // 2]`; then `.cos()` and
+# `.sin()`. For `apply_rope`, split `x` into halves `x1, x2 = x[..., :half], x[..., half:]`:
+# pair $i$ is `(x1[..., i], x2[..., i])`, and `cos`, `sin` of shape `[T, hs/2]` broadcast against
+# `[B, nh, T, hs/2]`.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# Rotating the point $(a, b)$ counterclockwise by $\alpha$ gives
+# $(a\cos\alpha - b\sin\alpha,\; a\sin\alpha + b\cos\alpha)$, so the result is
+# `torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)`, with the tables cast to
+# `x.dtype` first.
+# ```
+
+# %% [markdown]
 # **Exercise 1.3: Causal attention by hand** (`ex3_causal_attention.py`). Write
 # `causal_mask(t_q, t_k)` and `causal_attention(q, k, v)` without calling
 # `F.scaled_dot_product_attention`. The tests compare against it, including the case of a few
 # queries against more keys that a KV cache creates.
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# Start with the mask. Query $i$ sits at position $i + (t_k - t_q)$ and may not see the keys
+# $j > i + (t_k - t_q)$, that is $j - i > t_k - t_q$: the forbidden entries lie above a
+# diagonal shifted $t_k - t_q$ to the right.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# `torch.triu(m, diagonal=k)` keeps the entries with $j - i \ge k$ and sets the others to zero.
+# Start from a `[t_q, t_k]` matrix full of `float("-inf")` and pick `k` so that exactly the
+# forbidden entries keep their $-\infty$.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# `causal_mask` is `torch.full((t_q, t_k), float("-inf")).triu(diagonal=t_k - t_q + 1)`. For the
+# attention: `scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])`, shape
+# `[B, nh, t_q, t_k]`; add the mask (it broadcasts); `scores.softmax(dim=-1) @ v`.
+# ```
+
+# %% [markdown]
+# **Exercise 1.4: How RoPE forgets** (`ex4_rope_similarity.py`). Put the same vector $q$ at two
+# positions, once as a query and once as a key. At equal positions its score is
+# $\lVert q \rVert^2$; how much of that is left when the positions are $\Delta$ apart? Write
+# `rope_similarity(offset, head_dim, base)`, the expected score at offset $\Delta$ relative to
+# the score at offset 0, for $q$ with independent standard normal coordinates. Derive it, do
+# not sample it. The tests measure it with the package's `rope_angles` and `apply_rope`,
+# exactly over an orthonormal basis (within $10^{-5}$) and over 4,000 random vectors (within
+# 0.02). How similar does a vector look to itself 100 positions back at head dimension 64?
+# The RoFormer paper {cite:p}`su2021roformer` names a "decaying inter-token dependency
+# with increasing relative distances" among RoPE's properties; this exercise measures that
+# decay for a key whose content matches the query exactly.
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# Section 1.3's tests show that the score depends on $m$ and $n$ only through $m - n$, so
+# compare $R_\Delta q$ with $q$ itself. RoPE rotates each pair $(q_i, q_{i + h_s/2})$ on its own,
+# so the dot product is a sum of one term per pair.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# In the plane, the dot product of a vector $v$ with $v$ turned by an angle $\alpha$ is
+# $\lVert v \rVert^2 \cos\alpha$. Pair $i$ is turned by $\Delta\,\theta_i$. What is the
+# expected squared length of one pair, and of the whole of $q$?
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# For standard normal coordinates $\mathbb{E}[q_i^2 + q_{i+h_s/2}^2] = 2$ and
+# $\mathbb{E}\lVert q \rVert^2 = h_s$, so the ratio is the mean over the $h_s/2$ pairs of
+# $\cos(\Delta\,\theta_i)$, with $\theta_i = \text{base}^{-2i/h_s}$. Check it: 1 at offset 0, and the same for $\pm\Delta$.
+# ```
 
 # %% [markdown]
 # The next cell grades your versions. Run it again whenever you like; every test fails

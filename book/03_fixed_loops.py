@@ -33,7 +33,8 @@
 #    concatenated through an adapter);
 # 3. **the initial state** $h_0$: the embedding, zeros, or random noise;
 # 4. **diagnostics** of the loop state: its size and how much each step changes it;
-# 5. **a training loop**, `looplm.train`, that resumes exactly from a saved state;
+# 5. **a training loop**, `looplm.train` (built in Appendix C), that resumes exactly from a
+#    saved state;
 # 6. a trained looped model, its readout after every step, and what happens when it runs
 #    **more or fewer steps** than it was trained with;
 # 7. **the experiment**: looped vs same-parameters vs same-compute;
@@ -41,7 +42,7 @@
 # 9. clear errors for bad input.
 #
 # The injections, initial states and diagnostics extend `looplm/model.py` and go to
-# `looplm/diagnostics.py`; the training loop becomes `looplm/train.py`.
+# `looplm/diagnostics.py`.
 
 # %%
 import math
@@ -69,8 +70,8 @@ print("vocabulary:", VOCAB_SIZE, "tokens")
 
 # %% [markdown]
 # The next cell names the module that this chapter's `#| export` cells go to by default:
-# chapter 2's `looplm/model.py`, which this chapter extends. Cells marked `#| export train` and
-# `#| export diagnostics` go to `looplm/train.py` and `looplm/diagnostics.py` instead.
+# chapter 2's `looplm/model.py`, which this chapter extends. Cells marked
+# `#| export diagnostics` go to `looplm/diagnostics.py` instead.
 
 # %%
 #| default_exp model
@@ -82,11 +83,11 @@ print("vocabulary:", VOCAB_SIZE, "tokens")
 # input, `n_core` blocks are looped `n_loops` times, and `n_coda` blocks run on each readout.
 # The published designs are points in that space:
 #
-# - **Ouro** (arXiv 2510.25741) loops its whole 24-layer stack: no prelude, no coda, $n_{\text{core}} = L$,
+# - **Ouro** {cite:p}`zhu2025ouro` loops its whole 24-layer stack: no prelude, no coda, $n_{\text{core}} = L$,
 #   4 steps. Its output after $t$ steps is $\mathrm{lmhead} \circ (M^L)^t \circ \mathrm{emb}$.
-# - **Huginn** (arXiv 2502.05171) has the shape (2, 4, 2): two prelude blocks, a core of four
-#   looped $r$ times (32 on average in training), two coda blocks.
-# - **Mixture-of-Recursions** (arXiv 2507.10524) calls its best parameter-sharing scheme
+# - **Huginn** {cite:p}`geiping2025huginn` has the shape (2, 4, 2): two prelude blocks, a core of
+#   four looped $S$ times (32 on average in training; Huginn writes $r$), two coda blocks.
+# - **Mixture-of-Recursions** {cite:p}`bae2025mor` calls its best parameter-sharing scheme
 #   *Middle-Cycle*: the first and the last layer are unique, the layers between are shared
 #   and cycled.
 # - The smallest such design keeps one block before the loop, one shared block looped, and
@@ -157,8 +158,8 @@ print(INJECTIONS)
 # %% [markdown]
 # We add the two published alternatives.
 #
-# **Additive injection.** Yang et al. (arXiv 2311.12424) loop one GPT-2 layer as
-# $z \leftarrow f(z + x)$, and TRM (arXiv 2510.04871) updates its latent as
+# **Additive injection.** {cite:t}`yang2024looped` loop one GPT-2 layer as
+# $z \leftarrow f(z + x)$, and TRM {cite:p}`jolicoeurmartineau2025trm` updates its latent as
 # $z \leftarrow f(z + y + x)$: the input is *added* to the state before every application.
 # Our version normalises the input first, with a norm of its own:
 #
@@ -378,7 +379,7 @@ run_tests(test_injections_match_their_formulas, test_injection_parameters_and_in
 # the input itself, $h_0 = x_0$, which makes one step of a looped model a GPT. Two other
 # choices are published:
 #
-# - **zeros**, $h_0 = 0$ (Yang et al.): the first step sees only the injected input;
+# - **zeros**, $h_0 = 0$ {cite:p}`yang2024looped`: the first step sees only the injected input;
 # - **random**, $h_0 \sim \mathcal{N}(0, \sigma^2 I)$ truncated (Huginn), with $\sigma^2 = 2/5$.
 #
 # Huginn's authors motivate the random start with *path independence*: if the loop ends up in
@@ -724,707 +725,26 @@ run_tests(test_diagnostics_match_an_explicit_loop, test_diagnostics_errors)
 # %% [markdown]
 # ## 3.5 A training loop
 #
-# Every experiment from here on trains models, so the training loop goes into the package:
-# `looplm/train.py`. It is a plain PyTorch loop with a few properties we insist on:
+# Every experiment from here on trains models, so the training loop lives in the package, in
+# `looplm/train.py`. Appendix C builds and tests it; this chapter only uses it:
 #
-# - **all randomness is owned**: batches come from a `torch.Generator` that the trainer seeds
-#   and saves, so two runs with the same seed see the same batches;
-# - **exact resumption**: `state_dict()` holds everything needed to continue, and a trainer
-#   restored from it produces bit for bit the loss curve the original would have (on the CPU);
-# - **no silent failure**: a non-finite loss or gradient stops training with an error naming
-#   the step, before the bad update reaches the weights;
-# - **a record**: one row per step in `history`, with evaluation results merged in.
-#
-# Chapter 4 adds checkpoint files, a command line and loop-specific losses on top of it.
-
-# %% [markdown]
-# ### The configuration
-#
-# The optimizer is AdamW with $\beta = (0.9, 0.95)$, weight decay 0.1 and gradient clipping at
-# norm 1, the settings of Ouro's recipe (its Table 1). Our peak learning rate is higher
-# (Ouro uses $3 \times 10^{-4}$ at 1.4B parameters; tiny models tolerate more). Every field is
-# checked when the config is made, with an error naming the field, the value and the allowed
-# range.
-
-# %%
-#| export train
-import contextlib
-import copy
-import dataclasses
-import math
-import os
-import sys
-from dataclasses import dataclass
-
-import torch
-from torch import nn
-from tqdm import tqdm
-
-from looplm.data import TASK_VOCAB, Example, TaskBatch, TaskSplits, answer_accuracy, encode_examples
-from looplm.model import _require_bool, _require_int, _require_number
-
-# %%
-#| export train
-def _require_range(name, value, low, high, high_inclusive=True):
-    """ValueError unless `value` is a finite number in [low, high] (or [low, high))."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and low <= value and (value <= high if high_inclusive else value < high))
-    if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}{bracket}, got {value!r}")
-
-
-@dataclass
-class TrainConfig:
-    """How to train: schedule, optimizer, clipping, evaluation, seed, device.
-
-    Validated when made (ValueError naming the field, its value and the allowed range).
-    """
-
-    steps: int = 500             # optimizer updates in the whole run
-    batch_size: int = 32         # rows per batch; get_batch must return exactly this many
-    lr: float = 3e-3             # peak learning rate, reached after warmup
-    min_lr: float = 3e-4         # learning rate at the last step (cosine decay)
-    warmup_steps: int = 50       # linear warmup from 0, in [0, steps)
-    weight_decay: float = 0.1    # AdamW decay of weight matrices (not norms, biases, embeddings)
-    betas: tuple = (0.9, 0.95)   # AdamW betas
-    grad_clip: float = 1.0       # clip the global gradient norm to this (math.inf: never clip)
-    eval_every: int = 100        # evaluate every this many steps and at the last (0: never)
-    seed: int = 0                # seeds the batch generator
-    device: str = "cpu"          # "cpu", "cuda", "cuda:1", ...
-    autocast: bool = True        # bf16 autocast on CUDA only; ignored on CPU
-    progress: bool = True        # tqdm bar on stderr; off when TQDM_DISABLE or CI is set
-
-    def __post_init__(self):
-        _require_int("steps", self.steps, 1)
-        _require_int("batch_size", self.batch_size, 1)
-        _require_number("lr", self.lr, 0)
-        _require_range("min_lr", self.min_lr, 0, self.lr)
-        _require_int("warmup_steps", self.warmup_steps, 0)
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps must be an int in [0, steps={self.steps}), "
-                             f"got {self.warmup_steps!r}")
-        _require_range("weight_decay", self.weight_decay, 0, math.inf)
-        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
-            raise ValueError(f"betas must be a tuple of two numbers in [0, 1), got {self.betas!r}")
-        for i, beta in enumerate(self.betas):
-            _require_range(f"betas[{i}]", beta, 0, 1, high_inclusive=False)
-        if (isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float))
-                or not self.grad_clip > 0):
-            raise ValueError(f"grad_clip must be a number > 0 (math.inf: no clipping), got {self.grad_clip!r}")
-        _require_int("eval_every", self.eval_every, 0)
-        _require_int("seed", self.seed, 0)
-        _require_bool("autocast", self.autocast)
-        _require_bool("progress", self.progress)
-        _check_device(self.device)
-
-
-def _check_device(device):
-    try:
-        parsed = torch.device(device) if isinstance(device, str) else None
-    except RuntimeError:
-        parsed = None
-    if parsed is None:
-        raise ValueError(f"device must be a device string such as 'cpu' or 'cuda', got {device!r}")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}, but CUDA is not available on this machine; use 'cpu'")
-
-# %% [markdown]
-# The defaults, and one mistake:
+# - `TrainConfig`: the run's settings. The optimizer is AdamW with $\beta = (0.9, 0.95)$, weight
+#   decay 0.1 and gradient clipping at norm 1, the settings of Ouro's recipe (Table 1 of
+#   {cite:t}`zhu2025ouro`); the
+#   learning rate warms up linearly, then decays along a cosine.
+# - `Trainer(model, get_batch, config, loss_fn=None, evaluate=None)`: `run()` trains and keeps
+#   one row per step in `history`. All randomness is the trainer's own (batches come from a
+#   `torch.Generator` it seeds and saves), so a run restored from `state_dict()` continues bit
+#   for bit, and a non-finite loss or gradient stops training with an error naming the step.
+# - `task_batches(splits, batch_size)` and `evaluate_tasks(splits)`: batches of chapter 0's
+#   tasks, and exact-match scores on their test and out-of-distribution sets.
 
 # %% tags=["nbval-check-output"]
-from looplm.train import TrainConfig
-
-print(TrainConfig())
-try:
-    TrainConfig(steps=100, warmup_steps=100)
-except ValueError as e:
-    print("ValueError:", e)
-
-# %% [markdown]
-# ### The learning-rate schedule
-#
-# The learning rate rises linearly from 0 to its peak $\eta_{\max}$ over $W$ warmup steps,
-# then follows half a cosine down to $\eta_{\min}$ at the last step $N$. With $s$ the number of
-# the update (the first update is $s = 1$):
-#
-# $$
-# \eta(s) = \begin{cases}
-#   \eta_{\max} \, \dfrac{s}{W} & s < W, \\[2mm]
-#   \eta_{\min} + \tfrac12 (\eta_{\max} - \eta_{\min}) \left(1 + \cos\!\left(\pi \, \dfrac{s - W}{N - W}\right)\right) & W \le s \le N, \\[2mm]
-#   \eta_{\min} & s > N.
-# \end{cases}
-# $$
-#
-# So $\eta(0) = 0$, $\eta(W) = \eta_{\max}$ and $\eta(N) = \eta_{\min}$: the last update is made
-# at the minimum rate. Warmup keeps the first updates small while Adam's moment estimates are
-# still noisy; the cosine decay lets the model settle at the end.
-
-# %%
-#| export train
-def lr_at(step, config):
-    """The learning rate of update number `step` (1 = the first): linear warmup, cosine decay.
-
-    0 at step 0, config.lr at step warmup_steps, config.min_lr at step config.steps and after.
-    """
-    _require_int("step", step, 0)
-    c = config
-    if step < c.warmup_steps:
-        return c.lr * step / c.warmup_steps
-    if step >= c.steps:
-        return c.min_lr
-    progress = (step - c.warmup_steps) / (c.steps - c.warmup_steps)
-    return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
-
-# %% tags=["nbval-check-output"]
-from looplm.train import lr_at
-
-schedule_config = TrainConfig(steps=500, lr=3e-3, min_lr=3e-4, warmup_steps=50)
-for step in (0, 1, 25, 50, 275, 500, 600):
-    print(f"lr_at({step:3d}) = {lr_at(step, schedule_config):.6f}")
-
-# %%
-fig, ax = plt.subplots(figsize=(6, 3))
-ax.plot(range(0, 521), [lr_at(s, schedule_config) for s in range(0, 521)])
-ax.axvline(50, color="gray", linestyle=":", linewidth=1)
-ax.set(xlabel="update s", ylabel="learning rate", title="Linear warmup, cosine decay (W = 50, N = 500)")
-plt.tight_layout()
-plt.show()
-
-# %% [markdown]
-# ### The loss
-#
-# The trainer does not know what a looped model's loss should be: it calls a function
-# `loss_fn(model, idx, targets) -> (loss, metrics)` and minimises `loss`. `metrics` is a dict
-# of extra numbers to record. The default is chapter 2's `out.loss`: the cross-entropy of the
-# **last** step's readout over the learned positions. Chapter 4 writes losses over all steps.
-
-# %%
-#| export train
-def default_loss(model, idx, targets):
-    """model(idx, targets=targets).loss: the last step's mean cross-entropy. -> (loss, {})."""
-    return model(idx, targets=targets).loss, {}
-
-# %% [markdown]
-# ### The optimizer
-#
-# AdamW's weight decay shrinks every weight it applies to toward zero, a little each step. We
-# apply it to the weight matrices of the blocks and the adapter, and not to three kinds of
-# parameters:
-#
-# - **norm gains** (and biases, which our blocks do not have): decaying a gain toward zero
-#   only fights the norm it belongs to;
-# - **embeddings** (and so the tied output head): a row of the embedding is only trained when
-#   its token occurs, and decay would erode the rows of rare tokens in between.
-#
-# The rule, in code: a parameter is decayed when it has two or more dimensions and is not the
-# weight of an `nn.Embedding`.
-
-# %%
-#| export train
-def _param_groups(model, weight_decay):
-    """AdamW groups: decay for matrices, none for norm gains, biases and embedding tables."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for param in model.parameters():                          # each tensor once, tied ones too
-        if not param.requires_grad:
-            continue
-        if param.ndim >= 2 and id(param) not in embeddings:
-            decay.append(param)
-        else:
-            no_decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-# %% tags=["nbval-check-output"]
-from looplm.train import _param_groups
-
-groups = _param_groups(LoopLM(LoopLMConfig(VOCAB_SIZE, 64, 4, injection="concat")), 0.1)
-for group in groups:
-    shapes = sorted({tuple(p.shape) for p in group["params"]})
-    print(f"weight_decay {group['weight_decay']}: {sum(p.numel() for p in group['params']):6,d} parameters, shapes {shapes}")
-
-# %% [markdown]
-# The decayed group holds the attention and MLP matrices and the $64 \times 128$ adapter; the
-# other group holds the $23 \times 64$ embedding (which is also the head) and the norm gains.
-
-# %% [markdown]
-# ### The trainer
-#
-# One update, in order:
-#
-# 1. set the learning rate to $\eta(s)$ for update $s$ = `step + 1`;
-# 2. draw a batch: `get_batch(generator)` returns `(idx, targets)`, both `[B, T]` integer
-#    tensors, and must draw all its randomness from the generator it is given;
-# 3. compute `loss, metrics = loss_fn(model, idx, targets)` (under bf16 autocast on CUDA);
-# 4. if the loss is not finite, stop with a `FloatingPointError`: nothing has changed yet;
-# 5. backpropagate, clip the global gradient norm, and stop the same way if that norm is not
-#    finite (the gradients are discarded, the weights untouched);
-# 6. take the optimizer step, count it, and append a row to `history`:
-#    `{"step", "lr", "loss", "grad_norm", **metrics}` (`grad_norm` is the norm before clipping);
-# 7. every `eval_every` steps, and after the last, call `evaluate(model)` under
-#    `torch.no_grad()` in eval mode, and merge its results into the same row as `eval_<name>`.
-#
-# The batch checks come first. A `get_batch` that returns floats, a single tensor, or a batch
-# of the wrong size would otherwise fail somewhere inside the model, or not at all:
-
-# %%
-#| export train
-def _check_batch(batch, batch_size):
-    """(idx, targets) from get_batch: integer tensors of the same shape [batch_size, T]."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"get_batch must return a pair (idx, targets), got {type(batch).__name__}")
-    for name, tensor in zip(("idx", "targets"), batch):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"get_batch returned {name} of type {type(tensor).__name__}; "
-                            f"expected a torch.Tensor of token ids")
-        if tensor.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"get_batch returned {name} of dtype {tensor.dtype}; token ids must be "
-                            f"an integer tensor (torch.long)")
-    idx, targets = batch
-    if idx.ndim != 2 or targets.shape != idx.shape:
-        raise ValueError(f"get_batch must return idx and targets of the same shape [B, T], got "
-                         f"{list(idx.shape)} and {list(targets.shape)}")
-    if idx.shape[0] != batch_size:
-        raise ValueError(f"get_batch returned {idx.shape[0]} rows but config.batch_size={batch_size}")
-    return idx, targets
-
-
-def _check_metrics(metrics, reserved):
-    if not isinstance(metrics, dict):
-        raise TypeError(f"metrics must be a dict of str -> number, got {type(metrics).__name__}")
-    out = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str) or key in reserved:
-            raise ValueError(f"metric name {key!r} is not allowed (a str, not one of {sorted(reserved)})")
-        out[key] = float(value)
-    return out
-
-
-def _progress_enabled(config):
-    off = {"", "0", "false", "False"}
-    return (config.progress and os.environ.get("TQDM_DISABLE", "") in off
-            and os.environ.get("CI", "") in off)
-
-# %% [markdown]
-# The trainer itself. `state_dict()` returns copies (a snapshot that later training does not
-# change) of the model, the optimizer (Adam's moments and step counts), the step, the history,
-# the batch generator's state and torch's global generator state (and CUDA's, when training
-# there). The global generator matters whenever the model draws random numbers itself, as
-# `init_state="random"` does. Every entry is a tensor, a number, a string or a container of
-# those, so `torch.save` can write it and `torch.load(..., weights_only=True)` can read it back.
-
-# %%
-#| export train
-class Trainer:
-    """Trains `model` on batches from `get_batch(generator) -> (idx, targets)`.
-
-    loss_fn(model, idx, targets) -> (loss, metrics dict); evaluate(model) -> dict of numbers,
-    run under torch.no_grad() in eval mode every config.eval_every steps and at config.steps.
-    `history` has one row per step: {"step", "lr", "loss", "grad_norm", **metrics, "eval_<name>"...}.
-    AdamW decays weight matrices only (not norm gains, biases or embedding tables).
-    """
-
-    def __init__(self, model, get_batch, config, loss_fn=default_loss, evaluate=None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        for name, fn in (("get_batch", get_batch), ("loss_fn", loss_fn)):
-            if not callable(fn):
-                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-        if evaluate is not None and not callable(evaluate):
-            raise TypeError(f"evaluate must be callable or None, got {type(evaluate).__name__}")
-        self.config, self.get_batch, self.loss_fn, self.evaluate = config, get_batch, loss_fn, evaluate
-        self.device = torch.device(config.device)
-        self.model = model.to(self.device)
-        self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
-                                           betas=config.betas)
-        self.generator = torch.Generator().manual_seed(config.seed)   # batches are drawn on the CPU
-        self.step = 0
-        self.history = []
-
-    def _autocast(self):
-        if self.device.type == "cuda" and self.config.autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _train_step(self):
-        c, step = self.config, self.step + 1
-        lr = lr_at(step, c)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        idx, targets = _check_batch(self.get_batch(self.generator), c.batch_size)
-        idx, targets = idx.to(self.device), targets.to(self.device)
-        with self._autocast():
-            loss, metrics = self.loss_fn(self.model, idx, targets)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"loss_fn must return (scalar loss tensor, metrics), got {type(loss).__name__}")
-        metrics = _check_metrics(metrics, {"step", "lr", "loss", "grad_norm"})
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"step {step}: the loss is {loss_value}; no update was applied "
-                                     f"(the model and optimizer are as after step {step - 1})")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
-        if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm}; no update was "
-                                     f"applied (the model and optimizer are as after step {step - 1})")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step = step
-        return {"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm, **metrics}
-
-    def _evaluate(self):
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                results = self.evaluate(self.model)
-        finally:
-            self.model.train()
-        if not isinstance(results, dict):
-            raise TypeError(f"evaluate must return a dict of str -> number, got {type(results).__name__}")
-        return {f"eval_{name}": value for name, value in _check_metrics(results, set()).items()}
-
-    def run(self, until=None):
-        """Train up to step `until` (default config.steps); returns self.history."""
-        c = self.config
-        until = c.steps if until is None else until
-        _require_int("until", until, self.step)
-        self.model.train()
-        with tqdm(total=until - self.step, desc="train", file=sys.stderr,
-                  disable=not _progress_enabled(c)) as bar:
-            while self.step < until:
-                row = self._train_step()
-                if self.evaluate is not None and c.eval_every and (
-                        self.step % c.eval_every == 0 or self.step == c.steps):
-                    row.update(self._evaluate())
-                self.history.append(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-        return self.history
-
-    def state_dict(self):
-        """A snapshot: model, optimizer, step, history, batch generator and torch RNG states."""
-        cuda = self.device.type == "cuda"
-        return {
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "step": self.step,
-            "history": copy.deepcopy(self.history),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
-            "config": dataclasses.asdict(self.config),
-        }
-
-    def load_state_dict(self, state):
-        """Restore a snapshot from state_dict(): training then continues exactly as it would have."""
-        needed = ("model", "optimizer", "step", "history", "generator", "torch_rng", "cuda_rng")
-        missing = [k for k in needed if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise ValueError(f"state is missing {missing}; pass what Trainer.state_dict() returned")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        self.history = copy.deepcopy(state["history"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-
-
-def train(model, get_batch, config, **kwargs):
-    """Trainer(model, get_batch, config, **kwargs).run(); returns the trainer."""
-    trainer = Trainer(model, get_batch, config, **kwargs)
-    trainer.run()
-    return trainer
-
-# %% [markdown]
-# ### Batches and scores for chapter 0's tasks
-#
-# Two helpers connect the trainer to chapter 0. `task_batches` encodes a list of examples
-# once and returns a `get_batch` that draws rows uniformly, with replacement, from the
-# trainer's generator. Every batch has the length of the longest example, so all batches have
-# one shape.
-
-# %%
-#| export train
-def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
-    """get_batch(generator) -> (idx, targets) [batch_size, T]: rows drawn from `examples`.
-
-    `examples` is a list of Example or a TaskSplits (its train split is used); they are encoded
-    once by encode_examples (padded to seq_len, or to the longest example).
-    """
-    if isinstance(examples, TaskSplits):
-        examples = examples.train
-    _require_int("batch_size", batch_size, 1)
-    encoded = encode_examples(examples, vocab, seq_len)
-    n_examples = encoded.idx.shape[0]
-
-    def get_batch(generator):
-        rows = torch.randint(0, n_examples, (batch_size,), generator=generator)   # (B,)
-        return encoded.idx[rows], encoded.targets[rows]                           # (B, T) each
-
-    return get_batch
-
-# %% [markdown]
-# The score is chapter 0's teacher-forced exact match (`answer_accuracy`), computed for the
-# readout of **every** step in one forward pass: an `[S]` tensor whose entry $t - 1$ is the
-# fraction of examples whose whole answer step $t$ gets right. `evaluate_tasks` wraps it into
-# an `evaluate` for the trainer, reporting the last step's score on each named split.
-
-# %%
-#| export train
-def _batch_accuracy(model, batch, n_loops, batch_size):
-    device = next(model.parameters()).device
-    correct = []
-    with torch.no_grad():
-        for start in range(0, batch.idx.shape[0], batch_size):
-            idx = batch.idx[start:start + batch_size].to(device)
-            targets = batch.targets[start:start + batch_size].to(device)
-            logits = model(idx, n_loops=n_loops).logits                     # (S, b, T, V)
-            correct.append(answer_accuracy(logits.float(), targets).cpu())  # (S, b)
-    return torch.cat(correct, dim=1).float().mean(dim=1)                    # (S,)
-
-
-def task_accuracy(model, examples, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
-    """Teacher-forced exact match of each step's readout on `examples` -> [S] float tensor.
-
-    n_loops defaults to the model's own; entry t-1 is the fraction right after step t.
-    """
-    _require_int("batch_size", batch_size, 1)
-    return _batch_accuracy(model, encode_examples(examples, vocab), n_loops, batch_size)
-
-
-def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
-    """An `evaluate` for Trainer: {"<name>_acc": last-step exact match} for each split.
-
-    `splits` is a TaskSplits (scored on "test" and "ood") or a dict name -> list of Example.
-    """
-    if isinstance(splits, TaskSplits):
-        splits = {"test": splits.test, "ood": splits.ood}
-    if not isinstance(splits, dict) or not splits:
-        raise TypeError(f"splits must be a TaskSplits or a non-empty dict of name -> examples, "
-                        f"got {type(splits).__name__}")
-    encoded = {}
-    for name, examples in splits.items():
-        if not examples:
-            raise ValueError(f"split {name!r} has no examples")
-        encoded[name] = encode_examples(examples, vocab)
-    _require_int("batch_size", batch_size, 1)
-
-    def evaluate(model):
-        return {f"{name}_acc": _batch_accuracy(model, batch, n_loops, batch_size)[-1].item()
-                for name, batch in encoded.items()}
-
-    return evaluate
-
-# %% [markdown]
-# ### Tests for the training loop
-#
-# The tests train tiny models on a *copy* task that needs no data files: random tokens whose
-# target at each position is the token itself. A model learns it within a few dozen steps.
-# First the schedule, against its formula at the key steps:
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-import dataclasses
-
-
-def test_lr_schedule_at_key_steps():
-    c = TrainConfig(steps=200, lr=1e-2, min_lr=1e-3, warmup_steps=20)
-    assert lr_at(0, c) == 0.0
-    assert math.isclose(lr_at(10, c), 5e-3) and math.isclose(lr_at(20, c), 1e-2)
-    assert math.isclose(lr_at(110, c), 1e-3 + 0.5 * 9e-3)            # half way down the cosine
-    assert math.isclose(lr_at(200, c), 1e-3) and lr_at(250, c) == 1e-3
-    for s in range(21, 200):
-        expected = 1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * (s - 20) / 180))
-        assert math.isclose(lr_at(s, c), expected, rel_tol=1e-12)
-        assert lr_at(s, c) <= lr_at(s - 1, c)
-    no_warmup = TrainConfig(steps=10, warmup_steps=0)
-    assert lr_at(0, no_warmup) == no_warmup.lr
-    with pytest.raises(ValueError, match="step must be an int >= 0"):
-        lr_at(-1, c)
-
-
-run_tests(test_lr_schedule_at_key_steps)
-
-# %% [markdown]
-# Then the trainer: the loss goes down; a resumed run matches an uninterrupted one bit for
-# bit (with the random initial state, so that torch's global generator is exercised too); and
-# a non-finite loss or gradient stops training without touching the weights.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-def _copy_batches(batch_size=8, seq_len=10, vocab_size=23):
-    def get_batch(generator):
-        idx = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
-        return idx, idx.clone()
-    return get_batch
-
-
-def _tiny_model(seed=0, **changes):
-    torch.manual_seed(seed)
-    return LoopLM(LoopLMConfig(**{"vocab_size": 23, "d_model": 32, "n_heads": 4, "n_loops": 2, **changes}))
-
-
-def _tiny_config(**changes):
-    return TrainConfig(**{"steps": 20, "batch_size": 8, "warmup_steps": 5, "eval_every": 5,
-                          "progress": False, **changes})
-
-
-def test_training_lowers_the_loss():
-    trainer = train(_tiny_model(), _copy_batches(), _tiny_config(steps=40, lr=1e-2))
-    losses = [row["loss"] for row in trainer.history]
-    assert trainer.step == len(trainer.history) == 40
-    assert losses[0] > 2.5 and sum(losses[-5:]) / 5 < 0.5 * losses[0]
-    assert [row["step"] for row in trainer.history] == list(range(1, 41))
-    assert all(math.isfinite(row["grad_norm"]) and row["lr"] == lr_at(row["step"], trainer.config)
-               for row in trainer.history)
-
-
-def test_resume_is_exact():
-    changes = dict(injection="add", init_state="random")
-    evaluate = lambda model: {"probe": model(torch.arange(10)[None], n_loops=3).logits.sum().item()}
-
-    def fresh(seed):
-        return Trainer(_tiny_model(seed, **changes), _copy_batches(), _tiny_config(), evaluate=evaluate)
-
-    straight = fresh(0)
-    straight.run()
-    first = fresh(0)
-    first.run(until=10)
-    state = first.state_dict()
-    first.run()                                 # keeps training: the snapshot must not change
-    resumed = fresh(seed=1)                     # other initial weights, overwritten by the state
-    resumed.load_state_dict(state)
-    assert resumed.step == 10
-    resumed.run()
-    assert resumed.history == straight.history == first.history
-    for name, tensor in straight.model.state_dict().items():
-        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
-    assert [row["step"] for row in straight.history if "eval_probe" in row] == [5, 10, 15, 20]
-
-
-def test_non_finite_loss_or_gradient_stops_without_an_update():
-    def nan_after_3(model, idx, targets):
-        loss = model(idx, targets=targets).loss
-        return (loss * float("nan") if trainer.step >= 3 else loss), {"three": 3.0}
-
-    trainer = Trainer(_tiny_model(), _copy_batches(), _tiny_config(), loss_fn=nan_after_3)
-    trainer.run(until=3)
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    adam_steps = [s["step"].item() for s in trainer.optimizer.state_dict()["state"].values()]
-    with pytest.raises(FloatingPointError, match="step 4: the loss is nan; no update was applied"):
-        trainer.run()
-    assert trainer.step == len(trainer.history) == 3 and trainer.history[-1]["three"] == 3.0
-    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
-    assert [s["step"].item() for s in trainer.optimizer.state_dict()["state"].values()] == adam_steps
-
-    model = _tiny_model()
-    model.embed.weight.register_hook(lambda grad: grad * float("inf"))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = Trainer(model, _copy_batches(), _tiny_config())
-    with pytest.raises(FloatingPointError, match="step 1: the gradient norm is (inf|nan)"):
-        trainer.run()
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert all(p.grad is None for p in model.parameters())
-
-
-run_tests(test_training_lowers_the_loss, test_resume_is_exact, test_non_finite_loss_or_gradient_stops_without_an_update)
-
-# %% [markdown]
-# Last, the weight-decay groups, the task helpers, and bad input: invalid config fields (each
-# named in its error), a `get_batch` that returns the wrong thing, and bad metrics.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-from looplm.data import TASK_VOCAB, answer_accuracy, encode_examples, make_splits
-
-
-def test_weight_decay_groups():
-    model = _tiny_model(injection="concat", tie_embeddings=False)
-    decay, no_decay = (group["params"] for group in Trainer(model, _copy_batches(), _tiny_config())
-                       .optimizer.param_groups)
-    ids = lambda params: {id(p) for p in params}
-    assert ids(decay) == {id(p) for n, p in model.named_parameters() if p.ndim == 2 and n != "embed.weight"}
-    assert id(model.embed.weight) in ids(no_decay) and id(model.lm_head.weight) in ids(decay)
-    assert all(p.ndim == 1 for p in no_decay if p is not model.embed.weight)
-    assert len(ids(decay) | ids(no_decay)) == len(list(model.parameters()))
-
-
-def test_task_helpers():
-    splits = make_splits("sorting", n_train=50, n_test=20, max_difficulty=3, ood_max_difficulty=4, seed=0)
-    get_batch = task_batches(splits, batch_size=6)
-    idx, targets = get_batch(torch.Generator().manual_seed(0))
-    again, _ = get_batch(torch.Generator().manual_seed(0))
-    longest = max(len(ex.prompt) + len(ex.answer) for ex in splits.train)    # positions needed
-    assert idx.shape == targets.shape == (6, longest) and torch.equal(idx, again)
-    rows = [TASK_VOCAB.decode(r) for r in idx]
-    assert all(any(r.startswith(ex.prompt + ex.answer) for ex in splits.train) for r in rows)
-    model = _tiny_model(n_loops=3)
-    accuracy = task_accuracy(model, splits.test, n_loops=5, batch_size=7)
-    batch = encode_examples(splits.test)
-    with torch.no_grad():
-        expected = answer_accuracy(model(batch.idx, n_loops=5).logits, batch.targets).float().mean(-1)
-    assert accuracy.shape == (5,) and torch.equal(accuracy, expected)
-    results = evaluate_tasks(splits)(model)
-    assert list(results) == ["test_acc", "ood_acc"] and results["test_acc"] == task_accuracy(model, splits.test)[-1].item()
-    with pytest.raises(ValueError, match="split 'ood' has no examples"):
-        evaluate_tasks({"test": splits.test, "ood": []})
-
-
-def test_train_config_errors():
-    cases = [(dict(steps=0), "steps must be an int >= 1, got 0"),
-             (dict(batch_size=2.0), "batch_size must be an int >= 1, got 2.0"),
-             (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
-             (dict(min_lr=0.01), r"min_lr must be a finite number in \[0, 0.003\], got 0.01"),
-             (dict(warmup_steps=500), r"warmup_steps must be an int in \[0, steps=500\), got 500"),
-             (dict(weight_decay=-0.1), r"weight_decay must be a finite number in \[0, inf\]"),
-             (dict(betas=[0.9, 0.95]), "betas must be a tuple of two numbers"),
-             (dict(betas=(0.9, 1.0)), r"betas\[1\] must be a finite number in \[0, 1\), got 1.0"),
-             (dict(grad_clip=0), "grad_clip must be a number > 0"),
-             (dict(eval_every=-1), "eval_every must be an int >= 0"),
-             (dict(seed=None), "seed must be an int >= 0, got None"),
-             (dict(device="gpu"), "device must be a device string"),
-             (dict(autocast=1), "autocast must be True or False"),
-             (dict(progress="no"), "progress must be True or False")]
-    for change, message in cases:
-        with pytest.raises(ValueError, match=message):
-            TrainConfig(**change)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            TrainConfig(device="cuda")
-    assert TrainConfig(grad_clip=math.inf).grad_clip == math.inf
-
-
-def test_bad_batches_and_metrics():
-    model, config = _tiny_model(), _tiny_config()
-    good = _copy_batches()
-    cases = [(lambda g: good(g)[0], TypeError, "get_batch must return a pair"),
-             (lambda g: (good(g)[0].float(), good(g)[1]), TypeError, "idx of dtype torch.float32"),
-             (lambda g: (good(g)[0], good(g)[1][:, :4]), ValueError, r"same shape \[B, T\], got \[8, 10\] and \[8, 4\]"),
-             (lambda g: (good(g)[0][:5], good(g)[1][:5]), ValueError, "5 rows but config.batch_size=8")]
-    for get_batch, error, message in cases:
-        with pytest.raises(error, match=message):
-            Trainer(model, get_batch, config).run(until=1)
-    bad_metric = lambda m, i, t: (m(i, targets=t).loss, {"loss": 1.0})
-    with pytest.raises(ValueError, match="metric name 'loss' is not allowed"):
-        Trainer(model, good, config, loss_fn=bad_metric).run(until=1)
-    with pytest.raises(TypeError, match="config must be a TrainConfig"):
-        Trainer(model, good, dataclasses.asdict(config))
-    trainer = Trainer(model, good, config)
-    trainer.run(until=2)
-    with pytest.raises(ValueError, match="until must be an int >= 2, got 1"):
-        trainer.run(until=1)
-    with pytest.raises(ValueError, match=r"state is missing \['generator'"):
-        trainer.load_state_dict({k: v for k, v in trainer.state_dict().items() if k != "generator"})
-
-
-run_tests(test_weight_decay_groups, test_task_helpers, test_train_config_errors, test_bad_batches_and_metrics)
+from looplm.train import TrainConfig, lr_at
+
+config = TrainConfig()
+print(config)
+print("learning rate after updates 1, 25, 50, 250, 500:", [f"{lr_at(s, config):.2e}" for s in (1, 25, 50, 250, 500)])
 
 # %% [markdown]
 # ## 3.6 Training a looped model
@@ -1549,7 +869,7 @@ for t, predicted in enumerate(readouts(looped, example, 4), start=1):
 # steps can be run with 1, or with 8. Fewer steps cost less; more steps might help if the loop
 # keeps refining its answer. The published models disagree on what happens past the trained
 # depth: Ouro's 1.4B model, trained with 4 steps, loses MMLU points at 8 (67.5 at 4 steps,
-# 64.5 at 8); Yang et al.'s looped transformers stay at a fixed point beyond the trained loop
+# 64.5 at 8); the looped transformers of {cite:t}`yang2024looped` stay at a fixed point beyond the trained loop
 # count; Huginn keeps gaining up to about 64 steps. What matters is what the loop has learned
 # to do with extra steps, and nothing in our training asked it to do anything useful with them.
 #
@@ -1904,10 +1224,10 @@ plt.show()
 #   adapter on $[h; x_0]$), and the **initial state** `"embedding"`, `"zeros"`, `"random"`
 #   (Huginn's truncated normal of variance $2/5$), each checked against its formula.
 # - A **readout after every step**, so `out.logits` holds $S$ predictions and one forward
-#   pass with `n_loops=k` scores every depth up to $k$.
+#   pass with `n_loops=n` scores every depth up to $n$.
 # - `looplm.diagnostics`: `hidden_norms` and `step_changes`, the two numbers to watch in a
 #   loop.
-# - `looplm.train`: `TrainConfig`, `lr_at` (warmup and cosine decay), `Trainer` (AdamW with
+# - From Appendix C, `looplm.train`: `TrainConfig`, `lr_at` (warmup and cosine decay), `Trainer` (AdamW with
 #   decay on matrices only, gradient clipping, periodic evaluation, a metrics history, bf16
 #   autocast on CUDA, `state_dict` for exact resumption, a clean stop on a non-finite loss),
 #   `train`, and the task helpers `task_batches`, `task_accuracy`, `evaluate_tasks`.
@@ -1924,7 +1244,8 @@ plt.show()
 # Each exercise is a module in `exercises/ch03/` with code for you to write, plus a file of
 # graded tests next to it. Open the module, read its docstring, and replace the
 # `raise NotImplementedError(...)`. The reference solutions are in `exercises/solutions/ch03/`,
-# to read after you have tried.
+# to read after you have tried. Under each exercise are hints, folded away: open them one at a
+# time, and only when you are stuck.
 
 # %% [markdown]
 # **Exercise 3.1: Additive injection** (`ex1_additive_injection.py`). Write
@@ -1935,11 +1256,99 @@ plt.show()
 # loop written by hand.
 
 # %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# The module is an RMSNorm of $x_0$ with a gain of its own, followed by a residual add. In
+# `__init__`, keep `config.eps` and create the gain as `nn.Parameter(torch.ones(config.d_model))`
+# under the name `weight`; it must be the module's only parameter.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# In `forward`, work on `x = x0.float()`: its mean square over the last dimension with
+# `keepdim=True`, plus `self.eps`, inside `torch.rsqrt`. Exercise 1.1's `rms_norm` is the same
+# computation.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# `normed = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.float()`,
+# then `return (h.float() + normed).to(h.dtype)`.
+# ```
+
+# %% [markdown]
 # **Exercise 3.2: The warmup-cosine schedule** (`ex2_warmup_cosine.py`). Write
-# `warmup_cosine(step, total_steps, warmup_steps, max_lr, min_lr)`, section 3.5's learning
-# rate as a function of numbers, with its argument checks. The tests compare it with values
+# `warmup_cosine(step, total_steps, warmup_steps, max_lr, min_lr)`, the learning rate of
+# `lr_at` (section 3.5, built in Appendix C) as a function of numbers, with its argument checks. The tests compare it with values
 # computed by hand at the key steps, and at every step with an independent form of the
 # cosine and with `lr_at`.
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# Check the arguments one by one, in the order of the docstring. An int that is not a bool is
+# `isinstance(v, int) and not isinstance(v, bool)`. Then there are three cases: before step
+# $W$, from $W$ to $N$, and after $N$.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# Measure the progress through the decay as $p = (s - W)/(N - W)$, which runs from 0 at step $W$
+# to 1 at step $N$. Half a period of a cosine, $\tfrac12(1 + \cos \pi p)$, falls from 1 to 0
+# along the same stretch, flat at both ends.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# For $s < W$: `max_lr * s / W`. For $W \le s \le N$:
+# `min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * (s - W) / (N - W)))`.
+# For $s > N$: `float(min_lr)`. With $W = 0$ the first case never happens, so there is no
+# division by zero.
+# ```
+
+# %% [markdown]
+# **Exercise 3.3: How fast the state grows** (`ex3_state_growth.py`). On trained models, the
+# additive injection with pre-norm blocks did not learn the task, and its state grew at every
+# step (section *Injection and norm placement, on trained models*). Predict that growth for
+# an *untrained* model, before any measurement: write
+# `predicted_state_rms(n_steps, init_state, gain, x0_rms)`, the RMS of $h_t$ after each step
+# $t$ for a one-block pre-norm core with the injection $h + \mathrm{RMSNorm}_g(x_0)$ whose gain
+# is `gain` in every coordinate, starting from the embedding, from zeros or from the random
+# state of section 3.3. The tests build such models with the package and measure the RMS with
+# `hidden_norms`; your prediction must hold within 3% at every step. Does the state grow like
+# $t$ or like $\sqrt t$, and for how many steps does a random start still show?
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# Compare the sizes of what a step adds. The injection adds $\mathrm{RMSNorm}_g(x_0)$, of RMS
+# `gain`. The block adds its attention and MLP updates: with weights of standard deviation 0.02,
+# a $d \times d$ matrix scales a vector by about $0.02\sqrt d$. How large is the attention's
+# update at $d = 64$, after two such matrices?
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# About $(0.02\sqrt{64})^2 \approx 0.026$: at initialisation the block is nearly the identity,
+# and $h_t \approx h_0 + t\,\mathrm{RMSNorm}_g(x_0)$. The vector added is *the same* at every
+# step. Do $t$ copies of one vector add up like aligned arrows or like independent ones? And
+# which way does $h_0$ point, for each initial state?
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# Aligned copies add up to `t * gain`. From the embedding, $h_0 = x_0$ points the same way as
+# $\mathrm{RMSNorm}(x_0)$, so the RMS is `x0_rms + t * gain`; from zeros, `t * gain`. The random
+# start is independent of $x_0$, so the squares add: `sqrt(s**2 + (t * gain)**2)`, with `s` the
+# standard deviation of the truncated normal of section 3.3 (the formula is there, with its
+# measured value).
+# ```
 
 # %% [markdown]
 # The next cell grades your versions. Run it again whenever you like; every test fails until

@@ -21,17 +21,18 @@
 # are any good.
 
 # %% [markdown]
-# The mechanism is Ouro's (arXiv 2510.25741). After every step $t$ a small **exit gate** reads
+# The mechanism is Ouro's {cite:p}`zhu2025ouro`. After every step $t$ a small **exit gate** reads
 # the state and outputs $\lambda_t \in (0, 1)$, the probability of stopping at step $t$ given
 # that the token got that far. The gates of all steps define a distribution $p(t \mid x)$
 # over the exit step. Training shapes that distribution in two stages, and at inference a
 # simple rule turns it into a step count.
 #
-# Ouro is not the only answer. Huginn (arXiv 2502.05171) trains no gate at all and stops when
-# the prediction stops changing; this chapter compares its rule with Ouro's. Adaptive
-# Computation Time (ACT, arXiv 1603.08983) and PonderNet (arXiv 2107.05407) train the same
-# kind of gate with other objectives, and TRM (arXiv 2510.04871) refines an answer in a loop
-# and learns to halt when the answer is right: those are chapter 6.
+# Ouro is not the only answer. Huginn {cite:p}`geiping2025huginn` trains no gate at all and
+# stops when the prediction stops changing; this chapter compares its rule with Ouro's.
+# Adaptive Computation Time (ACT) {cite:p}`graves2016act` and PonderNet
+# {cite:p}`banino2021pondernet` train the same kind of gate with other objectives, and TRM
+# {cite:p}`jolicoeurmartineau2025trm` refines an answer in a loop and learns to halt when the
+# answer is right: those are chapter 6.
 
 # %% [markdown]
 # The plan:
@@ -45,11 +46,12 @@
 # 5. diagnostics: heatmaps, entropy, expected depth, and stability checks;
 # 6. three experiments: depth against difficulty, accuracy against compute, and longer inputs
 #    against the loop budget, with the threshold chosen on validation data;
-# 7. Ouro's two-stage recipe as functions and from the command line;
+# 7. Ouro's two-stage recipe as functions and from the command line (built in Appendix C);
 # 8. clear errors for bad input.
 #
 # The functions go to `looplm/adaptive.py`. The gate itself is registered in
-# `looplm/model.py`, and the two-stage recipe in `looplm/train.py`.
+# `looplm/model.py`. Appendix C holds the machinery around them: the recipe's functions and
+# command line, the stability checks, the stored experiment and the tests.
 
 # %%
 import dataclasses
@@ -168,15 +170,16 @@ print(f"gate at init: min {out.gate.min():.2f}, max {out.gate.max():.2f}")
 #
 # The gates define when a token stops. It stops at step 1 with probability $\lambda_1$. It
 # reaches step 2 with probability $1 - \lambda_1$, and stops there with probability
-# $\lambda_2$, and so on. Write $S_t = \prod_{j \le t} (1 - \lambda_j)$ for the probability of
-# surviving the first $t$ steps ($S_0 = 1$). Ouro's Eq. 3 is
+# $\lambda_2$, and so on. Write $r_t = \prod_{j \le t} (1 - \lambda_j)$ for the probability that
+# the token remains after the first $t$ steps ($r_0 = 1$). Ouro's Eq. 3, in this book's notation
+# (Ouro writes $T_{\max}$ for the step count $S$ and $S_t$ for $r_t$), is
 #
 # $$
-# p(t \mid x) = \lambda_t\, S_{t-1} \quad (t < T_{\max}), \qquad
-# p(T_{\max} \mid x) = S_{T_{\max}-1} .
+# p(t \mid x) = \lambda_t\, r_{t-1} \quad (t < S), \qquad
+# p(S \mid x) = r_{S-1} .
 # $$
 #
-# The loop has $S = T_{\max}$ steps, so a token still running at the last step stops there
+# The loop has $S$ steps, so a token still running at the last step stops there
 # whatever its gate says: the last step takes all the remaining mass, and $\lambda_S$ is
 # never used. That is what makes the $p$'s sum to one.
 
@@ -335,13 +338,13 @@ print("untrained model, mass per step:", [round(v, 2) for v in out.exit_probs.me
 # every $L^{(t)}$) and the gate (through every $p_t$).
 
 # %% [markdown]
-# The entropy term has a cleaner reading. For the uniform prior $\pi_t = 1/S$,
+# The entropy term has a cleaner reading. For the uniform prior $p_U(t) = 1/S$,
 #
 # $$
-# \mathrm{KL}(p \,\|\, \pi) = \sum_t p_t \log \frac{p_t}{1/S} = -H(p) + \log S ,
+# \mathrm{KL}(p \,\|\, p_U) = \sum_t p_t \log \frac{p_t}{1/S} = -H(p) + \log S ,
 # $$
 #
-# so $\mathcal{L}_{\text{I}} = \sum_t p_t L^{(t)} + \beta\, \mathrm{KL}(p \,\|\, \pi) - \beta \log S$.
+# so $\mathcal{L}_{\text{I}} = \sum_t p_t L^{(t)} + \beta\, \mathrm{KL}(p \,\|\, p_U) - \beta \log S$.
 # Up to a constant, Stage I is a variational objective (an ELBO) with a uniform prior over the
 # exit step: the loss pulls $p$ toward the steps that predict well, and the prior pulls it
 # back toward using every step. Ouro picked the uniform prior over geometric or
@@ -702,8 +705,9 @@ print("the weights, seed 0:", [round(w, 3) for w in stored["results"]["0"]["runs
 # \mathcal{L} = \tfrac12\, L^{(S)} + \tfrac12 \Big(\sum_{t} p(t \mid x)\, L^{(t)} - \beta H\big(p(\cdot \mid x)\big)\Big),
 # $$
 #
-# all on one learning-rate schedule. `AdaptiveLoss("stage1", beta, last_weight=w)` computes
-# $w L^{(S)} + (1 - w)$ Eq. 4; `last_weight=1` is the last step alone, and `last_weight=0`
+# all on one learning-rate schedule. With `last_weight` $= \alpha$,
+# `AdaptiveLoss("stage1", beta, last_weight)` computes $\alpha L^{(S)} + (1 - \alpha)$ Eq. 4;
+# `last_weight=1` is the last step alone, and `last_weight=0`
 # (the default) is Eq. 4 as printed. Switching the trainer's loss function between two calls
 # of `run` keeps its optimizer and schedule:
 
@@ -747,28 +751,30 @@ stage1_model = recipe.model
 # A soft label turns the improvement into a target for "continue" (Eq. 5):
 #
 # $$
-# w_i^{(t)} = \sigma\big(k\,(I_i^{(t)} - \gamma)\big), \qquad k = 50,\; \gamma = 0.005 .
+# \omega_i^{(t)} = \sigma\big(\kappa\,(I_i^{(t)} - \gamma)\big), \qquad \kappa = 50,\; \gamma = 0.005 .
 # $$
 #
-# An improvement well above $\gamma$ gives $w \approx 1$: continue. No improvement gives
-# $\sigma(-k\gamma) = \sigma(-0.25) \approx 0.44$, a mild vote for stopping. The gate at step
-# $t - 1$ predicts "continue" with probability $1 - \lambda_{t-1}$, and the loss is the binary
-# cross-entropy between the two, averaged over the $M$ tokens and over the steps (Eq. 6):
+# (Ouro writes $w$ for the label and $k$ for its sharpness $\kappa$, the argument `k` of the
+# code.) An improvement well above $\gamma$ gives $\omega \approx 1$: continue. No improvement
+# gives $\sigma(-\kappa\gamma) = \sigma(-0.25) \approx 0.44$, a mild vote for stopping. The gate at
+# step $t - 1$ predicts "continue" with probability $1 - \lambda_{t-1}$, and the loss is the
+# binary cross-entropy between the two, averaged over the learned tokens $\mathcal{M}$ and over
+# the steps (Eq. 6):
 #
 # $$
-# L^{(t)} = -\frac{1}{M} \sum_{i} \Big[ w_i^{(t)} \log\big(1 - \lambda_i^{(t-1)}\big)
-#           + \big(1 - w_i^{(t)}\big) \log \lambda_i^{(t-1)} \Big], \qquad
+# L^{(t)} = -\frac{1}{|\mathcal{M}|} \sum_{i \in \mathcal{M}} \Big[ \omega_i^{(t)} \log\big(1 - \lambda_i^{(t-1)}\big)
+#           + \big(1 - \omega_i^{(t)}\big) \log \lambda_i^{(t-1)} \Big], \qquad
 # \mathcal{L}_{\text{adaptive}} = \frac{1}{S} \sum_{t=2}^{S} L^{(t)} .
 # $$
 #
-# **Where this deviates from the paper.** Ouro's Eq. 6 as printed pairs the label $w^{(t)}$
+# **Where this deviates from the paper.** Ouro's Eq. 6 as printed pairs the label $\omega^{(t)}$
 # with $\lambda^{(t)}$, the gate of the *same* step $t$. We pair it with $\lambda^{(t-1)}$.
 # The improvement of step $t$ is what continuing past step $t - 1$ buys, so it labels the
 # decision the gate makes at step $t - 1$. The pairing also decides which gates learn: ours
 # trains $\lambda_1, \dots, \lambda_{S-1}$, exactly the gates that enter $p(t \mid x)$
 # (section 5.2: $\lambda_S$ is ignored), while the printed one would train $\lambda_2, \dots,
 # \lambda_S$ and leave $\lambda_1$, the gate that decides the cheapest exit, without a Stage II
-# signal.
+# signal. Exercise 5.5 works out what each pairing does to a token's exit.
 
 # %% [markdown]
 # The slow version, one token at a time:
@@ -1077,15 +1083,63 @@ agree = all(q_exit_steps(gates, q, m)[i].item() == q_exit_slow(gates[:, i].tolis
 print("q_exit_steps matches the slow loop on 480 cases:", agree)
 
 # %% [markdown]
+# The rule in a picture, for one made-up token over $S = 6$ steps whose gates rise from 0.05 to
+# 0.8. On the left, its exit distribution from `exit_distribution`: the bars are $p(t \mid x)$,
+# the dots the gates that made them (the open dot is $\lambda_S$, which plays no part). On the
+# right, the running sum of the bars, the CDF, and its complement, the survival
+# $r_t = P(\text{exit} > t)$ (for $t < S$ the product of section 5.2). Follow the CDF up to
+# the dashed line at $q$: the first step at or above it, marked with a star, is the step
+# `q_exit_steps` returns.
+
+# %% tags=["hide-input"]
+def plot_q_exit(gate, q):
+    """One token's gates [S] -> its exit distribution, CDF and survival, with the Q-exit step."""
+    probs = exit_distribution(gate)
+    cdf = probs.cumsum(0)
+    exit_step = q_exit_steps(gate, q).item()
+    n_steps = gate.shape[0]
+    steps = torch.arange(1, n_steps + 1)
+
+    fig, (ax_p, ax_c) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_p.bar(steps, probs, color="C0", alpha=0.8, label=r"$p(t \mid x)$")
+    ax_p.plot(steps[:-1], gate[:-1], "o", color="C3", label=r"gate $\lambda_t$")
+    ax_p.plot(steps[-1:], gate[-1:], "o", markerfacecolor="white", color="C3", label=r"$\lambda_S$, not used")
+    ax_p.set(xlabel="step t", ylabel="probability", ylim=(0, 1), xticks=steps.tolist(),
+             title="One token's gates and its exit distribution")
+    ax_p.legend(loc="upper left")
+
+    ax_c.plot(steps, cdf, "o-", color="C0", label="CDF(t)")
+    ax_c.plot(steps, 1 - cdf, "s-", color="C1", label=r"survival $r_t = 1 - \mathrm{CDF}(t)$")
+    ax_c.axhline(q, color="gray", linestyle="--", linewidth=1)
+    ax_c.text(n_steps + 0.4, q + 0.02, f"q = {q}", color="gray", ha="right", va="bottom")
+    ax_c.axvline(exit_step, color="C2", linewidth=1.5, alpha=0.6)
+    ax_c.plot(exit_step, cdf[exit_step - 1], "*", color="C2", markersize=14, zorder=3)
+    ax_c.text(exit_step + 0.08, 0.03, f"Q-exit: step {exit_step}", color="C2", ha="left", va="bottom")
+    ax_c.set(xlabel="step t", ylabel="probability", ylim=(0, 1.05), xlim=(0.6, n_steps + 0.5),
+             xticks=steps.tolist(), title=f"The first step where the CDF reaches q = {q}")
+    ax_c.legend(loc="upper center")
+    plt.tight_layout()
+    plt.show()
+
+
+plot_q_exit(torch.tensor([0.05, 0.1, 0.2, 0.35, 0.5, 0.8], dtype=torch.float64), q=0.5)
+
+# %% [markdown]
+# The CDF reaches 0.32 at step 3 and 0.56 at step 4, so $q = 0.5$ stops this token after four
+# of its six steps. A smaller $q$ moves the star to the left, a larger one to the right, and
+# the last step ends every token: the survival there is 0, whatever $\lambda_S$ says.
+
+# %% [markdown]
 # ### One interface for every rule
 #
 # Q-exit needs a gate. Other rules need none and look at the predictions or the states
 # instead:
 #
 # - **confidence**: stop when the top next-token probability reaches a threshold,
-#   $\max_v p_t(v) \ge \tau$ (Fan et al. halt at the most confident step);
+#   $\max_v \pi_t(v) \ge \pi_{\min}$, where $\pi_t$ is step $t$'s next-token distribution
+#   ({cite:t}`fan2025looped` halt at the most confident step);
 # - **KL**: stop when the prediction stops changing,
-#   $\mathrm{KL}(p_t \,\|\, p_{t-1}) < \varepsilon$; Huginn uses $\varepsilon = 5 \times 10^{-4}$
+#   $\mathrm{KL}(\pi_t \,\|\, \pi_{t-1}) < \varepsilon$; Huginn uses $\varepsilon = 5 \times 10^{-4}$
 #   with no trained gate at all;
 # - **hidden-state change**: stop when the state stops moving,
 #   $\lVert h_t - h_{t-1} \rVert / \lVert h_{t-1} \rVert < \varepsilon$ (Huginn's code has it
@@ -1470,251 +1524,8 @@ for per, reduce in (("token", "all"), ("sequence", "all"), ("sequence", "mean"))
     print(f"per={per:8s} reduce={reduce:4s}: mean steps {mean_steps(steps, answer_mask):.2f}   accuracy {accuracy:.3f}")
 
 # %% [markdown]
-# ### Tests for the gate, the losses and the rules
-#
-# The tests repeat the checks of sections 5.1 to 5.5 on fresh random inputs, and pin the
-# hand-computed values. They are exported to `tests/test_05_learning_when_to_stop.py`.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-import math
-
-import pytest
-import torch
-
-from looplm.data import IGNORE_INDEX
-from looplm.model import EXIT_GATES, LoopLM, LoopLMConfig
-
-
-def _slow_exit_distribution(gates):
-    probs, survive = [], 1.0
-    for t, gate in enumerate(gates):
-        probs.append(gate * survive if t < len(gates) - 1 else survive)
-        survive *= 1.0 - gate
-    return probs
-
-
-def test_exit_distribution_matches_loop_and_sums_to_one():
-    torch.manual_seed(0)
-    for shape in ((1, 5), (2, 3), (4, 2, 6), (7, 1, 1, 3)):
-        gates = torch.rand(shape, dtype=torch.float64)
-        probs = exit_distribution(gates)
-        assert probs.shape == gates.shape
-        flat_g, flat_p = gates.reshape(shape[0], -1), probs.reshape(shape[0], -1)
-        for i in range(flat_g.shape[1]):
-            expected = torch.tensor(_slow_exit_distribution(flat_g[:, i].tolist()), dtype=torch.float64)
-            torch.testing.assert_close(flat_p[:, i], expected, rtol=0, atol=1e-15)
-        torch.testing.assert_close(probs.sum(0), torch.ones(shape[1:], dtype=torch.float64))
-    by_hand = exit_distribution(torch.tensor([0.5, 0.5, 0.5, 0.9]))
-    assert by_hand.tolist() == [0.5, 0.25, 0.125, 0.125]        # the last gate is not used
-    assert exit_distribution(torch.tensor([0.3])).tolist() == [1.0]
-    assert math.isclose(expected_depth(by_hand).item(), 1.875, abs_tol=1e-6)
-    assert math.isclose(exit_entropy(torch.full((4,), 0.25)).item(), math.log(4), abs_tol=1e-6)
-    assert exit_entropy(torch.tensor([0.0, 1.0, 0.0])).item() == 0.0
-
-
-def test_linear_gate_is_registered_and_fills_the_output():
-    assert EXIT_GATES["linear"] is LinearExitGate
-    torch.manual_seed(0)
-    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, n_loops=3, exit_gate=True))
-    assert sum(p.numel() for p in model.exit_gate.parameters()) == 32 + 1
-    out = model(torch.randint(0, 20, (2, 5)))
-    assert out.gate.shape == out.exit_probs.shape == (3, 2, 5)
-    assert out.gate.dtype == torch.float32 and ((out.gate > 0) & (out.gate < 1)).all()
-    assert torch.equal(out.exit_probs, exit_distribution(out.gate))
-    torch.testing.assert_close(out.exit_probs.sum(0), torch.ones(2, 5))
-    # a float64 model's gate is computed in float64, against the formula
-    model = model.double()
-    idx = torch.randint(0, 20, (2, 5))
-    with torch.no_grad():
-        out = model(idx)
-        z = model.readout(model.step(model.embed(idx), model.embed(idx), *model.rope(5)), *model.rope(5))[1]
-    assert out.gate.dtype == out.exit_probs.dtype == torch.float64
-    w, b = model.exit_gate.proj.weight[0], model.exit_gate.proj.bias[0]
-    torch.testing.assert_close(out.gate[0], 1 / (1 + torch.exp(-(z @ w + b))), rtol=0, atol=1e-15)
-
-
-run_tests(test_exit_distribution_matches_loop_and_sums_to_one, test_linear_gate_is_registered_and_fills_the_output)
-
-# %% [markdown]
-# The two training losses, against loops and hand-computed values. The Stage II test also
-# checks the detaching: a loss that sends no gradient into the step losses.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-def _slow_stage1(losses, probs, beta, mask):
-    values = []
-    for b in range(losses.shape[1]):
-        for i in range(losses.shape[2]):
-            if mask[b, i]:
-                p = probs[:, b, i].tolist()
-                expected = sum(q * l for q, l in zip(p, losses[:, b, i].tolist()))
-                values.append(expected + beta * sum(q * math.log(q) for q in p if q > 0))
-    return sum(values) / len(values)
-
-
-def _slow_stage2(losses, gates, k, gamma, mask):
-    total = 0.0
-    for t in range(1, losses.shape[0]):
-        terms = []
-        for b in range(losses.shape[1]):
-            for i in range(losses.shape[2]):
-                if mask[b, i]:
-                    improvement = max(0.0, losses[t - 1, b, i].item() - losses[t, b, i].item())
-                    w = 1 / (1 + math.exp(-k * (improvement - gamma)))
-                    lam = gates[t - 1, b, i].item()
-                    terms.append(-(w * math.log(1 - lam) + (1 - w) * math.log(lam)))
-        total += sum(terms) / len(terms)
-    return total / losses.shape[0]
-
-
-def test_stage1_loss_matches_loop_and_entropy_sign():
-    torch.manual_seed(1)
-    losses = torch.rand(4, 3, 5, dtype=torch.float64) * 3
-    probs = exit_distribution(torch.rand(4, 3, 5, dtype=torch.float64))
-    mask = torch.rand(3, 5) > 0.3
-    for beta in (0.0, 0.05, 0.1, 1.0):
-        got = stage1_loss(losses, probs, beta, mask).item()
-        assert math.isclose(got, _slow_stage1(losses, probs, beta, mask), abs_tol=1e-12)
-    everything = stage1_loss(losses, probs, 0.1)
-    assert math.isclose(everything.item(), _slow_stage1(losses, probs, 0.1, torch.ones(3, 5, dtype=torch.bool)), abs_tol=1e-12)
-    # the bonus lowers the loss of a spread distribution by exactly beta * H
-    uniform = torch.full((4, 1), 0.25)
-    step_losses = torch.tensor([[2.0], [1.0], [0.5], [0.25]])
-    assert math.isclose(stage1_loss(step_losses, uniform, 0.0).item(), 0.9375, abs_tol=1e-6)
-    drop = stage1_loss(step_losses, uniform, 0.0) - stage1_loss(step_losses, uniform, 0.1)
-    assert math.isclose(drop.item(), 0.1 * math.log(4), abs_tol=1e-6)
-    # and its gradient pushes a peaked distribution toward spreading out
-    logits = torch.tensor([[3.0], [0.0], [0.0], [0.0]], requires_grad=True)
-    stage1_loss(torch.zeros(4, 1), logits.softmax(0), 1.0).backward()
-    assert logits.grad[0, 0] > 0 and (logits.grad[1:] < 0).all()
-
-
-def test_stage2_gate_loss_matches_loop_and_detaches():
-    torch.manual_seed(2)
-    losses = (torch.rand(5, 2, 4, dtype=torch.float64) * 0.2).requires_grad_()
-    gates = (torch.rand(5, 2, 4, dtype=torch.float64) * 0.98 + 0.01).requires_grad_()
-    mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
-    for k, gamma in ((50.0, 0.005), (5.0, 0.1)):
-        got = stage2_gate_loss(losses, gates, k, gamma, mask)
-        assert math.isclose(got.item(), _slow_stage2(losses, gates, k, gamma, mask), abs_tol=1e-9)
-    stage2_gate_loss(losses, gates).backward()
-    assert losses.grad is None and gates.grad is not None
-    assert (gates.grad[-1] == 0).all()                          # the last gate gets no label
-    # by hand: one token, L = (1.0, 0.5), λ_1 = 0.2: I = 0.5, w = σ(50 (0.5 − 0.005))
-    w = 1 / (1 + math.exp(-50 * 0.495))
-    expected = -(w * math.log(0.8) + (1 - w) * math.log(0.2)) / 2
-    got = stage2_gate_loss(torch.tensor([[1.0], [0.5]]), torch.tensor([[0.2], [0.7]]))
-    assert math.isclose(got.item(), expected, rel_tol=1e-5)
-    assert math.isclose(stage2_targets(torch.tensor([[0.3], [0.3]])).item(), 1 / (1 + math.exp(0.25)), rel_tol=1e-6)
-    # saturated gates (exactly 0 and 1, as a float32 sigmoid gives past a logit of about 17):
-    # a finite loss and a finite gradient
-    logits = torch.tensor([[20.0, -120.0], [0.0, 0.0]], requires_grad=True)
-    loss = stage2_gate_loss(torch.tensor([[1.0, 1.0], [0.5, 0.5]]), torch.sigmoid(logits))
-    loss.backward()
-    assert torch.sigmoid(logits)[0].tolist() == [1.0, 0.0]
-    assert math.isfinite(loss.item()) and torch.isfinite(logits.grad).all()
-
-
-def test_stage2_forward_runs_the_model_without_gradients():
-    # called directly, with every parameter trainable (no gate_only): only the gate gets a graph,
-    # and a backward pass leaves every other parameter's gradient empty
-    torch.manual_seed(3)
-    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, n_loops=3, exit_gate=True))
-    idx = torch.randint(0, 20, (2, 6))
-    out = gate_on_detached_states(model, idx, targets=idx)
-    assert not out.logits.requires_grad and not out.step_losses.requires_grad
-    assert out.gate.requires_grad and out.exit_probs.requires_grad
-    with torch.no_grad():
-        reference = model(idx, targets=idx)
-    assert torch.equal(out.gate.detach(), reference.gate) and torch.equal(out.step_losses, reference.step_losses)
-    GateLoss()(model, idx, idx)[0].backward()
-    for name, p in model.named_parameters():
-        assert (p.grad is not None) == name.startswith("exit_gate."), name
-
-
-run_tests(test_stage1_loss_matches_loop_and_entropy_sign, test_stage2_gate_loss_matches_loop_and_detaches,
-          test_stage2_forward_runs_the_model_without_gradients)
-
-# %% [markdown]
-# Q-exit's edge cases and the other rules against hand-written loops:
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-def _slow_q_exit(gates, q, min_steps):
-    cdf = 0.0
-    for t, p in enumerate(_slow_exit_distribution(gates), start=1):
-        cdf += p
-        if cdf >= q and t >= min_steps:
-            return t
-    return len(gates)
-
-
-def test_q_exit_steps_edge_cases():
-    halves = torch.full((4, 1), 0.5)                            # CDF 0.5, 0.75, 0.875, 1
-    assert [q_exit_steps(halves, q).item() for q in (0.5, 0.6, 0.75, 0.8, 0.9, 1.0)] == [1, 2, 2, 3, 4, 4]
-    assert q_exit_steps(halves, 0.1, min_steps=3).item() == 3     # the floor is respected
-    assert q_exit_steps(halves, 1.0, min_steps=2).item() == 4
-    assert q_exit_steps(torch.full((4, 1), 0.01), 0.5).item() == 4   # never reached: S
-    assert q_exit_steps(torch.tensor([[0.2], [1.0], [0.3]]), 1.0).item() == 2   # q = 1 needs CDF = 1
-    assert q_exit_steps(torch.tensor([[0.7]]), 1.0).item() == 1      # one step: always step 1
-    steps = q_exit_steps(torch.rand(3, 2, 5), 0.5)
-    assert steps.dtype == torch.long and steps.shape == (2, 5) and steps.min() >= 1 and steps.max() <= 3
-    torch.manual_seed(3)
-    gates = torch.rand(6, 50, dtype=torch.float64)
-    for q in (0.05, 0.5, 0.99, 1.0):
-        for m in (1, 4, 6):
-            got = q_exit_steps(gates, q, m)
-            assert got.tolist() == [_slow_q_exit(gates[:, i].tolist(), q, m) for i in range(50)]
-            assert torch.equal(exit_steps(QExit(q, m), gate=gates), got)
-
-
-def test_other_rules_match_loops():
-    torch.manual_seed(4)
-    logits, hidden = torch.randn(5, 2, 3, 7) * 2, torch.randn(5, 2, 3, 8)
-    probs = logits.softmax(-1)
-    for b in range(2):
-        for i in range(3):
-            def first(condition, start=1):
-                return next((t for t in range(start, 6) if condition(t)), 5)
-            conf = first(lambda t: probs[t - 1, b, i].max() >= 0.6)
-            kl = first(lambda t: (probs[t - 1, b, i] * (probs[t - 1, b, i] / probs[t - 2, b, i]).log()).sum() <= 0.5, 2)
-            change = first(lambda t: (hidden[t - 1, b, i] - hidden[t - 2, b, i]).norm()
-                           / hidden[t - 2, b, i].norm() <= 1.2, 2)
-            assert confidence_exit_steps(logits, 0.6)[b, i] == conf
-            assert kl_exit_steps(logits, 0.5)[b, i] == kl
-            assert hidden_change_exit_steps(hidden, 1.2)[b, i] == change
-    assert (exit_steps(FixedDepth(3), logits=logits) == 3).all()
-    assert (exit_steps(ConfidenceExit(0.01, min_steps=4), logits=logits) == 4).all()
-    assert (kl_exit_steps(logits, 1e9) == 2).all()              # a KL rule never stops at step 1
-    assert (kl_exit_steps(logits[:1], 1e9) == 1).all()          # ... unless there is one step only
-    assert make_exit_rule("kl", 0.1).threshold == 0.1 and set(EXIT_RULES) == {
-        "q_exit", "confidence", "kl", "hidden_change", "fixed"}
-
-
-def test_per_sequence_steps_and_select_exit_logits():
-    gates = torch.tensor([[0.9, 0.1, 0.9], [0.1, 0.9, 0.1], [0.5, 0.5, 0.5]])[:, None, :]   # (S=3, B=1, T=3)
-    token_steps = q_exit_steps(gates, 0.5)
-    assert token_steps.tolist() == [[1, 2, 1]]
-    mask = torch.tensor([[True, True, False]])
-    assert exit_steps(QExit(0.5), gate=gates, per="sequence", mask=mask).tolist() == [[2, 2, 2]]
-    everything = exit_steps(QExit(0.5), gate=gates, per="sequence")
-    assert everything.tolist() == [[2, 2, 2]]
-    # mean CDF over the masked tokens: step 1 (0.9 + 0.1) / 2 = 0.5 >= 0.5
-    assert exit_steps(QExit(0.5), gate=gates, per="sequence", reduce="mean", mask=mask).tolist() == [[1, 1, 1]]
-    assert exit_steps(QExit(0.6), gate=gates, per="sequence", reduce="mean", mask=mask).tolist() == [[2, 2, 2]]
-    logits = torch.arange(3 * 2 * 2 * 4, dtype=torch.float32).view(3, 2, 2, 4)
-    steps = torch.tensor([[1, 3], [2, 2]])
-    picked = select_exit_logits(logits, steps)
-    assert picked.shape == (2, 2, 4)
-    for b in range(2):
-        for i in range(2):
-            assert torch.equal(picked[b, i], logits[steps[b, i] - 1, b, i])
-    assert torch.equal(select_exit_logits(logits, torch.full((2, 2), 3)), logits[-1])
-    assert mean_steps(steps) == 2.0 and mean_steps(steps, torch.tensor([[True, True], [False, False]])) == 2.0
-
-
-run_tests(test_q_exit_steps_edge_cases, test_other_rules_match_loops, test_per_sequence_steps_and_select_exit_logits)
+# Appendix C tests the gate, both losses and every rule against slow loops written from their
+# definitions, and pins the hand-computed values of this chapter.
 
 # %% [markdown]
 # ## 5.6 Diagnostics
@@ -1784,88 +1595,16 @@ steps_by_answer_position(test_out, test_data)
 # \rVert$, per token). The new check is for the exit distribution. It returns what it
 # measured, or raises an error that says what is wrong:
 
-# %%
-#| export
-def check_exit_probs(exit_probs, tol=1e-4):
-    """Raise ValueError unless exit_probs [S, ...] is finite, non-negative and sums to 1 over the
-    steps within tol. Returns the largest |sum - 1|."""
-    _require_steps("exit_probs", exit_probs, _NO_GATE)
-    tol = _require_number("tol", tol, low=0)
-    if not torch.isfinite(exit_probs).all():
-        bad = (~torch.isfinite(exit_probs)).nonzero()[0].tolist()
-        raise ValueError(f"exit_probs holds NaN or inf, first at index {bad} (step {bad[0] + 1})")
-    if (exit_probs < 0).any():
-        raise ValueError(f"exit_probs holds negative values, min {exit_probs.min().item():.3g}")
-    deviation = (exit_probs.sum(0) - 1).abs().max().item() if exit_probs.numel() else 0.0
-    if deviation > tol:
-        raise ValueError(f"exit_probs must sum to 1 over the steps, but a token's sum is off by "
-                         f"{deviation:.3g} > tol={tol:g}")
-    return deviation
-
 # %% [markdown]
-# A report collects all of them for one output record: finite logits and losses, a proper exit
-# distribution, finite and bounded states, and the **trend** of the state changes. The trend
-# is informational: a loop whose relative changes shrink is settling toward a fixed point
-# (Yang et al. observe one), one whose changes grow is heading for trouble, but a loop may
-# also keep moving and still be useful, so it does not fail the report.
+# `check_exit_probs(exit_probs)` raises unless the distribution is finite, non-negative and
+# sums to one; `stability_report(out)` runs every check on one output record: finite logits and
+# losses, a proper exit distribution, finite and bounded states, and the **trend** of the
+# state changes, informational only (a loop whose changes shrink is settling toward a fixed
+# point, as {cite:t}`yang2024looped` observe; one whose changes grow is heading for trouble; a loop may keep
+# moving and still be useful). Appendix C builds both.
 
 # %%
-#| export
-@dataclass
-class StabilityCheck:
-    name: str
-    passed: bool
-    detail: str
-    required: bool = True     # an informational check does not fail the report
-
-
-@dataclass
-class StabilityReport:
-    checks: list = field(default_factory=list)
-
-    @property
-    def ok(self):
-        return all(check.passed for check in self.checks if check.required)
-
-    def raise_if_failed(self):
-        failed = [f"{c.name} ({c.detail})" for c in self.checks if c.required and not c.passed]
-        if failed:
-            raise ValueError("stability checks failed: " + "; ".join(failed))
-        return self
-
-    def __str__(self):
-        marks = {(True, True): "ok  ", (True, False): "ok  ", (False, True): "FAIL", (False, False): "note"}
-        return "\n".join(f"{marks[c.passed, c.required]} {c.name}: {c.detail}" for c in self.checks)
-
-
-def stability_report(out, tol=1e-4, max_rms=1e3, raise_on_failure=False):
-    """Checks of a LoopOutput: finite logits/losses, exit_probs (with a gate), hidden states
-    (with return_hidden=True): finite, RMS <= max_rms, and the trend of relative step changes."""
-    report = StabilityReport()
-    add = report.checks.append
-    add(StabilityCheck("logits finite", bool(torch.isfinite(out.logits).all()), f"shape {list(out.logits.shape)}"))
-    if out.step_losses is not None:
-        add(StabilityCheck("step losses finite", bool(torch.isfinite(out.step_losses).all()),
-                           f"mean per step {[round(v, 3) for v in out.step_losses.float().mean(dim=tuple(range(1, out.step_losses.ndim))).tolist()]}"))
-    if out.exit_probs is not None:
-        try:
-            add(StabilityCheck("exit_probs sum to 1", True, f"max |sum - 1| = {check_exit_probs(out.exit_probs, tol):.1e}"))
-        except ValueError as e:
-            add(StabilityCheck("exit_probs sum to 1", False, str(e)))
-    if out.hidden is not None:
-        finite = bool(torch.isfinite(out.hidden).all())
-        add(StabilityCheck("hidden finite", finite, f"shape {list(out.hidden.shape)}"))
-        rms = hidden_norms(out.hidden).flatten(1).max(1).values              # largest RMS per step
-        add(StabilityCheck("hidden RMS bounded", finite and rms.max().item() <= max_rms,
-                           f"largest token RMS per step {[round(v, 2) for v in rms.tolist()]}, limit {max_rms:g}"))
-        if out.hidden.shape[0] >= 3 and finite:
-            changes = step_changes(out.hidden).flatten(1).mean(1)
-            add(StabilityCheck("step changes shrink", changes[-1].item() < changes[0].item(),
-                               f"mean ||Δh||/||h|| for t = 2..S: {[round(v, 3) for v in changes.tolist()]}",
-                               required=False))
-    if raise_on_failure:
-        report.raise_if_failed()
-    return report
+from looplm.adaptive import check_exit_probs, stability_report
 
 # %% [markdown]
 # The trained model's report on the test set:
@@ -1889,41 +1628,6 @@ except ValueError as e:
     print("ValueError:", str(e)[:160], "...")
 
 # %% [markdown]
-# The checks get tests of their own:
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-from looplm.model import LoopOutput
-
-
-def test_stability_checks():
-    good = exit_distribution(torch.rand(4, 2, 3))
-    assert check_exit_probs(good) < 1e-6
-    with pytest.raises(ValueError, match="must sum to 1 over the steps"):
-        check_exit_probs(good * 0.9)
-    with pytest.raises(ValueError, match=r"exit_probs holds NaN or inf, first at index \[1, 0, 2\] \(step 2\)"):
-        bad = good.clone()
-        bad[1, 0, 2] = float("nan")
-        check_exit_probs(bad)
-    with pytest.raises(ValueError, match="negative"):
-        check_exit_probs(torch.tensor([[1.5], [-0.5]]))
-    hidden = torch.randn(4, 2, 3, 8)
-    settling = torch.stack([torch.ones(1, 2, 4) * (2 - 0.5 ** t) for t in range(5)])   # changes shrink
-    out = LoopOutput(logits=torch.zeros(5, 1, 2, 3), hidden=settling)
-    report = stability_report(out)
-    assert report.ok and all(c.passed for c in report.checks)
-    exploding = LoopOutput(logits=torch.zeros(3, 1, 2, 3), hidden=torch.stack([torch.ones(1, 2, 4) * 10 ** (3 * t) for t in range(3)]))
-    report = stability_report(exploding, max_rms=1e3)
-    assert not report.ok and [c.name for c in report.checks if not c.passed] == ["hidden RMS bounded", "step changes shrink"]
-    with pytest.raises(ValueError, match="stability checks failed: hidden RMS bounded"):
-        stability_report(exploding, raise_on_failure=True)
-    nan_logits = LoopOutput(logits=torch.full((2, 1, 1, 3), float("nan")))
-    assert not stability_report(nan_logits).ok
-
-
-run_tests(test_stability_checks)
-
-# %% [markdown]
 # ## 5.7 Experiments
 #
 # Three questions: does the model spend more steps on harder examples, which exit rule buys
@@ -1938,177 +1642,15 @@ run_tests(test_stability_checks)
 # runs every measurement of this section on them. Its code is the chapter's, packaged as
 # functions of the seed:
 
-# %%
-#| export experiments
-import copy
-
-import torch
-
-from looplm.adaptive import (ConfidenceExit, FixedDepth, HiddenChangeExit, KLExit, QExit, exit_entropy, exit_steps,
-                             expected_depth, mean_steps, pick_exit_threshold, q_exit_steps, select_exit_logits)
-from looplm.backprop import make_loop_loss
-from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
-from looplm.model import LoopLM, LoopLMConfig
-from looplm.results import Experiment, register
-from looplm.train import TrainConfig, Trainer, stage2_config, task_batches, train_stage1, train_stage2
+# %% [markdown]
+# The stored experiment `exit-recipe` (defined in Appendix C, run with
+# `python -m looplm.results run exit-recipe`) trains, for each of three seeds, the baseline
+# without a gate, Eq. 4 from the first update, the same step weights without a gate, and the
+# recipe of section 5.8, on the splits of this chapter with a validation set of 300 examples,
+# and records everything the tables below read.
 
 # %%
-#| export experiments
-CH05_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0, n_val=300)
-CH05_BUDGETS = (1.5, 2.0, 2.5, 4.0)   # mean steps per answer token; 4.0 = any
-
-
-def ch05_rules():
-    """Section 5.7's sweeps: rule name -> (which gate's record, the thresholds from stop-at-once to never)."""
-    q_values = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-    return {
-        "Q-exit, Stage II gate": ("stage2", [QExit(q) for q in q_values]),
-        "Q-exit, Stage I gate": ("stage1", [QExit(q) for q in q_values]),
-        "confidence": ("stage2", [ConfidenceExit(c) for c in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999)]),
-        "KL (Huginn)": ("stage2", [KLExit(e) for e in (3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 5e-4)]),
-        "hidden-state change": ("stage2", [HiddenChangeExit(e) for e in (2.0, 1.0, 0.7, 0.5, 0.4, 0.3, 0.1, 0.03)]),
-        "fixed depth": ("stage2", [FixedDepth(n) for n in (1, 2, 3, 4)]),
-    }
-
-
-def rule_curves(records, targets):
-    """For each rule of ch05_rules: sorted (mean steps, exact match) points. records: "stage1"/"stage2"
-    -> LoopOutput with hidden states, on the examples whose targets are given."""
-    mask = targets != IGNORE_INDEX
-    curves = {}
-    for name, (which, rules) in ch05_rules().items():
-        points = []
-        for rule in rules:
-            steps = exit_steps(rule, records[which])
-            correct = answer_accuracy(select_exit_logits(records[which].logits, steps), targets)
-            points.append((mean_steps(steps, mask), correct.float().mean().item()))
-        curves[name] = sorted(points)
-    return curves
-
-
-def best_at_budgets(points, budgets=CH05_BUDGETS):
-    """The best exact match among points with mean steps <= each budget (None where none fits)."""
-    return [max((a for s, a in points if s <= budget + 1e-9), default=None) for budget in budgets]
-
-
-def _ch05_setup():
-    task, splits = make_task("stack"), make_splits(**CH05_SPLITS)
-    seq_len = task.max_seq_len(7)
-    data = {name: encode_examples(getattr(splits, name), seq_len=seq_len) for name in ("test", "val", "ood")}
-    return task, splits, seq_len, data
-
-
-def _ch05_config(seed, steps):
-    return TrainConfig(steps=steps, batch_size=32, lr=5e-3, min_lr=5e-4, warmup_steps=50, weight_decay=0.0,
-                       eval_every=steps, seed=seed, progress=False)
-
-
-def _ch05_model(seed, gate, seq_len):
-    torch.manual_seed(seed)
-    return LoopLM(LoopLMConfig(TASK_VOCAB.vocab_size, 64, 4, n_loops=4, exit_gate=gate, max_seq_len=seq_len))
-
-
-@torch.no_grad()
-def _per_step(model, data):
-    return answer_accuracy(model(data.idx).logits, data.targets).float().mean(1).tolist()
-
-
-@torch.no_grad()
-def _gate_report(model, data):
-    """On the test set: H(p), E[t], the exit mass per step, and Q-exit at the validation-picked q."""
-    out, mask = model(data["test"].idx), data["test"].targets != IGNORE_INDEX
-    count = mask.sum().item()
-    q, _ = pick_exit_threshold(model, data["val"])
-    steps = q_exit_steps(out.gate, q)
-    correct = answer_accuracy(select_exit_logits(out.logits, steps), data["test"].targets)
-    return {"entropy": (exit_entropy(out.exit_probs) * mask).sum().item() / count,
-            "depth": (expected_depth(out.exit_probs) * mask).sum().item() / count,
-            "mass": ((out.exit_probs * mask).sum((1, 2)) / count).tolist(),
-            "q": q, "q_accuracy": correct.float().mean().item(), "q_steps": mean_steps(steps, mask)}
-
-
-def _history_points(trainer, every=150):
-    keys = ("entropy", "depth", "last_loss", *(f"mass_{t}" for t in range(1, 5)))
-    return [{"step": r["step"], **{k: r[k] for k in keys}} for r in trainer.history
-            if r["step"] == 1 or r["step"] % every == 0]
-
-
-@torch.no_grad()
-def _difficulty_and_budget(task, stage1_model, stage2_model, data, seq_len):
-    """Section 5.7's other two measurements on one seed's models (Q-exit at q = 0.5)."""
-    by_difficulty = []
-    for difficulty in range(1, 8):
-        batch = encode_examples(task.sample(200, difficulty, seed=f"depth/{difficulty}"), seq_len=seq_len)
-        mask = batch.targets != IGNORE_INDEX
-        row = {"difficulty": difficulty}
-        for name, model in (("stage1", stage1_model), ("stage2", stage2_model)):
-            out = model(batch.idx)
-            steps = q_exit_steps(out.gate, 0.5)
-            row[f"{name}_steps"] = ((steps * mask).sum(1) / mask.sum(1)).mean().item()
-            row[f"{name}_accuracy"] = answer_accuracy(select_exit_logits(out.logits, steps),
-                                                      batch.targets).float().mean().item()
-        by_difficulty.append(row)
-    by_budget = []
-    for n_loops in range(1, 9):
-        row = {"n_loops": n_loops}
-        for split in ("test", "ood"):
-            out = stage2_model(data[split].idx, n_loops=n_loops)
-            steps = q_exit_steps(out.gate, 0.5)
-            row[f"{split}_last"] = answer_accuracy(out.logits[-1], data[split].targets).float().mean().item()
-            row[f"{split}_qexit"] = answer_accuracy(select_exit_logits(out.logits, steps),
-                                                    data[split].targets).float().mean().item()
-            row[f"{split}_steps"] = mean_steps(steps, data[split].targets != IGNORE_INDEX)
-        by_budget.append(row)
-    return by_difficulty, by_budget
-
-
-def _two_stages(seed, batches, seq_len, data, warm_steps, last_weight):
-    model = _ch05_model(seed, True, seq_len)
-    stage1 = train_stage1(model, batches, _ch05_config(seed, 600), 0.1, warm_steps, last_weight)
-    after_stage1 = copy.deepcopy(model)
-    train_stage2(model, batches, stage2_config(_ch05_config(seed, 800), 200))
-    record = {"test_per_step": _per_step(after_stage1, data["test"]), "history": _history_points(stage1),
-              "stage1": _gate_report(after_stage1, data), "stage2": _gate_report(model, data)}
-    return after_stage1, model, record
-
-
-def _ch05_run(seed):
-    task, splits, seq_len, data = _ch05_setup()
-    batches = task_batches(splits.train, 32, seq_len)
-    baseline = Trainer(_ch05_model(seed, False, seq_len), batches, _ch05_config(seed, 600))
-    baseline.run()
-    runs = {"baseline": {"test_per_step": _per_step(baseline.model, data["test"]),
-                         "val_per_step": _per_step(baseline.model, data["val"])}}
-    _, _, runs["eq4"] = _two_stages(seed, batches, seq_len, data, warm_steps=0, last_weight=0.0)
-    weights = runs["eq4"]["history"][-1]
-    weights = [weights[f"mass_{t}"] for t in range(1, 5)]            # where Eq. 4 put the mass at the end
-    fixed = Trainer(_ch05_model(seed, False, seq_len), batches, _ch05_config(seed, 600),
-                    loss_fn=make_loop_loss(step_weights=weights))
-    fixed.run()
-    runs["weights_only"] = {"weights": weights, "test_per_step": _per_step(fixed.model, data["test"])}
-    stage1_model, stage2_model, runs["recipe"] = _two_stages(seed, batches, seq_len, data, warm_steps=300,
-                                                             last_weight=0.5)
-    with torch.no_grad():
-        records = {"stage1": stage1_model(data["test"].idx, return_hidden=True),
-                   "stage2": stage2_model(data["test"].idx, return_hidden=True)}
-    curves = rule_curves(records, data["test"].targets)
-    runs["recipe"]["budgets"] = {name: best_at_budgets(points) for name, points in curves.items()}
-    runs["recipe"]["difficulty"], runs["recipe"]["loop_budget"] = _difficulty_and_budget(
-        task, stage1_model, stage2_model, data, seq_len)
-    return {"runs": runs, "prefix": [row["loss"] for row in baseline.history[:20]]}
-
-
-def _ch05_prefix(seed, n_steps):
-    task, splits, seq_len, _ = _ch05_setup()
-    trainer = Trainer(_ch05_model(seed, False, seq_len), task_batches(splits.train, 32, seq_len),
-                      _ch05_config(seed, 600))
-    trainer.run(until=n_steps)
-    return [row["loss"] for row in trainer.history]
-
-
-EXIT_RECIPE = register(Experiment("exit-recipe", "05", "chapter 5: the baseline, Eq. 4 from the first update, "
-                                  "its step weights alone, and the recipe; exit rules, depth and budgets",
-                                  _ch05_run, _ch05_prefix))
+from looplm.experiments import CH05_SPLITS, ch05_rules
 
 # %% [markdown]
 # ### The threshold to deploy, and what it costs
@@ -2183,7 +1725,7 @@ for difficulty in range(1, 8):
 
 # %% [markdown]
 # The correlation between an example's difficulty and its steps, over all 1,400 examples
-# (Pearson's $r$; 0 would mean the gate ignores difficulty):
+# (Pearson's correlation coefficient; 0 would mean the gate ignores difficulty):
 
 # %%
 def pearson(x, y):
@@ -2221,7 +1763,7 @@ for d in range(7):
 # Over three seeds both gates spend more steps on harder programs, but only a little more: the
 # Stage II gate's mean rises from 2.50 ± 0.09 steps at difficulty 1 to 2.80 ± 0.11 at
 # difficulty 5, the Stage I gate's from 3.11 to 3.47. In seed 0 the correlation between an
-# example's difficulty and its steps is weak (the $r$ printed above). Stage II lowers the
+# example's difficulty and its steps is weak (the coefficient printed above). Stage II lowers the
 # steps at every difficulty, by 0.6 to 0.9 of a step: its labels say that a step which no
 # longer lowers the loss by $\gamma$ is not worth taking. The accuracy at the exit falls from
 # 1.00 at difficulty 1 to 0.85 at difficulty 5, and to about 0.2 on the longer programs (6
@@ -2235,7 +1777,7 @@ for d in range(7):
 # swept from "stop at once" to "never stop", and every setting gives one point: the mean
 # number of steps used per answer token, and the exact-match accuracy of the readouts chosen.
 # The Stage I model has the same language model and differs only in its gate, so its Q-exit
-# curve shows what Stage II changed. Ouro's Figure 5 is this plot for MMLU.
+# curve shows what Stage II changed. Figure 5 of {cite:t}`zhu2025ouro` is this plot for MMLU.
 
 # %%
 from looplm.experiments import CH05_BUDGETS, best_at_budgets, ch05_rules, rule_curves
@@ -2350,7 +1892,7 @@ plt.show()
 # ## 5.8 Ouro's two stages as a recipe
 #
 # The chapter trained Stage I and Stage II by hand. Three functions package the recipe for
-# any `get_batch`, in `looplm/train.py` beside chapter 3's trainer:
+# any `get_batch`, in `looplm/train.py` beside the Trainer (Appendix C builds them):
 #
 # - `train_stage1` trains model and gate together: `warm_steps` updates on the last step's
 #   loss alone, then the rest of `config.steps` on `AdaptiveLoss("stage1", beta, last_weight)`,
@@ -2364,76 +1906,7 @@ plt.show()
 #   `stage` 1 or 2 and numbered through both.
 
 # %%
-#| export train
-from looplm.adaptive import AdaptiveLoss, GateLoss, gate_only
-from looplm.model import LoopLM
-
-
-def _require_gated(model):
-    if not isinstance(model, LoopLM) or model.exit_gate is None:
-        raise ValueError("the two-stage recipe trains an exit gate: build the model with "
-                         "LoopLMConfig(..., exit_gate=True)")
-
-
-def train_stage1(model, get_batch, config, beta=0.1, warm_steps=0, last_weight=0.0, evaluate=None):
-    """Stage I: model and gate together for config.steps updates. The first warm_steps train on
-    the last step's loss alone; the rest on last_weight * last-step loss + (1 - last_weight) *
-    Ouro's Eq. 4 (entropy weight beta). -> the Trainer."""
-    _require_gated(model)
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _require_int("warm_steps", warm_steps, 0)
-    if warm_steps > config.steps:
-        raise ValueError(f"warm_steps={warm_steps} is more than the {config.steps} Stage I updates")
-    trainer = Trainer(model, get_batch, config, loss_fn=AdaptiveLoss("stage1", beta=beta, last_weight=1.0),
-                      evaluate=evaluate)
-    trainer.run(until=warm_steps)
-    trainer.loss_fn = AdaptiveLoss("stage1", beta=beta, last_weight=last_weight)
-    trainer.run()
-    return trainer
-
-
-def train_stage2(model, get_batch, config, k=50.0, gamma=0.005, evaluate=None):
-    """Stage II: the gate alone (everything else frozen) on Ouro's Eq. 6. -> the Trainer."""
-    _require_gated(model)
-    with gate_only(model):                    # the optimizer below holds the gate's parameters only
-        trainer = Trainer(model, get_batch, config, loss_fn=GateLoss(k, gamma), evaluate=evaluate)
-        trainer.run()
-    return trainer
-
-
-def stage2_config(config, stage2_steps, stage2_lr=1e-2):
-    """Stage II's TrainConfig from the run's: stage2_steps updates, peak stage2_lr decaying to a
-    tenth of it, a short warmup, and the next batch seed."""
-    _require_int("stage2_steps", stage2_steps, 1)
-    return dataclasses.replace(config, steps=stage2_steps, lr=stage2_lr, min_lr=stage2_lr / 10,
-                               warmup_steps=min(stage2_steps - 1, max(1, stage2_steps // 20)),
-                               seed=config.seed + 1)
-
-
-def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, gamma=0.005,
-                    stage2_lr=1e-2, evaluate=None, warm_steps=None, last_weight=0.5):
-    """Stage I (train_stage1) for config.steps - stage2_steps updates, then Stage II
-    (train_stage2) for stage2_steps updates. warm_steps defaults to half of Stage I.
-    -> the Stage II Trainer; its history holds both stages' rows (key "stage": 1 or 2;
-    "step" counted through both).
-    """
-    _require_gated(model)
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _require_int("stage2_steps", stage2_steps, 1)
-    stage1_steps = config.steps - stage2_steps
-    if stage1_steps < 1:
-        raise ValueError(f"stage2_steps={stage2_steps} leaves no Stage I update out of "
-                         f"config.steps={config.steps}; use stage2_steps < steps")
-    warm_steps = stage1_steps // 2 if warm_steps is None else warm_steps
-    stage1_config = dataclasses.replace(config, steps=stage1_steps,
-                                        warmup_steps=min(config.warmup_steps, stage1_steps - 1))
-    stage1 = train_stage1(model, get_batch, stage1_config, beta, warm_steps, last_weight, evaluate)
-    stage2 = train_stage2(model, get_batch, stage2_config(config, stage2_steps, stage2_lr), k, gamma, evaluate)
-    stage2.history = ([{**row, "stage": 1} for row in stage1.history]
-                      + [{**row, "stage": 2, "step": row["step"] + stage1_steps} for row in stage2.history])
-    return stage2
+from looplm.train import train_stage1, train_stage2, train_two_stage
 
 # %% [markdown]
 # A short run, to see the two stages in the history: 30 updates of Stage I, then 10 of
@@ -2453,60 +1926,14 @@ print("all parameters trainable again:", all(p.requires_grad for p in recipe_mod
 # %% [markdown]
 # ### From the command line
 #
-# Chapter 4's command line, `python -m looplm.train`, selects a training recipe with
-# `--recipe NAME` from the registry `RECIPES`. We add `"two-stage"`. Its options: the share
+# The training command line, `python -m looplm.train` (Appendix C), selects a training recipe
+# with `--recipe NAME` from the registry `RECIPES`, and Appendix C adds `"two-stage"`. Its options: the share
 # of Stage II (`--stage2-steps`, a fifth of `--steps` by default), the entropy weight `--beta`,
 # Stage I's `--warm-steps` (half of Stage I by default) and `--last-weight` (0.5), and Stage
 # II's `--stage2-k`, `--stage2-gamma` and `--stage2-lr`. `--warm-steps 0 --last-weight 0` is
 # Ouro's Eq. 4 from the first update. The command line builds its
 # model from its own options; if that model has no gate, the recipe adds one (a fresh gate,
 # with every other weight kept).
-
-# %%
-#| export train
-def _two_stage_arguments(parser):
-    group = parser.add_argument_group("two-stage recipe (chapter 5)")
-    group.add_argument("--stage2-steps", type=int, default=None,
-                       help="updates of Stage II, the gate alone (default: a fifth of --steps)")
-    group.add_argument("--beta", type=float, default=0.1, help="Stage I entropy weight (default 0.1)")
-    group.add_argument("--stage2-k", type=float, default=50.0, help="Stage II label slope k (default 50)")
-    group.add_argument("--stage2-gamma", type=float, default=0.005,
-                       help="Stage II improvement threshold gamma (default 0.005)")
-    group.add_argument("--stage2-lr", type=float, default=1e-2, help="Stage II peak learning rate (default 1e-2)")
-    group.add_argument("--warm-steps", type=int, default=None,
-                       help="Stage I updates on the last step's loss alone (default: half of Stage I)")
-    group.add_argument("--last-weight", type=float, default=0.5,
-                       help="weight of the last step's loss beside Eq. 4 after the warm steps (default 0.5)")
-
-
-def _with_gate(model):
-    """The model itself if it has an exit gate, else a copy with a fresh gate and the same weights."""
-    if model.exit_gate is not None:
-        return model
-    gated = LoopLM(dataclasses.replace(model.config, exit_gate=True))
-    missing, unexpected = gated.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not name.startswith("exit_gate.") for name in missing):
-        raise ValueError(f"cannot add a gate to this model: missing {missing}, unexpected {unexpected}")
-    first = next(model.parameters())
-    return gated.to(device=first.device, dtype=first.dtype)
-
-
-def _two_stage_run(args, model, get_batch, config, evaluate):
-    stage2_steps = args.stage2_steps if args.stage2_steps is not None else max(1, config.steps // 5)
-    trainer = train_two_stage(_with_gate(model), get_batch, config, stage2_steps, beta=args.beta,
-                              k=args.stage2_k, gamma=args.stage2_gamma, stage2_lr=args.stage2_lr,
-                              evaluate=evaluate, warm_steps=args.warm_steps, last_weight=args.last_weight)
-    for stage in (1, 2):
-        last = [row for row in trainer.history if row["stage"] == stage][-1]
-        mass = " ".join(f"{last[f'mass_{t}']:.2f}" for t in range(1, model.config.n_loops + 1))
-        print(f"stage {stage} done at step {last['step']}: last-step loss {last['last_loss']:.4f}, "
-              f"exit mass per step [{mass}], E[t] {last['depth']:.2f}", flush=True)
-    return trainer
-
-
-RECIPES["two-stage"] = Recipe(
-    help="Ouro's two stages: model and exit gate with an entropy bonus, then the gate alone",
-    add_arguments=_two_stage_arguments, run=_two_stage_run)
 
 # %% [markdown]
 # A short run on the stack task, with the output in a temporary folder. From a shell it is the
@@ -2528,102 +1955,6 @@ with tempfile.TemporaryDirectory() as folder:
     with contextlib.redirect_stdout(printed):
         status = train_main(argv)
     print(printed.getvalue().replace(folder, "DIR"), "exit status:", status)
-
-# %% [markdown]
-# The recipe's test. Stage I of the recipe must be exactly a `Trainer` run on the last step's
-# loss for the warm steps, then with `AdaptiveLoss("stage1", last_weight=...)` (same seed, same
-# batches), and Stage II must leave every weight but the gate's where Stage I left it. So a copy
-# of the same model, trained by hand for the Stage I steps only, must end with the same
-# language-model weights as the recipe's model. The command
-# line is checked too, including that a flag of the other recipe is refused.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-import contextlib
-import copy
-import dataclasses
-import io
-import os
-import tempfile
-
-from looplm.adaptive import AdaptiveLoss
-from looplm.train import TrainConfig, Trainer, default_loss
-
-
-def _recipe_batches(generator):
-    idx = torch.randint(0, 20, (4, 8), generator=generator)
-    return idx, idx.roll(-1, dims=1)
-
-
-def test_two_stage_recipe_freezes_the_model_in_stage_two():
-    torch.manual_seed(0)
-    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, exit_gate=True, max_seq_len=8))
-    by_hand = copy.deepcopy(model)
-    config = TrainConfig(steps=6, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1, eval_every=0, progress=False)
-    recipe = train_two_stage(model, _recipe_batches, config, stage2_steps=2, beta=0.1)
-    assert [r["stage"] for r in recipe.history] == [1, 1, 1, 1, 2, 2]
-    assert [r["step"] for r in recipe.history] == [1, 2, 3, 4, 5, 6]
-    hand = Trainer(by_hand, _recipe_batches, dataclasses.replace(config, steps=4), loss_fn=default_loss)
-    hand.run(until=2)                                          # half of Stage I on the last step alone
-    hand.loss_fn = AdaptiveLoss("stage1", beta=0.1, last_weight=0.5)
-    hand.run()
-    assert [r["loss"] for r in hand.history] == [r["loss"] for r in recipe.history[:4]]
-    ours, theirs = model.state_dict(), by_hand.state_dict()
-    for name in ours:
-        if name.startswith("exit_gate."):
-            assert not torch.equal(ours[name], theirs[name]), name       # Stage II trained the gate
-        else:
-            torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0)
-    assert all(p.requires_grad for p in model.parameters())
-    with pytest.raises(ValueError, match="exit_gate=True"):
-        train_two_stage(LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2)), _recipe_batches, config, 2)
-    with pytest.raises(ValueError, match="leaves no Stage I update"):
-        train_two_stage(model, _recipe_batches, config, stage2_steps=6)
-    with pytest.raises(ValueError, match="warm_steps=9 is more than the 4 Stage I updates"):
-        train_two_stage(model, _recipe_batches, config, stage2_steps=2, warm_steps=9)
-    with pytest.raises(ValueError, match="last_weight must be <= 1"):
-        train_two_stage(model, _recipe_batches, config, stage2_steps=2, last_weight=1.5)
-
-
-def test_warm_steps_train_exactly_the_last_step_loss():
-    # with last_weight = 1 the Stage I loss is the last step's mean loss: the same updates as a
-    # model without a gate (whose other weights start equal), and the gate never moves
-    torch.manual_seed(0)
-    gated = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, exit_gate=True, max_seq_len=8))
-    torch.manual_seed(0)
-    plain = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, max_seq_len=8))
-    gate_before = copy.deepcopy(gated.exit_gate.state_dict())
-    config = TrainConfig(steps=3, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.0,
-                         eval_every=0, progress=False)
-    a = train_stage1(gated, _recipe_batches, config, warm_steps=3)
-    b = Trainer(plain, _recipe_batches, config)
-    b.run()
-    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
-    assert all(torch.equal(v, gated.exit_gate.state_dict()[k]) for k, v in gate_before.items())
-
-
-def test_two_stage_command_line():
-    # in this process (main() is the command line), which is much faster than a subprocess
-    from looplm.train import main
-
-    with tempfile.TemporaryDirectory() as folder:
-        base = ["--recipe", "two-stage", "--task", "stack", "--difficulty", "2", "--n-train", "100", "--n-test", "20",
-                "--steps", "6", "--stage2-steps", "2", "--batch-size", "4", "--d-model", "16", "--n-heads", "2",
-                "--n-loops", "2", "--no-progress"]
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert main(base + ["--out", folder]) == 0
-        assert "stage 2 done at step 6" in out.getvalue()
-        assert sorted(os.listdir(folder)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as refused:
-            main(base + ["--grad-steps", "1", "--out", folder + "/other"])
-        assert refused.value.code == 2 and "--grad-steps belongs to the 'standard' recipe" in err.getvalue()
-        assert not os.path.exists(folder + "/other")
-
-
-run_tests(test_two_stage_recipe_freezes_the_model_in_stage_two, test_warm_steps_train_exactly_the_last_step_loss,
-          test_two_stage_command_line)
 
 # %% [markdown]
 # ## 5.9 Bad input gets a clear error
@@ -2657,39 +1988,7 @@ show_error(lambda: AdaptiveLoss("stage1")(plain_model, bad_idx, bad_idx))
 show_error(lambda: make_exit_rule("median", 0.5))
 
 # %% [markdown]
-# The same cases, as a test:
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-def test_bad_input_gets_clear_errors():
-    torch.manual_seed(0)
-    plain = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3))
-    gated = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, exit_gate=True))
-    idx = torch.randint(0, 20, (2, 5))
-    out = gated(idx, targets=idx)
-    for q in (0.0, -0.5, 1.5, float("nan")):
-        with pytest.raises(ValueError, match=r"q must be a number in \(0, 1\]"):
-            q_exit_steps(out.gate, q)
-    with pytest.raises(ValueError, match="beta must be >= 0"):
-        stage1_loss(out.step_losses, out.exit_probs, beta=-0.1)
-    with pytest.raises(ValueError, match="must have the same shape"):
-        stage1_loss(out.step_losses[:2], out.exit_probs, beta=0.1)
-    with pytest.raises(ValueError, match="must have the same shape"):
-        stage2_gate_loss(out.step_losses, out.gate[:, :1])
-    with pytest.raises(ValueError, match="built without one"):
-        q_exit_steps(plain(idx).gate, 0.5)
-    with pytest.raises(ValueError, match="built without one"):
-        exit_steps(QExit(0.5), plain(idx))
-    with pytest.raises(ValueError, match="built without one"):
-        AdaptiveLoss("stage1")(plain, idx, idx)
-    with pytest.raises(ValueError, match="built without an exit gate"):
-        with gate_only(plain):
-            pass
-    with pytest.raises(ValueError, match="unknown exit rule 'median'"):
-        make_exit_rule("median", 0.5)
-
-
-run_tests(test_bad_input_gets_clear_errors)
+# Appendix C holds the same cases as a test, with the rest of the battery.
 
 # %% [markdown]
 # ## Summary
@@ -2706,7 +2005,7 @@ run_tests(test_bad_input_gets_clear_errors)
 # | `q_exit_steps(gate, q, min_steps=1)` | Ouro's Q-exit |
 # | `QExit`, `ConfidenceExit`, `KLExit`, `HiddenChangeExit`, `FixedDepth`, `EXIT_RULES`, `make_exit_rule` | exit rules that decide step by step from a `StepView` |
 # | `exit_steps(rule, out, per="token" or "sequence")`, `select_exit_logits`, `mean_steps` | apply a rule to a forward pass |
-| `pick_exit_threshold(model, val_data)` | the Q-exit threshold to deploy, chosen on validation data |
+# | `pick_exit_threshold(model, val_data)` | the Q-exit threshold to deploy, chosen on validation data |
 # | `check_exit_probs`, `stability_report` | the stability checks |
 # | `train_stage1`, `train_stage2`, `train_two_stage`, `RECIPES["two-stage"]` | the two stages, with the last step learned first, also as `python -m looplm.train --recipe two-stage` |
 #
@@ -2738,7 +2037,8 @@ run_tests(test_bad_input_gets_clear_errors)
 # Each exercise is a module in `exercises/ch05/` with a function for you to write, plus a file
 # of graded tests next to it. Open the module, read its docstring, and replace the
 # `raise NotImplementedError(...)`. The reference solutions are in `exercises/solutions/ch05/`,
-# to read after you have tried.
+# to read after you have tried. Under each exercise are hints, folded away: open them one at a
+# time, and only when you are stuck.
 
 # %% [markdown]
 # **Exercise 5.1: The exit distribution** (`ex1_exit_distribution.py`). Write
@@ -2750,6 +2050,30 @@ run_tests(test_bad_input_gets_clear_errors)
 # through a case by hand.
 
 # %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# The survival probabilities $r_t = \prod_{j \le t} (1 - \lambda_j)$ of all steps come from
+# one call, `torch.cumprod(1 - gate, dim=0)`. Which of them does $p$ need?
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# $p$ needs $r_0, \dots, r_{S-1}$: the cumulative product of `1 - gate[:-1]`, with a row of
+# ones in front for $r_0 = 1$ (`torch.cat([torch.ones_like(gate[:1]), survive])`). That tensor
+# has $S$ rows, like `gate`.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# With `reach` holding $r_0, \dots, r_{S-1}$, the answer is
+# `torch.cat([gate[:-1] * reach[:-1], reach[-1:]])`. For $S = 1$, `gate[:-1]` is empty and the
+# result is a single 1. Check the input before computing: floating point, a step dimension, no
+# NaN or inf, every value in $[0, 1]$.
+# ```
+
+# %% [markdown]
 # **Exercise 5.2: The Q-exit rule** (`ex2_q_exit.py`). Write `q_exit_steps(gate, q, min_steps=1)`,
 # the inference rule of section 5.5: the first step $t$, counted from 1, whose cumulative exit
 # probability reaches $q$, never below `min_steps`, and the last step $S$ if none does. You may
@@ -2758,16 +2082,141 @@ run_tests(test_bad_input_gets_clear_errors)
 # step ends every token, even when rounding leaves its CDF a hair below one.
 
 # %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# `exit_distribution(gate).cumsum(0) >= q` is a boolean tensor $[S, \dots]$: for every token,
+# the steps at which it may stop. The answer is the first `True` along dimension 0.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# Write the two extra rules into that mask before looking for the first `True`: the last step
+# always qualifies (`reached[-1] = True`), and no step before `min_steps` does
+# (`reached[:min_steps - 1] = False`).
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# `argmax` returns the index of the first maximum, so `reached.long().argmax(0) + 1` is the
+# first qualifying step counted from 1. Check `q` positively, `0 < q <= 1`, so that NaN fails,
+# and refuse booleans, which Python counts as ints.
+# ```
+
+# %% [markdown]
 # **Exercise 5.3: The Stage II targets and gate loss** (`ex3_stage2_targets.py`). Write
 # `stage2_gate_loss(step_losses, gate, k, gamma, mask)`, the loss of section 5.4: the
 # improvements $I_t = \max(0, L_{t-1} - L_t)$ on detached losses, the soft labels
-# $w_t = \sigma(k(I_t - \gamma))$ for "continue", and the binary cross-entropy against
-# $1 - \lambda_{t-1}$, averaged over the tokens the mask keeps, summed over $t = 2, \dots, S$
-# and divided by $S$. This is the book's pairing of $w_t$ with $\lambda_{t-1}$, which deviates
-# from Eq. 6 as printed (it pairs $w^{(t)}$ with $\lambda^{(t)}$; section 5.4 says why). The
+# $\omega_t = \sigma(\kappa(I_t - \gamma))$ for "continue" ($\kappa$ is the argument `k`), and the
+# binary cross-entropy against $1 - \lambda_{t-1}$, averaged over the tokens the mask keeps,
+# summed over $t = 2, \dots, S$ and divided by $S$. This is the book's pairing of $\omega_t$ with
+# $\lambda_{t-1}$, which deviates from Eq. 6 as printed (it pairs $\omega^{(t)}$ with
+# $\lambda^{(t)}$; section 5.4 says why). The
 # tests compare with a loop over steps and tokens, check the gate's gradient against its
 # closed form and that none reaches the losses, and check that masked-out tokens change
 # nothing.
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# Everything is a shift by one step along dimension 0. On `losses = step_losses.detach()`,
+# `losses[:-1] - losses[1:]` holds $L_{t-1} - L_t$ for $t = 2, \dots, S$, an $[S-1, \dots]$
+# tensor, and `gate[:-1]` holds the gates $\lambda_1, \dots, \lambda_{S-1}$ that pair with it.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# The labels are `torch.sigmoid(k * (improvement.clamp_min(0) - gamma))`, and the cross-entropy
+# is `-(w * log(1 - stop) + (1 - w) * log(stop))` with `stop = gate[:-1]`, each log clamped
+# with `.clamp_min(-100)`. Compute in `torch.promote_types(gate.dtype, torch.float32)`.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# For the mean over the kept tokens, zero the others with `torch.where(mask, bce, 0)`, sum each
+# step over its tokens (`.flatten(1).sum(1)`) and divide by `mask.sum()`. Then sum over the
+# $S - 1$ steps and divide by $S$.
+# ```
+
+# %% [markdown]
+# **Exercise 5.4: Where Stage I sends the exit mass** (`ex4_stage1_optimum.py`). Hold the step
+# losses fixed, as the gate sees them in one update, and ask which exit distribution minimises
+# Eq. 4 for one token, $\sum_t p_t L_t - \beta H(p)$. Write `stage1_optimum(step_losses, beta)`,
+# which returns that distribution for every token, and `beta_for_entropy(step_losses, entropy)`,
+# the $\beta$ at which the optimum of one token's losses has a given entropy. The tests train
+# free gates with the package's own `stage1_loss` and `exit_distribution` until they converge
+# and compare the distribution they reach with yours (to $10^{-6}$), check that the loss's
+# gradient vanishes at your distribution, and measure the entropy at your $\beta$ (to a relative
+# $10^{-9}$). Then answer: which $\beta$ gives $H(p) = 1$ nat for the losses
+# $(2, 1, 0.5, 0.25)$? What happens to the optimum when every loss is multiplied by 3, and what
+# does that say about a fixed $\beta$ late in training, when the losses are small? Which
+# entropies can no $\beta$ reach?
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# For one token this is a minimisation over the probability simplex: minimise
+# $\sum_t p_t L_t + \beta \sum_t p_t \log p_t$ subject to $\sum_t p_t = 1$. For $\beta > 0$
+# the objective is strictly convex in $p$, so a point where a Lagrange multiplier balances the
+# gradient is the one minimum.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# The condition is $L_t + \beta(\log p_t + 1) = \mu$ for every $t$, so $\log p_t$ is
+# $-L_t/\beta$ plus a constant: $p_t \propto e^{-L_t/\beta}$. One torch function normalises that
+# over dimension 0.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# `torch.softmax(-step_losses / beta, dim=0)` is a Gibbs distribution at temperature $\beta$:
+# its entropy grows with $\beta$, from $\log m$ as $\beta \to 0$ ($m$ the number of steps that
+# share the lowest loss) to $\log S$ as $\beta \to \infty$. Outside $(\log m, \log S)$ no
+# $\beta$ exists; inside, bisect on $\log \beta$ until the entropy matches.
+# ```
+
+# %% [markdown]
+# **Exercise 5.5: Which gate does Stage II teach?** (`ex5_stage2_pairing.py`). Section 5.4
+# pairs the label of step $t$'s improvement with the gate of step $t - 1$; Eq. 6 as printed
+# pairs it with the gate of step $t$. Write
+# `stage2_trained_gates(step_losses, gate, pairing="book", k=50.0, gamma=0.005)`: the gates Stage
+# II converges to, for either pairing, when the step losses are held fixed and each token's
+# gate values are free, starting from `gate`. The tests train such gates with the package's
+# own `stage2_gate_loss` (shifted by one step for the printed pairing) and compare, to
+# $10^{-6}$. Then use it: for a token whose losses are $(1.0, 0.4, 0.39, 0.39)$, so that only
+# step 2 helps, with untrained gates of $\tfrac12$, what expected exit step does each pairing
+# give, and how much mass does each put on step 1, before the step that helps?
+
+# %% [markdown]
+# ```{admonition} Hint 1
+# :class: dropdown
+# With free gates, every gate value of every token appears in at most one term of the loss.
+# Which term, under each pairing, and which gate appears in none? A gate that appears in none
+# gets no gradient and keeps its starting value.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 2
+# :class: dropdown
+# One term is $-[w \log(1 - \lambda) + (1 - w) \log \lambda]$. Its derivative in $\lambda$
+# vanishes where $1 - \lambda = w$: the trained gate says "continue" with exactly the
+# probability of its label.
+# ```
+
+# %% [markdown]
+# ```{admonition} Hint 3
+# :class: dropdown
+# `looplm.adaptive.stage2_targets(step_losses, k, gamma)` gives $\omega_2, \dots, \omega_S$, an
+# $[S-1, \dots]$ tensor. Book pairing: `trained[:-1] = 1 - w`, and $\lambda_S$ keeps its value.
+# Printed pairing: `trained[1:] = 1 - w`, and $\lambda_1$ keeps its value. For the worked
+# example, apply `exit_distribution` and `expected_depth` to both.
+# ```
 
 # %% [markdown]
 # The next cell grades your versions. Run it again whenever you like; every test fails until

@@ -19,14 +19,16 @@
 # idea of a learned halting gate is older, and other objectives train the same gate from the
 # same per-step outputs. This chapter builds three of them and one loop of a different kind:
 #
-# 1. **ACT** (Graves, arXiv 1603.08983; the Universal Transformer's halting): the gates as
-#    increments of a halting budget, and a ponder cost on the steps used;
-# 2. **PonderNet** (Banino et al., arXiv 2107.05407): Ouro's reading of the gates, with a
+# 1. **ACT** {cite:p}`graves2016act`, the halting of the Universal Transformer
+#    {cite:p}`dehghani2019universal`: the gates as increments of a halting budget, and a ponder
+#    cost on the steps used;
+# 2. **PonderNet** {cite:p}`banino2021pondernet`: Ouro's reading of the gates, with a
 #    geometric prior over the exit step instead of a uniform one;
-# 3. **Gumbel-softmax sampling**: train on one sampled exit step instead of the expectation;
+# 3. **Gumbel-softmax sampling** {cite:p}`jang2017gumbel,maddison2017concrete`: train on one
+#    sampled exit step instead of the expectation;
 # 4. the three against Ouro's Stage I, each fine-tuning the same model, over three seeds;
-# 5. **recursive refinement** in the style of TRM (arXiv 2510.04871): a loop that improves a
-#    whole answer and a halting head trained on whether the answer is right.
+# 5. **recursive refinement** in the style of TRM {cite:p}`jolicoeurmartineau2025trm`: a loop
+#    that improves a whole answer and a halting head trained on whether the answer is right.
 #
 # The objectives go to `looplm/objectives.py`, which registers them in chapter 5's
 # `OBJECTIVES` so that `AdaptiveLoss("act")` and the others work; the recursive reasoner goes
@@ -83,21 +85,24 @@ print("train", len(splits.train), " test", tuple(test_data.idx.shape))
 # %% [markdown]
 # ## 6.1 ACT: a ponder cost
 #
-# Adaptive Computation Time (Graves, arXiv 1603.08983; used by the Universal Transformer)
-# reads the gate outputs $h_n = \lambda_n$ as *increments* of a halting budget, not as
-# conditional probabilities. A token halts at the first step where the budget is spent,
+# Adaptive Computation Time {cite:p}`graves2016act`, which the Universal Transformer uses
+# {cite:p}`dehghani2019universal,t2t-universal-transformer`, reads the gate outputs $\lambda_t$
+# as *increments* of a halting budget, not as conditional probabilities. A token halts at the
+# first step where the budget is spent,
 #
 # $$
-# N = \min\Big\{ n : \sum_{j \le n} h_j \ge 1 - \varepsilon \Big\} \quad (\text{or } S), \qquad
-# R = 1 - \sum_{j < N} h_j ,
+# N = \min\Big\{ t : \sum_{j \le t} \lambda_j \ge 1 - \varepsilon \Big\} \quad (\text{or } S), \qquad
+# R = 1 - \sum_{j < N} \lambda_j ,
 # $$
 #
-# and step $n$ gets weight $h_n$ before $N$ and the remainder $R$ at $N$; the weights sum to
-# one. ACT mixes the *states* with these weights; we mix the step losses, as for Ouro. The
-# **ponder cost** $\rho = N + R$ counts the steps used, and the loss adds $\tau \rho$:
+# and step $t$ gets weight $\lambda_t$ before $N$ and the remainder $R$ at $N$; the weights sum
+# to one. (Graves writes $h$ for the gate; $N$ and $R$ are his letters, and the names that
+# `act_halting` returns.) ACT mixes the *states* with these weights; we mix the step losses,
+# as for Ouro. The **ponder cost** $\rho = N + R$ counts the steps used, and the loss adds
+# $\beta \rho$ (Graves calls the weight $\tau$, and so does the argument `tau`):
 #
 # $$
-# \mathcal{L}_{\text{ACT}} = \sum_{n \le N} w_n L^{(n)} + \tau\, (N + R) .
+# \mathcal{L}_{\text{ACT}} = \sum_{t \le N} w_t L^{(t)} + \beta\, (N + R) .
 # $$
 #
 # $N$ is a whole number and has no gradient; $R$ has one, and it pushes the gates of the steps
@@ -145,13 +150,13 @@ print("weights", [round(w, 4) for w in weights.tolist()], " N =", n_halt.item(),
 # %% [markdown]
 # ## 6.2 PonderNet: a geometric prior
 #
-# PonderNet (Banino et al., arXiv 2107.05407) reads the gates exactly as Ouro does,
-# $p_n = \lambda_n \prod_{j<n} (1 - \lambda_j)$, and regularises with a KL divergence to a
+# PonderNet {cite:p}`banino2021pondernet` reads the gates exactly as Ouro does,
+# $p_t = \lambda_t \prod_{j<t} (1 - \lambda_j)$, and regularises with a KL divergence to a
 # geometric prior instead of the uniform one:
 #
 # $$
-# \mathcal{L}_{\text{Ponder}} = \sum_n p_n L^{(n)} + \beta\, \mathrm{KL}\big(p \,\|\, p_G(\lambda_p)\big),
-# \qquad p_G(n) = \lambda_p (1 - \lambda_p)^{n-1} .
+# \mathcal{L}_{\text{Ponder}} = \sum_t p_t L^{(t)} + \beta\, \mathrm{KL}\big(p \,\|\, p_G(\lambda_p)\big),
+# \qquad p_G(t) = \lambda_p (1 - \lambda_p)^{t-1} .
 # $$
 #
 # The prior says "halt at each step with probability $\lambda_p$", an expected
@@ -204,8 +209,9 @@ print("KL term at p = uniform:", round(pondernet_loss(zero_losses, torch.full((4
 # $$
 #
 # The argmax of $\log p_t + g_t$ is an exact sample from $p$. With `hard=True` the forward pass
-# uses that one-hot sample and the backward pass the gradient of the soft $y$ (the
-# straight-through estimator). An optional entropy bonus $\beta$ works as in Stage I.
+# uses that one-hot sample and the backward pass the gradient of the soft $y$: the
+# straight-through estimator {cite:p}`bengio2013straightthrough`. An optional entropy bonus
+# $\beta$ works as in Stage I.
 
 # %%
 #| export
@@ -282,8 +288,8 @@ print(AdaptiveLoss("act", tau=0.02))
 # Training four models from scratch per seed would take longer than this chapter should.
 # Instead each run starts from a chapter 5 Stage I model (the recipe: the last step first,
 # then the mix with Eq. 4) and trains a copy for 150 more steps with each objective: Stage I
-# itself as the control, ACT with $\tau = 0.01$, PonderNet with $\lambda_p = \tfrac12$ and
-# $\beta = 0.01$, and Gumbel sampling without a bonus. We compare the exit distributions they
+# itself as the control, ACT with $\beta = 0.01$ (`tau=0.01`), PonderNet with
+# $\lambda_p = \tfrac12$ and $\beta = 0.01$, and Gumbel sampling without a bonus. We compare the exit distributions they
 # end with and their test accuracy under Q-exit at $q = 0.5$ (for ACT, its own halting step
 # $N$).
 #
@@ -441,19 +447,21 @@ run_tests(test_stored_objectives_match_a_live_prefix)
 # %% [markdown]
 # ## 6.6 Recursive refinement with a halting head
 #
-# Everything so far loops a language model over its hidden state and decides per token. TRM
-# (Tiny Recursive Models, arXiv 2510.04871) loops differently. It keeps two states of the
-# shape of the input: an **answer** $y$, from which the output is read, and a **latent** $z$,
+# Everything so far loops a language model over its hidden state and decides per token. TRM,
+# the Tiny Recursive Model {cite:p}`jolicoeurmartineau2025trm,trm-code`, loops differently. It
+# keeps two states of the shape of the input: an **answer** $y$, from which the output is read, and a **latent** $z$,
 # a scratchpad. One small network $f$ updates both:
 #
 # $$
-# z \leftarrow f(z + y + x) \quad (n \text{ times}), \qquad y \leftarrow f(y + z) .
+# z \leftarrow f(z + y + x) \quad (n_{\text{latent}} \text{ times}), \qquad y \leftarrow f(y + z) .
 # $$
 #
-# That is one *recursion*. TRM runs $T$ of them per **supervision step**, the first $T - 1$
-# without gradients, reads out $y$ and takes a loss. Then it *detaches* $(y, z)$ and runs the
-# next supervision step from there, up to $N_{\text{sup}}$ times, each with its own optimizer
-# step: **deep supervision**. The answer is improved again and again, and every improvement is
+# That is one *recursion*. TRM runs $n_{\text{cycles}}$ of them per **supervision step**, the
+# first $n_{\text{cycles}} - 1$ without gradients, reads out $y$ and takes a loss. (TRM's paper
+# writes $n$ and $T$ for $n_{\text{latent}}$ and $n_{\text{cycles}}$, the names of the config
+# below.) Then it *detaches* $(y, z)$ and runs the next supervision step from there, up to
+# $N_{\text{sup}}$ times, each with its own optimizer step: **deep supervision**
+# {cite:p}`lee2015deeply`. The answer is improved again and again, and every improvement is
 # trained to be a good answer by itself.
 
 # %% [markdown]
@@ -465,7 +473,7 @@ run_tests(test_stored_objectives_match_a_live_prefix)
 # $$
 #
 # so at inference a sample stops refining once the head believes its answer is right
-# ($\sigma(q) \ge 0.5$, or a stricter threshold). TRM decides per *sample*, not per token.
+# ($\sigma(q_{\text{halt}}) \ge 0.5$, or a stricter threshold). TRM decides per *sample*, not per token.
 # (TRM's training also halts samples early, with some exploration; we run every supervision
 # step during training, which is simpler and costs a little more.)
 
@@ -516,7 +524,8 @@ def encode_answer_slots(examples, n_slots, vocab=TASK_VOCAB, seq_len=None):
     return TaskBatch(idx, targets, torch.tensor([e.difficulty for e in examples]))
 
 # %% [markdown]
-# The config holds TRM's knobs, with TRM's own values as defaults ($n = 6$, $T = 3$, up to 16
+# The config holds TRM's knobs, with TRM's own values as defaults ($n_{\text{latent}} = 6$,
+# $n_{\text{cycles}} = 3$, up to 16
 # supervision steps, halting weight 0.5). The model below learns $y_0$ and $z_0$, as TRM does.
 
 # %%
@@ -673,7 +682,8 @@ def recursive_predict(model, idx, max_supervision=None, halt_threshold=0.5):
 
 # %% [markdown]
 # A tiny reasoner on chapter 0's parentheses task: width 32, one block as $f$, one latent
-# update per answer update ($n = 1$), two recursions per supervision step ($T = 2$, the first
+# update per answer update ($n_{\text{latent}} = 1$), two recursions per supervision step
+# ($n_{\text{cycles}} = 2$, the first
 # without gradients) and four supervision steps. The prompts hold up to 8 pairs of
 # parentheses; 9 and 10 are out of distribution. The answer is `T` or `F` plus the end token,
 # two slots.
@@ -720,7 +730,7 @@ for name, data in (("test (up to 8 pairs)", paren_test), ("OOD (9 and 10 pairs)"
     print(f"{name:22s}", [round(a, 3) for a in accuracy_per_supervision_step(reasoner, data)])
 
 # %% [markdown]
-# And with the halting head deciding, at TRM's threshold $\sigma(q) \ge 0.5$. The steps are
+# And with the halting head deciding, at TRM's threshold $\sigma(q_{\text{halt}}) \ge 0.5$. The steps are
 # per sample; we split them by difficulty:
 
 # %%

@@ -1,4 +1,4 @@
-# Generated from book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
+# Generated from book/05_learning_when_to_stop.py, book/05a_appendix_adaptive.py: edit the chapter, then run `make export`.
 # fmt: off
 __all__ = ['exit_distribution', 'exit_entropy', 'expected_depth', 'stage1_loss', 'AdaptiveLoss', 'Objective', 'OBJECTIVES', 'stage2_targets', 'stage2_gate_loss', 'gate_on_detached_states', 'GateLoss', 'gate_only', 'q_exit_steps', 'StepView', 'ExitRule', 'QExit', 'ConfidenceExit', 'KLExit', 'HiddenChangeExit', 'FixedDepth', 'EXIT_RULES', 'make_exit_rule', 'step_view', 'exit_steps', 'select_exit_logits', 'mean_steps', 'QEXIT_THRESHOLDS', 'pick_exit_threshold', 'confidence_exit_steps', 'kl_exit_steps', 'hidden_change_exit_steps', 'check_exit_probs', 'StabilityCheck', 'StabilityReport', 'stability_report']
 # fmt: on
@@ -335,7 +335,7 @@ def q_exit_steps(gate, q, min_steps=1):
     reached[: min_steps - 1] = False
     return reached.long().argmax(0) + 1                           # first True, counted from 1
 
-# --- book/05_learning_when_to_stop.py, cell 92 ---
+# --- book/05_learning_when_to_stop.py, cell 95 ---
 @dataclass
 class StepView:
     """What an exit rule may look at after step t (counted from 1), for every token."""
@@ -387,7 +387,7 @@ class ExitRule:
     def __repr__(self):
         return f"{type(self).__name__}({self.threshold!r}, min_steps={self.min_steps})"
 
-# --- book/05_learning_when_to_stop.py, cell 94 ---
+# --- book/05_learning_when_to_stop.py, cell 97 ---
 def _never_at_first_step(view, reference):
     return torch.full(view.token_shape, math.inf, device=reference.device)
 
@@ -476,7 +476,7 @@ def make_exit_rule(name, *args, **kwargs):
         raise ValueError(f"unknown exit rule {name!r}; valid rules: {', '.join(EXIT_RULES)}")
     return EXIT_RULES[name](*args, **kwargs)
 
-# --- book/05_learning_when_to_stop.py, cell 96 ---
+# --- book/05_learning_when_to_stop.py, cell 99 ---
 def _steps_input(rule, out, logits, gate, hidden):
     if not isinstance(rule, ExitRule):
         raise TypeError(f"rule must be an ExitRule (see EXIT_RULES), got {type(rule).__name__}")
@@ -560,7 +560,7 @@ def exit_steps(rule, out=None, *, logits=None, gate=None, hidden=None, per="toke
         steps = row_steps[:, None].expand(token_shape).clone()
     return steps
 
-# --- book/05_learning_when_to_stop.py, cell 103 ---
+# --- book/05_learning_when_to_stop.py, cell 106 ---
 def select_exit_logits(logits, steps):
     """Each token's readout at its exit step: logits [S, ..., V], steps [...] (from 1) -> [..., V]."""
     _require_steps("logits", logits)
@@ -604,7 +604,7 @@ def pick_exit_threshold(model, data, thresholds=QEXIT_THRESHOLDS, tolerance=0.01
     q = min((row for row in table if row[1] >= best - tolerance), key=lambda row: (row[2], row[0]))[0]
     return q, table
 
-# --- book/05_learning_when_to_stop.py, cell 105 ---
+# --- book/05_learning_when_to_stop.py, cell 108 ---
 def confidence_exit_steps(logits, threshold=0.9, min_steps=1):
     """Steps used per token: first t with max softmax prob >= threshold, else S. [S, ..., V] -> [...]."""
     return exit_steps(ConfidenceExit(threshold, min_steps), logits=logits)
@@ -619,7 +619,7 @@ def hidden_change_exit_steps(hidden, eps=0.03, min_steps=1):
     """Steps used per token: first t >= 2 with ||h_t - h_{t-1}|| / ||h_{t-1}|| <= eps, else S."""
     return exit_steps(HiddenChangeExit(eps, min_steps), hidden=hidden)
 
-# --- book/05_learning_when_to_stop.py, cell 121 ---
+# --- book/05a_appendix_adaptive.py, cell 12 ---
 def check_exit_probs(exit_probs, tol=1e-4):
     """Raise ValueError unless exit_probs [S, ...] is finite, non-negative and sums to 1 over the
     steps within tol. Returns the largest |sum - 1|."""
@@ -636,7 +636,7 @@ def check_exit_probs(exit_probs, tol=1e-4):
                          f"{deviation:.3g} > tol={tol:g}")
     return deviation
 
-# --- book/05_learning_when_to_stop.py, cell 123 ---
+# --- book/05a_appendix_adaptive.py, cell 14 ---
 @dataclass
 class StabilityCheck:
     name: str

@@ -175,7 +175,7 @@ def loop_forward(model, idx, targets=None, n_loops=None, grad_steps=None, checkp
         out.loss = out.step_losses[-1].sum() / (targets != IGNORE_INDEX).sum()
     return out
 
-# --- book/04_backprop_through_the_loop.py, cell 79 ---
+# --- book/04_backprop_through_the_loop.py, cell 82 ---
 def scale_core_grads(model, factor):
     """Multiply the .grad of every core parameter by `factor` (e.g. 1 / n_loops), in place."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
@@ -184,7 +184,7 @@ def scale_core_grads(model, factor):
         if p.grad is not None:
             p.grad.mul_(factor)
 
-# --- book/04_backprop_through_the_loop.py, cell 85 ---
+# --- book/04_backprop_through_the_loop.py, cell 88 ---
 def sample_depth(mean_steps, sigma=0.5, generator=None):
     """A step count r = Poisson(exp(tau)) + 1, tau ~ Normal(log(mean_steps) - sigma^2 / 2, sigma).
 
@@ -201,7 +201,7 @@ def sample_depth(mean_steps, sigma=0.5, generator=None):
     tau = math.log(mean_steps) - sigma**2 / 2 + sigma * torch.randn((), generator=generator, dtype=torch.float64)
     return int(torch.poisson(tau.exp(), generator=generator).item()) + 1
 
-# --- book/04_backprop_through_the_loop.py, cell 95 ---
+# --- book/04_backprop_through_the_loop.py, cell 98 ---
 def hidden_norm_penalty(hidden):
     """Mean over steps t = 2..S and positions of (log rms(h_t) - log rms(h_{t-1}))^2.
 
@@ -230,7 +230,7 @@ def step_consistency(logits, targets):
     kl = (teacher.exp() * (teacher - log_p[:-1])).sum(dim=-1)          # (S-1, M)
     return kl.mean()
 
-# --- book/04_backprop_through_the_loop.py, cell 101 ---
+# --- book/04_backprop_through_the_loop.py, cell 104 ---
 _named_step_weights, _draw_depth = step_weights, sample_depth   # LoopLoss's arguments shadow these names
 
 

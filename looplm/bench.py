@@ -1,9 +1,9 @@
-# Generated from book/04_backprop_through_the_loop.py, book/07_inference.py: edit the chapter, then run `make export`.
+# Generated from book/04a_appendix_engineering.py, book/07_inference.py: edit the chapter, then run `make export`.
 # fmt: off
 __all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'decode_quality', 'bench_decode', 'format_decode_table', 'plot_decode']
 # fmt: on
 
-# --- book/04_backprop_through_the_loop.py, cell 166 ---
+# --- book/04a_appendix_engineering.py, cell 86 ---
 import argparse
 import statistics
 import sys
@@ -71,7 +71,7 @@ class MinimalLoopedLM(nn.Module):
             h = self.block(h, cos, sin)
         return F.linear(self.norm(h), self.embed.weight)            # (B, T, V), tied head
 
-# --- book/04_backprop_through_the_loop.py, cell 168 ---
+# --- book/04a_appendix_engineering.py, cell 88 ---
 def minimal_from_looplm(model):
     """A MinimalLoopedLM holding a LoopLM's weights (one pre-norm core block, tied head, no
     prelude, coda, injection or gate): same logits as model(idx).logits[-1]."""
@@ -93,7 +93,7 @@ def minimal_from_looplm(model):
             mine.weight.copy_(theirs.weight)
     return minimal.to(next(model.parameters()).device)
 
-# --- book/04_backprop_through_the_loop.py, cell 170 ---
+# --- book/04a_appendix_engineering.py, cell 90 ---
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -159,7 +159,7 @@ def bench_train(d_model=128, n_heads=4, n_loops=4, batch_size=16, seq_len=64, vo
                     device=str(device), threads=torch.get_num_threads())
     return {"rows": rows, "max_logit_difference": difference, "settings": settings}
 
-# --- book/04_backprop_through_the_loop.py, cell 172 ---
+# --- book/04a_appendix_engineering.py, cell 92 ---
 def format_train_table(result):
     s = result["settings"]
     lines = [f"training throughput: d_model {s['d_model']}, {s['n_heads']} heads, {s['n_loops']} loops, "
@@ -189,7 +189,7 @@ def plot_train(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/04_backprop_through_the_loop.py, cell 174 ---
+# --- book/04a_appendix_engineering.py, cell 94 ---
 def _train_arguments(parser):
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed turn (default 10)")
     parser.add_argument("--repeats", type=int, default=7, help="timed turns per model (default 7)")
@@ -256,7 +256,7 @@ def main(argv=None):
         print(f"python -m looplm.bench: stopped: {e}", file=sys.stderr)
         return 1
 
-# --- book/07_inference.py, cell 54 ---
+# --- book/07_inference.py, cell 53 ---
 import math
 import statistics as _statistics
 
@@ -391,7 +391,7 @@ def plot_decode(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/07_inference.py, cell 56 ---
+# --- book/07_inference.py, cell 55 ---
 def _decode_arguments(parser):
     parser.add_argument("--checkpoint", default=None, help="a saved model (default: train a small one first)")
     parser.add_argument("--task", default="stack", help="the chapter 0 task of the held-out examples (default stack)")
@@ -471,7 +471,7 @@ def _decode_command(args):
 BENCHMARKS["decode"] = ("KV-cache strategies and per-token early exit while decoding", _decode_arguments,
                         _decode_command)
 
-# --- book/04_backprop_through_the_loop.py, cell 175 ---
+# --- book/04a_appendix_engineering.py, cell 95 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.bench`. The export places this cell last in looplm/bench.py, after the
     # benchmarks later chapters register.

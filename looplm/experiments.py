@@ -1,9 +1,9 @@
-# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05_learning_when_to_stop.py, book/06_other_ways_to_stop.py, book/07_inference.py: edit the chapter, then run `make export`.
+# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05a_appendix_adaptive.py, book/06_other_ways_to_stop.py, book/07_inference.py: edit the chapter, then run `make export`.
 # fmt: off
 __all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH04_SPLITS', 'FIXED_VS_RANDOM_DEPTH', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_OBJECTIVES', 'OTHER_OBJECTIVES', 'CH07_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT']
 # fmt: on
 
-# --- book/03_fixed_loops.py, cell 103 ---
+# --- book/03_fixed_loops.py, cell 75 ---
 import torch
 
 from looplm.data import TASK_VOCAB, encode_examples, make_splits
@@ -12,7 +12,7 @@ from looplm.model import LoopLM, LoopLMConfig
 from looplm.results import Experiment, register
 from looplm.train import TrainConfig, Trainer, task_accuracy, task_batches
 
-# --- book/03_fixed_loops.py, cell 104 ---
+# --- book/03_fixed_loops.py, cell 76 ---
 CH03_SPLITS = dict(task="stack", n_train=5000, n_test=500, max_difficulty=6, ood_max_difficulty=9, seed=0)
 CH03_MODELS = {  # name -> the LoopLMConfig changes of a width-64, 4-head model
     "looped 1 block × 4": dict(n_core=1, n_loops=4),
@@ -66,7 +66,7 @@ def _ch03_prefix(seed, n_steps):
 LOOPED_VS_STACKED = register(Experiment("looped-vs-stacked", "03", "chapter 3: looped vs stacked models, and injection and norm "
                     "placement, on the stack task", _ch03_run, _ch03_prefix))
 
-# --- book/04_backprop_through_the_loop.py, cell 110 ---
+# --- book/04_backprop_through_the_loop.py, cell 113 ---
 import torch
 
 from looplm.backprop import make_loop_loss
@@ -112,7 +112,7 @@ FIXED_VS_RANDOM_DEPTH = register(Experiment(
     "fixed-vs-random-depth", "04", "chapter 4: fixed against randomized training depth, accuracy at 1 to 16 steps",
     _ch04_run, _ch04_prefix))
 
-# --- book/05_learning_when_to_stop.py, cell 131 ---
+# --- book/05a_appendix_adaptive.py, cell 18 ---
 import copy
 
 import torch
@@ -121,11 +121,11 @@ from looplm.adaptive import (ConfidenceExit, FixedDepth, HiddenChangeExit, KLExi
                              expected_depth, mean_steps, pick_exit_threshold, q_exit_steps, select_exit_logits)
 from looplm.backprop import make_loop_loss
 from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
-from looplm.model import LoopLM, LoopLMConfig
+from looplm.model import LinearExitGate, LoopLM, LoopLMConfig
 from looplm.results import Experiment, register
 from looplm.train import TrainConfig, Trainer, stage2_config, task_batches, train_stage1, train_stage2
 
-# --- book/05_learning_when_to_stop.py, cell 132 ---
+# --- book/05a_appendix_adaptive.py, cell 19 ---
 CH05_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0, n_val=300)
 CH05_BUDGETS = (1.5, 2.0, 2.5, 4.0)   # mean steps per answer token; 4.0 = any
 
@@ -341,7 +341,7 @@ def _ch06_prefix(seed, n_steps):
 OTHER_OBJECTIVES = register(Experiment("other-objectives", "06", "chapter 6: Stage I, ACT, PonderNet and Gumbel "
                                        "fine-tunes of one Stage I model", _ch06_run, _ch06_prefix))
 
-# --- book/07_inference.py, cell 62 ---
+# --- book/07_inference.py, cell 61 ---
 import dataclasses
 
 import torch

@@ -1,4 +1,4 @@
-# Generated from book/07_inference.py: edit the chapter, then run `make export`.
+# Generated from book/07_inference.py, book/07a_appendix_decoding.py: edit the chapter, then run `make export`.
 # fmt: off
 __all__ = ['CacheStrategy', 'CACHE_STRATEGIES', 'cache_strategy', 'LayerCache', 'LoopKVCache', 'GenerationResult', 'choose_tokens', 'generate', 'save_model', 'load_model', 'RULE_DEFAULTS', 'main']
 # fmt: on
@@ -181,7 +181,7 @@ class LoopKVCache:
                 layer.new_k[target, rows, :, n] = layer.new_k[source, rows, :, n]
                 layer.new_v[target, rows, :, n] = layer.new_v[source, rows, :, n]
 
-# --- book/07_inference.py, cell 18 ---
+# --- book/07_inference.py, cell 21 ---
 @dataclass
 class GenerationResult:
     """What generate() returns. new = max_new_tokens columns (pad_id, step 0 after a stop)."""
@@ -210,7 +210,7 @@ class GenerationResult:
             out.append(prompt.tolist() + new.tolist())
         return out
 
-# --- book/07_inference.py, cell 20 ---
+# --- book/07_inference.py, cell 23 ---
 def _prompt_batch(idx, vocab_size, pad_id, max_new_tokens, max_seq_len):
     """-> (padded [B, Tp] LongTensor, lengths [B]) from a [B, T] tensor or a list of sequences."""
     if isinstance(idx, torch.Tensor):
@@ -316,7 +316,7 @@ def _check_cache_fits(model, strategy, batch, prompt_len, n_new, n_steps, device
                          f"this machine has {available / 2**30:,.1f} GiB of memory; use fewer loop steps "
                          f"(n_loops), a shorter generation or a sharing cache strategy")
 
-# --- book/07_inference.py, cell 22 ---
+# --- book/07_inference.py, cell 25 ---
 def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     """logits [R, V] -> token ids [R]: argmax if temperature == 0, else a tempered top-k draw."""
     if temperature == 0:
@@ -329,7 +329,7 @@ def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     probs = scaled.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-# --- book/07_inference.py, cell 24 ---
+# --- book/07_inference.py, cell 27 ---
 def _logits_dtype(model):
     """The precision of generate's logits: the model's, at least float32."""
     return torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -352,7 +352,7 @@ def _prefill(model, cache, prompt, positions, n_steps, generator=None):
             gates.append(model.exit_gate(z)[:, 0])
     return torch.stack(logits), (torch.stack(gates) if gates else None), torch.stack(hidden)
 
-# --- book/07_inference.py, cell 26 ---
+# --- book/07_inference.py, cell 31 ---
 def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, generator=None):
     """Run one new token per row; -> (logits [R, V] at each token's exit step, steps [R] from 1).
 
@@ -401,7 +401,7 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, gener
         prev_logits, prev_hidden = logits, state
     return out_logits, out_steps
 
-# --- book/07_inference.py, cell 28 ---
+# --- book/07_inference.py, cell 33 ---
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_tokens=None, cache="exact",
              exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False):
@@ -466,7 +466,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     return GenerationResult(torch.cat([prompt, tokens], dim=1), steps, all_logits, lengths, kv.nbytes(),
                             strategy.name, seconds, kv)
 
-# --- book/07_inference.py, cell 41 ---
+# --- book/07a_appendix_decoding.py, cell 6 ---
 class _ModelOnly:
     """What save_checkpoint needs from a trainer, for a model without one."""
 
@@ -548,7 +548,7 @@ def load_model(path, model=None, map_location="cpu"):
     model.load_state_dict(trainer["model"])
     return model
 
-# --- book/07_inference.py, cell 45 ---
+# --- book/07a_appendix_decoding.py, cell 10 ---
 RULE_DEFAULTS = {"q_exit": 0.5, "confidence": 0.9, "kl": 5e-4, "hidden_change": 0.03, "fixed": 2}
 
 
@@ -686,6 +686,6 @@ def main(argv=None):
         print(f"{text} -> {completion}   steps per token {[s for _, s in kept]}")
     return 0
 
-# --- book/07_inference.py, cell 46 ---
+# --- book/07a_appendix_decoding.py, cell 11 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     sys.exit(main())

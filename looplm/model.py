@@ -308,7 +308,7 @@ def _check_targets(targets, idx, vocab_size):
         raise ValueError(f"targets holds ids outside [0, vocab_size={vocab_size}) other than "
                          f"IGNORE_INDEX={IGNORE_INDEX}, e.g. {targets[bad][0].item()}")
 
-# --- book/02_one_step_is_a_gpt.py, cell 67 ---
+# --- book/02_one_step_is_a_gpt.py, cell 70 ---
 def _check_generator(generator):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -324,7 +324,7 @@ def _check_state0(state0, x0):
         raise ValueError(f"state0 must have shape [B, T, d_model] = {list(x0.shape)}, got {list(state0.shape)}")
     return state0.to(device=x0.device, dtype=x0.dtype)
 
-# --- book/02_one_step_is_a_gpt.py, cell 68 ---
+# --- book/02_one_step_is_a_gpt.py, cell 71 ---
 class LoopLM(nn.Module):
     """A looped (weight-tied) causal LM with a readout after every loop step.
 
@@ -448,7 +448,7 @@ class LoopLM(nn.Module):
         model.load_state_dict(state)  # strict: every weight is matched by name, or this raises
         return model
 
-# --- book/02_one_step_is_a_gpt.py, cell 107 ---
+# --- book/02_one_step_is_a_gpt.py, cell 110 ---
 def gpt_param_count(config):
     """Parameters of GPT(config): V d (x2 if untied) + n_layers * block + d (final norm)."""
     c = config

@@ -1,9 +1,9 @@
-# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
+# Generated from book/04a_appendix_engineering.py, book/05a_appendix_adaptive.py: edit the chapter, then run `make export`.
 # fmt: off
 __all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'checkpoint_model', 'load_checkpoint', 'RESUME_MAY_CHANGE', 'Recipe', 'RECIPES', 'write_metrics', 'main', 'train_stage1', 'train_stage2', 'stage2_config', 'train_two_stage']
 # fmt: on
 
-# --- book/03_fixed_loops.py, cell 56 ---
+# --- book/04a_appendix_engineering.py, cell 7 ---
 import contextlib
 import copy
 import dataclasses
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from looplm.data import TASK_VOCAB, Example, TaskBatch, TaskSplits, answer_accuracy, encode_examples
 from looplm.model import _require_bool, _require_int, _require_number
 
-# --- book/03_fixed_loops.py, cell 57 ---
+# --- book/04a_appendix_engineering.py, cell 8 ---
 def _require_range(name, value, low, high, high_inclusive=True):
     """ValueError unless `value` is a finite number in [low, high] (or [low, high))."""
     ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -84,7 +84,7 @@ def _check_device(device):
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but CUDA is not available on this machine; use 'cpu'")
 
-# --- book/03_fixed_loops.py, cell 61 ---
+# --- book/04a_appendix_engineering.py, cell 12 ---
 def lr_at(step, config):
     """The learning rate of update number `step` (1 = the first): linear warmup, cosine decay.
 
@@ -99,12 +99,12 @@ def lr_at(step, config):
     progress = (step - c.warmup_steps) / (c.steps - c.warmup_steps)
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
 
-# --- book/03_fixed_loops.py, cell 65 ---
+# --- book/04a_appendix_engineering.py, cell 16 ---
 def default_loss(model, idx, targets):
     """model(idx, targets=targets).loss: the last step's mean cross-entropy. -> (loss, {})."""
     return model(idx, targets=targets).loss, {}
 
-# --- book/03_fixed_loops.py, cell 67 ---
+# --- book/04a_appendix_engineering.py, cell 18 ---
 def _param_groups(model, weight_decay):
     """AdamW groups: decay for matrices, none for norm gains, biases and embedding tables."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -119,7 +119,7 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
-# --- book/03_fixed_loops.py, cell 71 ---
+# --- book/04a_appendix_engineering.py, cell 22 ---
 def _check_batch(batch, batch_size):
     """(idx, targets) from get_batch: integer tensors of the same shape [batch_size, T]."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -156,7 +156,7 @@ def _progress_enabled(config):
     return (config.progress and os.environ.get("TQDM_DISABLE", "") in off
             and os.environ.get("CI", "") in off)
 
-# --- book/03_fixed_loops.py, cell 73 ---
+# --- book/04a_appendix_engineering.py, cell 24 ---
 class Trainer:
     """Trains `model` on batches from `get_batch(generator) -> (idx, targets)`.
 
@@ -283,7 +283,7 @@ def train(model, get_batch, config, **kwargs):
     trainer.run()
     return trainer
 
-# --- book/03_fixed_loops.py, cell 75 ---
+# --- book/04a_appendix_engineering.py, cell 26 ---
 def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
     """get_batch(generator) -> (idx, targets) [batch_size, T]: rows drawn from `examples`.
 
@@ -302,7 +302,7 @@ def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
 
     return get_batch
 
-# --- book/03_fixed_loops.py, cell 77 ---
+# --- book/04a_appendix_engineering.py, cell 28 ---
 def _batch_accuracy(model, batch, n_loops, batch_size):
     device = next(model.parameters()).device
     correct = []
@@ -347,7 +347,7 @@ def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
 
     return evaluate
 
-# --- book/04_backprop_through_the_loop.py, cell 118 ---
+# --- book/04a_appendix_engineering.py, cell 38 ---
 import argparse
 import contextlib
 import dataclasses
@@ -365,7 +365,7 @@ from looplm.backprop import STEP_WEIGHTS, make_loop_loss
 from looplm.data import TASK_VOCAB, TASKS, make_splits, make_task
 from looplm.model import INJECTIONS, LoopLM, LoopLMConfig
 
-# --- book/04_backprop_through_the_loop.py, cell 123 ---
+# --- book/04a_appendix_engineering.py, cell 43 ---
 def _temporary_name_pattern(path):
     """The names of the temporary files of `path`: .NAME.<random>.tmp (random: hex here, or
     letters, digits and _ as tempfile.mkstemp, which earlier versions used)."""
@@ -451,7 +451,7 @@ def _atomic_write(path, write):
         raise
     return path
 
-# --- book/04_backprop_through_the_loop.py, cell 125 ---
+# --- book/04a_appendix_engineering.py, cell 45 ---
 CHECKPOINT_FORMAT = "looplm-checkpoint"
 
 
@@ -488,7 +488,7 @@ def save_checkpoint(path, trainer, extra=None):
     }
     return _atomic_write(path, lambda f: torch.save(payload, f))
 
-# --- book/04_backprop_through_the_loop.py, cell 127 ---
+# --- book/04a_appendix_engineering.py, cell 47 ---
 def _version_tuple(version):
     return tuple(int(part) for part in re.findall(r"\d+", str(version))[:3])
 
@@ -559,7 +559,7 @@ def checkpoint_model(path, payload, model=None):
                               + "; ".join(_config_differences(stored, model.config)))
     return model
 
-# --- book/04_backprop_through_the_loop.py, cell 129 ---
+# --- book/04a_appendix_engineering.py, cell 49 ---
 def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, evaluate=None,
                     map_location="cpu", payload=None):
     """A Trainer restored from a checkpoint written by save_checkpoint.
@@ -584,7 +584,7 @@ def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, e
         loss_fn.load_state_dict(payload["loss_fn"])
     return trainer
 
-# --- book/04_backprop_through_the_loop.py, cell 141 ---
+# --- book/04a_appendix_engineering.py, cell 61 ---
 def _task_splits(args):
     """The command line's TaskSplits: difficulties 1..N for training and testing."""
     options = {"reverse_answer": True} if args.reverse_answer else {}
@@ -594,7 +594,7 @@ def _task_splits(args):
                        max_difficulty=args.difficulty, ood_max_difficulty=args.difficulty + 1,
                        seed=args.seed)
 
-# --- book/04_backprop_through_the_loop.py, cell 144 ---
+# --- book/04a_appendix_engineering.py, cell 64 ---
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -717,7 +717,7 @@ def _check_resumed_flags(parser, args, payload, path, other_recipes=()):
         raise ValueError(f"--steps {args.steps}: the run being resumed is already at step {reached}; "
                          f"pass --steps {reached} or more")
 
-# --- book/04_backprop_through_the_loop.py, cell 146 ---
+# --- book/04a_appendix_engineering.py, cell 66 ---
 def _standard_arguments(parser):
     loss = parser.add_argument_group("standard recipe: the loss (section 4.7)")
     loss.add_argument("--step-weights", default="last", choices=STEP_WEIGHTS)
@@ -761,7 +761,7 @@ def _standard_run(args, model, get_batch, config, evaluate):
 RECIPES["standard"] = Recipe(help="one loss for the whole run, from section 4.7's options",
                              add_arguments=_standard_arguments, run=_standard_run, resumable=True)
 
-# --- book/04_backprop_through_the_loop.py, cell 148 ---
+# --- book/04a_appendix_engineering.py, cell 68 ---
 def _json_value(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -801,7 +801,7 @@ def _plot_history(history, path):
     fig.tight_layout()
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
-# --- book/04_backprop_through_the_loop.py, cell 150 ---
+# --- book/04a_appendix_engineering.py, cell 70 ---
 def _out_of_memory(error):
     """Whether `error` says that an allocation failed (CPU or GPU)."""
     if isinstance(error, MemoryError):
@@ -912,7 +912,7 @@ def main(argv=None):
     print(f"wrote {checkpoint_path}, {out / 'metrics.jsonl'} and {out / 'loss.png'}", flush=True)
     return 0
 
-# --- book/05_learning_when_to_stop.py, cell 159 ---
+# --- book/05a_appendix_adaptive.py, cell 6 ---
 from looplm.adaptive import AdaptiveLoss, GateLoss, gate_only
 from looplm.model import LoopLM
 
@@ -983,7 +983,7 @@ def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, ga
                       + [{**row, "stage": 2, "step": row["step"] + stage1_steps} for row in stage2.history])
     return stage2
 
-# --- book/05_learning_when_to_stop.py, cell 163 ---
+# --- book/05a_appendix_adaptive.py, cell 8 ---
 def _two_stage_arguments(parser):
     group = parser.add_argument_group("two-stage recipe (chapter 5)")
     group.add_argument("--stage2-steps", type=int, default=None,
@@ -1028,7 +1028,7 @@ RECIPES["two-stage"] = Recipe(
     help="Ouro's two stages: model and exit gate with an entropy bonus, then the gate alone",
     add_arguments=_two_stage_arguments, run=_two_stage_run)
 
-# --- book/04_backprop_through_the_loop.py, cell 151 ---
+# --- book/04a_appendix_engineering.py, cell 71 ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.train` (not a notebook, not the chapter run as a script). The export
     # places this cell last in looplm/train.py, after the recipes later chapters register.

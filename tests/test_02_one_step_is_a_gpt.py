@@ -16,7 +16,7 @@ from looplm.model import (  # noqa: F401
     looplm_param_count,
 )
 
-# --- book/02_one_step_is_a_gpt.py, cell 100 ---
+# --- book/02_one_step_is_a_gpt.py, cell 103 ---
 import dataclasses
 import math
 
@@ -58,7 +58,7 @@ def test_from_gpt_copies_instead_of_sharing():
     with pytest.raises(TypeError, match="gpt must be a GPT"):
         LoopLM.from_gpt(model)
 
-# --- book/02_one_step_is_a_gpt.py, cell 102 ---
+# --- book/02_one_step_is_a_gpt.py, cell 105 ---
 def _gpt_config_like(cfg, n_layers):
     """The GPTConfig with cfg's shared fields and n_layers blocks."""
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
@@ -94,7 +94,7 @@ def test_each_step_is_an_unrolled_gpt():
             gpt.load_state_dict(state)
             assert _max_diff(steps[t - 1], gpt(idx)) <= 1e-6, t
 
-# --- book/02_one_step_is_a_gpt.py, cell 104 ---
+# --- book/02_one_step_is_a_gpt.py, cell 107 ---
 def _small_loop_config(**changes):
     base = dict(vocab_size=37, d_model=32, n_heads=4, n_prelude=1, n_core=2, n_coda=1, n_loops=3)
     return LoopLMConfig(**{**base, **changes})
@@ -228,7 +228,7 @@ def test_float64_model_computes_in_float64():
                                   reduction="none").view(3, 2, 9)
         torch.testing.assert_close(out.step_losses, by_hand, rtol=0, atol=1e-12)
 
-# --- book/02_one_step_is_a_gpt.py, cell 120 ---
+# --- book/02_one_step_is_a_gpt.py, cell 123 ---
 def test_weights_are_shared_across_steps():
     counts = set()
     for n_loops in (1, 2, 8):
@@ -262,163 +262,3 @@ def test_param_count_formulas():
     block = 4 * 32**2 + 3 * 32 * 88 + 2 * 32                   # d_hidden defaults to 88 at d=32
     assert gpt_param_count(GPTConfig(61, 32, 4, 3)) == 61 * 32 + 3 * block + 32
     assert looplm_param_count(LoopLMConfig(61, 32, 4, n_core=3, n_loops=9)) == 61 * 32 + 3 * block + 32
-
-# --- book/02_one_step_is_a_gpt.py, cell 138 ---
-import re
-
-
-def test_config_validation_errors():
-    base = dict(vocab_size=50, d_model=32, n_heads=4)
-    cases = [
-        (dict(vocab_size=0), "vocab_size must be an int in [1, 2147483647], got 0"),
-        (dict(vocab_size=True), "vocab_size must be an int in [1, 2147483647], got True"),
-        (dict(d_model=0), "d_model must be an int >= 1, got 0"),
-        (dict(d_model=32.0), "d_model must be an int >= 1, got 32.0"),
-        (dict(n_heads=0), "n_heads must be an int >= 1, got 0"),
-        (dict(n_heads=3), "n_heads must divide d_model, got n_heads=3 and d_model=32"),
-        (dict(n_heads=32), "head_dim = d_model // n_heads = 1 must be even"),
-        (dict(d_hidden=0), "d_hidden must be an int >= 1, got 0"),
-        (dict(max_seq_len=0), "max_seq_len must be an int >= 1, got 0"),
-        (dict(norm_style="post"), "norm_style must be one of 'pre', 'sandwich', 'huginn'; got 'post'"),
-        (dict(tie_embeddings=1), "tie_embeddings must be True or False, got 1"),
-        (dict(rope_base=1.0), "rope_base must be a finite number > 1, got 1.0"),
-        (dict(eps=0.0), "eps must be a finite number > 0, got 0.0"),
-        (dict(init_std=float("nan")), "init_std must be a finite number > 0, got nan"),
-    ]
-    for change, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            GPTConfig(**{**base, "n_layers": 2, **change})
-        with pytest.raises(ValueError, match=re.escape(message)):
-            LoopLMConfig(**{**base, **change})
-    with pytest.raises(ValueError, match="n_layers must be an int >= 1, got 0"):
-        GPTConfig(**base, n_layers=0)
-    loop_cases = [
-        (dict(n_prelude=-1), "n_prelude must be an int >= 0, got -1"),
-        (dict(n_core=0), "n_core must be an int >= 1, got 0"),
-        (dict(n_coda=1.5), "n_coda must be an int >= 0, got 1.5"),
-        (dict(n_loops=0), "n_loops must be an int >= 1, got 0"),
-        (dict(injection="no-such-injection"), "injection must be one of 'none'"),
-        (dict(init_state="no-such-state"), "init_state must be one of 'embedding'"),
-        (dict(exit_gate="yes"), "exit_gate must be True or False, got 'yes'"),
-        (dict(gate_head=None), "gate_head must be a str naming an entry of EXIT_GATES"),
-    ]
-    for change, message in loop_cases:
-        with pytest.raises(ValueError, match=message):
-            LoopLMConfig(**base, **change)
-    with pytest.raises(ValueError, match="n_loops must be an int >= 1, got 0"):
-        LoopLMConfig(**base).effective_depth(0)
-
-
-def test_model_input_errors():
-    torch.manual_seed(0)
-    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, max_seq_len=8))
-    ids = torch.randint(0, 20, (2, 6))
-    with pytest.raises(TypeError, match="idx must be an integer tensor"):
-        model(ids.float())
-    with pytest.raises(TypeError, match="idx must be a torch.Tensor"):
-        model([[1, 2, 3]])
-    with pytest.raises(ValueError, match=r"idx must have shape \[B, T\]"):
-        model(ids[0])
-    with pytest.raises(ValueError, match=r"idx holds ids outside \[0, vocab_size=20\): min 0, max 20"):
-        model(torch.tensor([[0, 20]]))
-    with pytest.raises(ValueError, match="idx holds ids outside"):
-        model(torch.tensor([[-1, 3]]))
-    with pytest.raises(ValueError, match="idx has T=9 positions but max_seq_len=8"):
-        model(torch.zeros(1, 9, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"targets must have the shape of idx \[2, 6\]"):
-        model(ids, targets=ids[:, :3])
-    with pytest.raises(TypeError, match="targets must be an integer tensor"):
-        model(ids, targets=ids.float())
-    with pytest.raises(ValueError, match="targets has no position to learn"):
-        model(ids, targets=torch.full_like(ids, IGNORE_INDEX))
-    with pytest.raises(ValueError, match="targets holds ids outside"):
-        model(ids, targets=torch.full_like(ids, 20))
-    for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match="n_loops must be an int >= 1"):
-            model(ids, n_loops=bad)
-    with pytest.raises(ValueError, match="return_hidden must be True or False"):
-        model(ids, return_hidden=1)
-    with pytest.raises(TypeError, match="config must be a LoopLMConfig"):
-        LoopLM(GPTConfig(20, 32, 4, 2))
-    with pytest.raises(TypeError, match="config must be a GPTConfig"):
-        GPT(LoopLMConfig(20, 32, 4))
-    with pytest.raises(ValueError, match="idx holds ids outside"):
-        GPT(GPTConfig(20, 32, 4, 1))(torch.tensor([[25]]))
-
-
-def test_config_defaults():
-    # the defaults the public API documents: one core block looped 4 times, nothing else
-    cfg = LoopLMConfig(vocab_size=20, d_model=32, n_heads=4)
-    assert (cfg.n_prelude, cfg.n_core, cfg.n_coda, cfg.n_loops) == (0, 1, 0, 4)
-    assert (cfg.exit_gate, cfg.injection, cfg.init_state, cfg.norm_style) == (False, "none", "embedding", "pre")
-    assert cfg.tie_embeddings and cfg.d_hidden is None and cfg.max_seq_len == 256
-    torch.manual_seed(0)
-    assert LoopLM(cfg)(torch.randint(0, 20, (1, 3))).logits.shape == (4, 1, 3, 20)
-
-
-def test_oversized_models_are_refused():
-    from looplm.model import _check_fits_in_memory
-
-    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 2147483647\], got 10+"):
-        LoopLMConfig(vocab_size=10**15, d_model=64, n_heads=4)
-    # each too large for any machine: a clear error before anything is allocated
-    with pytest.raises(ValueError, match=r"max_seq_len=10+ makes this model too large: .* GiB"):
-        LoopLM(LoopLMConfig(vocab_size=20, d_model=64, n_heads=4, max_seq_len=10**15))
-    with pytest.raises(ValueError, match=r"vocab_size=2147483647 makes this model too large"):
-        GPT(GPTConfig(vocab_size=2**31 - 1, d_model=4096, n_heads=32, n_layers=1))
-    # the estimate against a given budget: 1,000 x 64 tied embedding floats are 256,000 bytes
-    small = LoopLMConfig(vocab_size=1000, d_model=64, n_heads=4, max_seq_len=8)
-    _check_fits_in_memory(small, 1, available=2**30)
-    with pytest.raises(ValueError, match="vocab_size=1000 makes this model too large"):
-        _check_fits_in_memory(small, 0, available=255_000)
-
-
-def test_state0_and_generator_arguments():
-    torch.manual_seed(0)
-    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, n_loops=2))
-    idx = torch.randint(0, 20, (2, 5))
-    x0 = model.embed(idx)
-    # h_0 = x0 given explicitly is the default start
-    torch.testing.assert_close(model(idx, state0=x0).logits, model(idx).logits, rtol=0, atol=0)
-    assert not torch.equal(model(idx, state0=torch.zeros_like(x0)).logits, model(idx).logits)
-    with pytest.raises(ValueError, match=r"state0 must have shape \[B, T, d_model\] = \[2, 5, 32\]"):
-        model(idx, state0=x0[:, :3])
-    with pytest.raises(TypeError, match="state0 must be a floating-point tensor"):
-        model(idx, state0=idx)
-    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
-        model(idx, generator=0)
-
-# --- book/02_one_step_is_a_gpt.py, cell 140 ---
-class _HalfGate(torch.nn.Module):
-    """A stand-in exit gate: λ = 1/2 everywhere, exit_probs uniform over the steps."""
-
-    def __init__(self, config):
-        super().__init__()
-
-    def forward(self, z):
-        return torch.full(z.shape[:-1], 0.5)                  # (B, T)
-
-    def exit_probs(self, gate):
-        return torch.full_like(gate, 1.0 / gate.shape[0])     # (S, B, T)
-
-
-def test_registries_and_exit_gate_hook():
-    assert isinstance(INJECTIONS["none"](None), NoInjection)
-    assert isinstance(INIT_STATES["embedding"](None), EmbeddingInit)
-    saved = dict(EXIT_GATES)
-    try:
-        EXIT_GATES.clear()
-        with pytest.raises(ValueError, match="no exit gate is available yet"):
-            LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, exit_gate=True)
-        EXIT_GATES["half"] = _HalfGate
-        with pytest.raises(ValueError, match="gate_head must be one of 'half'; got 'linear'"):
-            LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, exit_gate=True)
-        torch.manual_seed(0)
-        model = LoopLM(LoopLMConfig(vocab_size=20, d_model=32, n_heads=4, n_loops=3,
-                                    exit_gate=True, gate_head="half"))
-        out = model(torch.randint(0, 20, (2, 5)))
-        assert out.gate.shape == out.exit_probs.shape == (3, 2, 5)
-        torch.testing.assert_close(out.exit_probs.sum(0), torch.ones(2, 5))
-    finally:
-        EXIT_GATES.clear()
-        EXIT_GATES.update(saved)

@@ -16,28 +16,6 @@ from looplm.experiments import (  # noqa: F401
     CH04_SPLITS,
     FIXED_VS_RANDOM_DEPTH,
 )
-from looplm.train import (  # noqa: F401
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    save_checkpoint,
-    read_checkpoint,
-    checkpoint_model,
-    load_checkpoint,
-    RESUME_MAY_CHANGE,
-    Recipe,
-    RECIPES,
-    write_metrics,
-    main,
-)
-from looplm.bench import (  # noqa: F401
-    MinimalLoopedLM,
-    minimal_from_looplm,
-    bench_train,
-    format_train_table,
-    plot_train,
-    BENCHMARKS,
-    main,
-)
 
 # --- book/04_backprop_through_the_loop.py, cell 20 ---
 import math
@@ -156,7 +134,7 @@ def test_tied_gradient_is_sum_of_per_step_gradients():
         torch.testing.assert_close(sum(step[k] for step in per_step), tied, rtol=1e-10, atol=1e-12)
         assert all(step[k].abs().sum() > 0 for step in per_step)   # every step contributes
 
-# --- book/04_backprop_through_the_loop.py, cell 57 ---
+# --- book/04_backprop_through_the_loop.py, cell 60 ---
 def _full_model(seed=0):
     torch.manual_seed(seed)
     return LoopLM(LoopLMConfig(vocab_size=13, d_model=16, n_heads=2, n_prelude=1, n_core=2,
@@ -199,7 +177,7 @@ def test_checkpointing_gives_the_same_gradients():
         for a, b in zip(plain, mine):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
-# --- book/04_backprop_through_the_loop.py, cell 62 ---
+# --- book/04_backprop_through_the_loop.py, cell 65 ---
 def test_truncated_backprop_drops_the_early_steps():
     model = _full_model(2)
     idx, targets = _batch(2)
@@ -229,7 +207,7 @@ def test_truncated_backprop_drops_the_early_steps():
     full = grads(lambda: loop_forward(model, idx, targets, n_loops=S).step_losses.sum())
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(grads(truncated), full))
 
-# --- book/04_backprop_through_the_loop.py, cell 67 ---
+# --- book/04_backprop_through_the_loop.py, cell 70 ---
 def test_checkpointing_saves_less_for_backward():
     model = _full_model(5)
     idx, targets = _batch(5)
@@ -242,7 +220,7 @@ def test_checkpointing_saves_less_for_backward():
     plain, checkpointed = saved(False), saved(True)
     assert 0 < checkpointed < plain / 2, (plain, checkpointed)
 
-# --- book/04_backprop_through_the_loop.py, cell 91 ---
+# --- book/04_backprop_through_the_loop.py, cell 94 ---
 def test_sample_depth_is_reproducible_and_has_the_stated_mean():
     first = [sample_depth(4, 0.5, torch.Generator().manual_seed(7)) for _ in range(3)]
     g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
@@ -257,7 +235,7 @@ def test_sample_depth_is_reproducible_and_has_the_stated_mean():
         assert abs(draws.mean().item() - (mean_steps + 1)) < tolerance
     assert {sample_depth(3, 0.0, g) for _ in range(200)} >= {1, 3, 5}   # sigma 0: Poisson(3) + 1
 
-# --- book/04_backprop_through_the_loop.py, cell 105 ---
+# --- book/04_backprop_through_the_loop.py, cell 108 ---
 def test_regularizers_match_loops_over_steps():
     torch.manual_seed(0)
     hidden = torch.randn(4, 2, 3, 8) * torch.tensor([1.0, 2.0, 2.0, 0.5]).view(4, 1, 1, 1)
@@ -320,7 +298,7 @@ def test_scale_core_grad_divides_the_core_gradient_once():
     for name, g in grads(make_loop_loss(grad_steps=2)).items():  # the hooks are gone
         torch.testing.assert_close(g, plain[name])
 
-# --- book/04_backprop_through_the_loop.py, cell 114 ---
+# --- book/04_backprop_through_the_loop.py, cell 117 ---
 from looplm.results import check_prefix
 
 
@@ -328,475 +306,7 @@ def test_stored_depth_experiment_matches_a_live_prefix():
     difference, _ = check_prefix("fixed-vs-random-depth")
     assert difference <= 1e-3
 
-# --- book/04_backprop_through_the_loop.py, cell 136 ---
-import os
-import tempfile
-from pathlib import Path
-
-import looplm
-from looplm.train import TrainConfig, Trainer
-
-
-def _tiny_get_batch(generator):
-    idx = torch.randint(0, 13, (4, 8), generator=generator)
-    return idx, idx.roll(-1, dims=1)
-
-
-def _tiny_trainer(steps=6, loss_fn=None):
-    torch.manual_seed(0)
-    model = LoopLM(LoopLMConfig(vocab_size=13, d_model=16, n_heads=2, n_loops=2, max_seq_len=8))
-    kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
-    config = TrainConfig(steps=steps, batch_size=4, warmup_steps=2, progress=False)
-    return Trainer(model, _tiny_get_batch, config, **kwargs)
-
-
-def test_checkpoint_round_trip_continues_exactly():
-    whole = _tiny_trainer(loss_fn=make_loop_loss(sample_depth=2, seed=3))
-    whole.run()
-    with tempfile.TemporaryDirectory() as folder:
-        half = _tiny_trainer(loss_fn=make_loop_loss(sample_depth=2, seed=3))
-        half.run(until=3)
-        path = save_checkpoint(Path(folder) / "run" / "checkpoint.pt", half, extra={"note": "half"})
-        assert sorted(os.listdir(path.parent)) == ["checkpoint.pt"]           # no temporary file left
-        payload = read_checkpoint(path)
-        assert payload["looplm_version"] == looplm.__version__ and payload["extra"] == {"note": "half"}
-        resumed = load_checkpoint(path, _tiny_get_batch, loss_fn=make_loop_loss(sample_depth=2, seed=3))
-        assert resumed.step == 3 and resumed.model.config == half.model.config
-        resumed.run()
-    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
-    for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
-        assert torch.equal(a, b)
-
-
-def test_failed_write_leaves_the_old_checkpoint_intact():
-    trainer = _tiny_trainer()
-    with tempfile.TemporaryDirectory() as folder:
-        path = save_checkpoint(Path(folder) / "checkpoint.pt", trainer)
-        before = path.read_bytes()
-        trainer.run(until=2)
-        with pytest.raises(Exception):
-            save_checkpoint(path, trainer, extra={"unpicklable": lambda: None})   # fails while writing
-        assert path.read_bytes() == before
-        assert os.listdir(folder) == ["checkpoint.pt"]
-        with torch.no_grad():
-            next(trainer.model.parameters())[0, 0] = float("nan")
-        with pytest.raises(ValueError, match="non-finite"):
-            save_checkpoint(path, trainer)
-        assert path.read_bytes() == before
-
-
-def test_unusable_checkpoints_get_clear_errors():
-    trainer = _tiny_trainer()
-    with tempfile.TemporaryDirectory() as folder:
-        path = save_checkpoint(Path(folder) / "checkpoint.pt", trainer)
-        other = LoopLM(LoopLMConfig(vocab_size=13, d_model=32, n_heads=2, n_loops=2, max_seq_len=8))
-        with pytest.raises(CheckpointError, match="d_model: checkpoint 16, model 32"):
-            load_checkpoint(path, _tiny_get_batch, model=other)
-        newer = Path(folder) / "newer.pt"
-        payload = torch.load(path, weights_only=True)
-        payload["looplm_version"] = "99.0.0"
-        torch.save(payload, newer)
-        with pytest.raises(CheckpointError, match="written by looplm 99.0.0, newer than the installed"):
-            load_checkpoint(newer, _tiny_get_batch)
-        garbage = Path(folder) / "garbage.pt"
-        garbage.write_bytes(b"not a checkpoint at all")
-        with pytest.raises(CheckpointError, match="is not a readable looplm checkpoint"):
-            read_checkpoint(garbage)
-        truncated = Path(folder) / "truncated.pt"
-        truncated.write_bytes(path.read_bytes()[:200])
-        with pytest.raises(CheckpointError, match="is not a readable looplm checkpoint"):
-            read_checkpoint(truncated)
-        foreign = Path(folder) / "foreign.pt"
-        torch.save({"model": {}}, foreign)
-        with pytest.raises(CheckpointError, match="is not a looplm checkpoint"):
-            read_checkpoint(foreign)
-        with pytest.raises(FileNotFoundError):
-            read_checkpoint(Path(folder) / "missing.pt")
-
-# --- book/04_backprop_through_the_loop.py, cell 138 ---
-def test_checkpoints_with_non_finite_weights_are_refused():
-    trainer = _tiny_trainer()
-    with tempfile.TemporaryDirectory() as folder:
-        path = save_checkpoint(Path(folder) / "checkpoint.pt", trainer)
-        payload = torch.load(path, weights_only=True)
-        broken = Path(folder) / "broken.pt"
-        for bad in (float("nan"), float("inf"), -float("inf")):
-            weights = {name: tensor.clone() for name, tensor in payload["trainer"]["model"].items()}
-            weights["core.0.mlp.up.weight"][1, 2] = bad
-            torch.save({**payload, "trainer": {**payload["trainer"], "model": weights}}, broken)
-            message = r"the stored model tensor core\.0\.mlp\.up\.weight holds 1 non-finite value \(NaN or inf\)"
-            with pytest.raises(CheckpointError, match=message):
-                read_checkpoint(broken)                         # what every loader calls first
-            with pytest.raises(CheckpointError, match=message):
-                load_checkpoint(broken, _tiny_get_batch)
-        torch.save({**payload, "trainer": {"step": 3}}, broken)
-        with pytest.raises(CheckpointError, match="holds no model weights"):
-            read_checkpoint(broken)
-
-
-def test_a_save_removes_the_temporary_files_of_killed_saves():
-    trainer = _tiny_trainer()
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        stale = [".checkpoint.pt.k3j_2h1g.tmp", ".checkpoint.pt.0badc0ffee00.tmp"]     # mkstemp's names, ours
-        others = [".checkpoint.pt.bak.k3j2h1g0.tmp", ".metrics.jsonl.k3j2h1g0.tmp", "notes.tmp", "checkpoint.pt.tmp"]
-        for name in stale + others:
-            (folder / name).write_bytes(bytes(4096))
-        save_checkpoint(folder / "checkpoint.pt", trainer)
-        assert sorted(os.listdir(folder)) == sorted(["checkpoint.pt", *others])
-
-# --- book/04_backprop_through_the_loop.py, cell 160 ---
-import contextlib
-import io
-import subprocess
-import sys
-
-from looplm.train import main
-
-
-def _quiet_main(argv):
-    """main(argv) with its output captured (it names temporary folders)."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return main(argv)
-
-
-def test_command_line_trains_saves_and_resumes():
-    with tempfile.TemporaryDirectory() as folder:
-        args = ["--task", "stack", "--difficulty", "3", "--n-loops", "2", "--d-model", "16", "--n-heads", "2",
-                "--batch-size", "8", "--n-train", "200", "--n-test", "50", "--eval-every", "2", "--out", folder]
-        result = subprocess.run([sys.executable, "-m", "looplm.train", *args, "--steps", "4"],
-                                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
-                                timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert "step      4/4" in result.stdout and "test accuracy" in result.stdout
-        assert sorted(os.listdir(folder)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
-        assert read_checkpoint(Path(folder) / "checkpoint.pt")["trainer"]["step"] == 4
-        assert _quiet_main([*args, "--steps", "4"]) == 2                    # refuses to overwrite
-        assert _quiet_main([*args, "--steps", "6", "--resume"]) == 0
-        assert read_checkpoint(Path(folder) / "checkpoint.pt")["trainer"]["step"] == 6
-        assert _quiet_main([*args, "--steps", "8", "--resume", "--d-model", "32"]) == 2   # another model
-
-# --- book/04_backprop_through_the_loop.py, cell 162 ---
-import errno
-import importlib
-import json
-
-_TINY_RUN = ["--task", "stack", "--difficulty", "2", "--n-loops", "2", "--d-model", "8", "--n-heads", "2",
-             "--batch-size", "4", "--n-train", "40", "--n-test", "10", "--eval-every", "2", "--no-progress"]
-
-
-def _main_output(argv):
-    """(exit status, stderr) of main(argv), its output captured."""
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        status = main(argv)
-    return status, err.getvalue()
-
-
-def _one_line(err, start):
-    """The one line `err` holds, which must start with `start`: no traceback, nothing else."""
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(start) and "Traceback" not in err, err
-    return lines[0]
-
-
-def _read_jsonl(path):
-    def invalid(constant):
-        raise AssertionError(f"{path} holds {constant}, which is not JSON")
-    return [json.loads(line, parse_constant=invalid) for line in Path(path).read_text().splitlines()]
-
-
-def test_resume_refuses_flags_that_change_the_run():
-    with tempfile.TemporaryDirectory() as folder:
-        run = [*_TINY_RUN, "--steps", "2", "--out", folder]
-        assert _main_output(run)[0] == 0
-        path = Path(folder) / "checkpoint.pt"
-        flags = read_checkpoint(path)["extra"]["flags"]                 # plain data, read with weights_only
-        assert flags["task"] == "stack" and flags["seed"] == 0 and flags["grad_steps"] is None
-        assert all(value is None or type(value) in (str, int, float, bool) for value in flags.values())
-        before = path.read_bytes()
-        for change, message in [
-                (["--task", "addition"], "--task is 'stack' in the run being resumed, 'addition' here"),
-                (["--difficulty", "3"], "--difficulty is 2 in the run being resumed, 3 here"),
-                (["--reverse-answer"], "--reverse-answer is not set in the run being resumed, set here"),
-                (["--n-train", "41"], "--n-train is 40 in the run being resumed, 41 here"),
-                (["--n-test", "11"], "--n-test is 10 in the run being resumed, 11 here"),
-                (["--seed", "1"], "--seed is 0 in the run being resumed, 1 here"),
-                (["--lr", "0.01"], "--lr is 0.003 in the run being resumed, 0.01 here"),
-                (["--batch-size", "8"], "--batch-size is 4 in the run being resumed, 8 here"),
-                (["--step-weights", "uniform"], "--step-weights is 'last' in the run being resumed, 'uniform' here"),
-                (["--grad-steps", "1"], "--grad-steps is not set in the run being resumed, 1 here"),
-                (["--checkpointing"], "--checkpointing is not set in the run being resumed, set here"),
-                (["--n-loops", "3"], "--n-loops is 2 in the run being resumed, 3 here"),
-                (["--steps", "1"], "--steps 1: the run being resumed is already at step 2")]:
-            status, err = _main_output([*run, *change, "--resume"])
-            assert status == 2 and message in _one_line(err, "python -m looplm.train: error: "), (change, err)
-        assert path.read_bytes() == before                                # nothing was written
-        assert _main_output([*run, "--steps", "3", "--eval-every", "1", "--device", "cpu", "--resume"])[0] == 0
-        assert read_checkpoint(path)["trainer"]["step"] == 3
-
-
-_real_torch_save = torch.save
-
-
-def _killed_on_save(number):
-    """A torch.save that dies (KeyboardInterrupt, like a kill) half way through call `number`."""
-    calls = []
-
-    def save(obj, f, *args, **kwargs):
-        calls.append(f)
-        if len(calls) == number:
-            f.write(b"the first bytes of a checkpoint")
-            raise KeyboardInterrupt
-        return _real_torch_save(obj, f, *args, **kwargs)
-
-    return save
-
-
-def test_resumed_run_writes_the_metrics_of_an_uninterrupted_run():
-    with tempfile.TemporaryDirectory() as folder:
-        straight, killed = Path(folder) / "straight", Path(folder) / "killed"
-        run = [*_TINY_RUN, "--steps", "4"]
-        assert _main_output([*run, "--out", str(straight)])[0] == 0
-        rows = _read_jsonl(straight / "metrics.jsonl")
-        assert [row["step"] for row in rows] == [1, 2, 3, 4]
-        assert all({"loss", "lr", "grad_norm", "depth"} <= row.keys() for row in rows)
-        assert ["eval_test_acc" in row for row in rows] == [False, True, False, True]
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch, "save", _killed_on_save(2))              # the save at step 4
-            with pytest.raises(KeyboardInterrupt):
-                _main_output([*run, "--out", str(killed)])
-        assert sorted(os.listdir(killed)) == ["checkpoint.pt", "metrics.jsonl"]
-        assert [row["step"] for row in _read_jsonl(killed / "metrics.jsonl")] == [1, 2]   # the checkpoint's
-        assert _main_output([*run, "--out", str(killed), "--resume"])[0] == 0
-        assert _read_jsonl(killed / "metrics.jsonl") == rows
-
-
-def test_metrics_are_valid_json_even_when_not_finite():
-    with tempfile.TemporaryDirectory() as folder:
-        history = [{"step": 1, "loss": 0.5, "lr": 1e-3, "consistency": float("nan")},
-                   {"step": 2, "loss": 0.25, "lr": 1e-3, "grad_norm": float("inf"), "x": -float("inf")}]
-        path = write_metrics(Path(folder) / "metrics.jsonl", history)
-        assert _read_jsonl(path) == [{"step": 1, "loss": 0.5, "lr": 1e-3, "consistency": None},
-                                     {"step": 2, "loss": 0.25, "lr": 1e-3, "grad_norm": None, "x": None}]
-        assert os.listdir(folder) == ["metrics.jsonl"]
-
-
-def test_loss_plot_is_written_atomically():
-    from matplotlib.figure import Figure
-
-    from looplm.train import _plot_history
-
-    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_test_acc": 0.5}]
-
-    def fails_half_way(self, target, **kwargs):
-        if isinstance(target, (str, os.PathLike)):
-            Path(target).write_bytes(b"half a plot")
-        else:
-            target.write(b"half a plot")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "loss.png"
-        path.write_bytes(b"the previous plot")
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Figure, "savefig", fails_half_way)
-            with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
-                _plot_history(history, path)
-        assert path.read_bytes() == b"the previous plot" and os.listdir(folder) == ["loss.png"]
-        _plot_history(history, path)
-        assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(folder) == ["loss.png"]
-
-# --- book/04_backprop_through_the_loop.py, cell 163 ---
-class _FullDisk:
-    """A file that takes `room` bytes, then fails as a full disk does (OSError ENOSPC)."""
-
-    def __init__(self, f, room=1000):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def flush(self):
-        self.f.flush()
-
-
-def _full_disk_save(obj, f, *args, **kwargs):
-    """torch.save onto a disk that fills up after 1000 bytes (torch then raises a RuntimeError from
-    the OSError, as it does on a real full disk)."""
-    return _real_torch_save(obj, _FullDisk(f), *args, **kwargs)
-
-
-def test_full_disk_stops_the_run_and_leaves_whole_files():
-    no_space = os.strerror(errno.ENOSPC)
-    with tempfile.TemporaryDirectory() as folder:
-        new, old = Path(folder) / "new", Path(folder) / "old"
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch, "save", _full_disk_save)
-            status, err = _main_output([*_TINY_RUN, "--steps", "2", "--out", str(new)])
-        line = _one_line(err, f"python -m looplm.train: stopped: could not write {new / 'checkpoint.pt'}: {no_space}")
-        assert status == 1 and os.listdir(new) == [], line                # nothing half-written
-        assert _main_output([*_TINY_RUN, "--steps", "2", "--out", str(old)])[0] == 0
-        before = {name: (old / name).read_bytes() for name in os.listdir(old)}
-        for name in ("checkpoint.pt", "metrics.jsonl", "loss.png"):       # what killed writes left
-            (old / f".{name}.ab12cd34ef56.tmp").write_bytes(bytes(4096))
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch, "save", _full_disk_save)
-            status, err = _main_output([*_TINY_RUN, "--steps", "4", "--out", str(old), "--resume"])
-        _one_line(err, f"python -m looplm.train: stopped: could not write {old / 'checkpoint.pt'}: {no_space}")
-        # the last complete save is intact, and --resume removed the leftovers before training
-        assert status == 1 and {name: (old / name).read_bytes() for name in os.listdir(old)} == before
-
-
-def test_unwritable_out_gets_one_error_line():
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        a_file = folder / "a_file"
-        a_file.write_text("not a folder")
-        for out, resume, message in (
-                (a_file, [], f"--out {a_file} is a file, not a folder"),
-                (a_file, ["--resume"], f"--out {a_file} is a file, not a folder"),
-                (a_file / "run", [], f"--out {a_file / 'run'} is not a folder this process can write to"),
-                (a_file / "run", ["--resume"], f"--resume: there is no {a_file / 'run' / 'checkpoint.pt'}")):
-            status, err = _main_output([*_TINY_RUN, "--steps", "2", "--out", str(out), *resume])
-            assert status == 2 and message in _one_line(err, "python -m looplm.train: error: "), err
-        read_only, resumable = folder / "read_only", folder / "resumable"
-        read_only.mkdir()
-        assert _main_output([*_TINY_RUN, "--steps", "2", "--out", str(resumable)])[0] == 0
-        before = {name: (resumable / name).read_bytes() for name in os.listdir(resumable)}
-        attempts = [(read_only, []), (read_only / "run", []), (resumable, ["--steps", "4", "--resume"])]
-
-        def check():
-            for out, extra in attempts:
-                status, err = _main_output([*_TINY_RUN, "--steps", "2", "--out", str(out), *extra])
-                line = _one_line(err, "python -m looplm.train: error: ")
-                assert status == 2 and f"--out {out} is not a folder this process can write to" in line, err
-            assert os.listdir(read_only) == []
-            assert {name: (resumable / name).read_bytes() for name in os.listdir(resumable)} == before
-
-        if getattr(os, "geteuid", lambda: 0)() != 0:       # root writes to read-only folders all the same
-            for path in (read_only, resumable):
-                path.chmod(0o555)
-            try:
-                check()
-            finally:
-                for path in (read_only, resumable):
-                    path.chmod(0o755)
-        # as root too: the file system refuses to create anything in the two folders
-        real_open, real_mkdir = os.open, os.mkdir
-
-        def refused(path):
-            return any(Path(path).is_relative_to(p) for p in (read_only, resumable))
-
-        def open_(path, flags, *args, **kwargs):
-            if flags & os.O_CREAT and refused(path):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-            return real_open(path, flags, *args, **kwargs)
-
-        def mkdir(path, *args, **kwargs):
-            if refused(path) and not Path(path).is_dir():
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-            return real_mkdir(path, *args, **kwargs)
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(os, "open", open_)
-            patch.setattr(os, "mkdir", mkdir)
-            check()
-
-
-def test_memory_errors_get_one_line():
-    train_module = importlib.import_module("looplm.train")
-    allocation_failed = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
-                         "memory: you tried to allocate 1536000000 bytes. Error code 12 (Cannot allocate memory)")
-
-    class TooLarge:
-        def __init__(self, config):
-            raise RuntimeError(allocation_failed)
-
-    def no_memory_left(self):
-        raise RuntimeError(allocation_failed)
-
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "run"
-        status, err = _main_output([*_TINY_RUN, "--d-model", "100000000", "--out", str(out)])
-        assert status == 2 and "d_model=100000000 makes this model too large" in _one_line(
-            err, "python -m looplm.train: error: ")
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train_module, "LoopLM", TooLarge)
-            status, err = _main_output([*_TINY_RUN, "--out", str(out)])
-        assert status == 2 and "the model of --d-model 8 and --n-core 1 does not fit in this machine's memory" in \
-            _one_line(err, "python -m looplm.train: error: ")
-        assert not out.exists()
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train_module.Trainer, "_train_step", no_memory_left)
-            status, err = _main_output([*_TINY_RUN, "--out", str(out)])
-        assert status == 1 and "out of memory while training" in _one_line(err, "python -m looplm.train: stopped: ")
-        assert os.listdir(out) == []
-
-# --- book/04_backprop_through_the_loop.py, cell 181 ---
-from looplm.bench import MinimalLoopedLM, bench_train, format_train_table, minimal_from_looplm
-
-
-def test_minimal_model_matches_looplm_and_the_benchmark_runs():
-    torch.manual_seed(0)
-    model = LoopLM(LoopLMConfig(vocab_size=40, d_model=32, n_heads=4, n_loops=3, max_seq_len=16))
-    idx = torch.randint(0, 40, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(minimal_from_looplm(model)(idx), model(idx).logits[-1], rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="one pre-norm core block"):
-        minimal_from_looplm(LoopLM(LoopLMConfig(vocab_size=40, d_model=32, n_heads=4, n_core=2)))
-    result = bench_train(d_model=32, n_heads=4, n_loops=2, batch_size=2, seq_len=8, vocab_size=40,
-                         steps=1, repeats=1)
-    assert [row[0] for row in result["rows"]] == ["minimal looped model (plain PyTorch)",
-                                                  "LoopLM + make_loop_loss()", "LoopLM + default_loss"]
-    assert result["max_logit_difference"] <= 1e-6 and "overhead" in format_train_table(result)
-
-# --- book/04_backprop_through_the_loop.py, cell 183 ---
-from looplm.bench import BENCHMARKS, main as bench_main      # the package's (the notebook has its own copies)
-
-
-def _bench_output(argv):
-    """(exit status, stderr) of python -m looplm.bench's main(argv), its output captured."""
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        status = bench_main(argv)
-    return status, err.getvalue()
-
-
-def test_bench_bad_input_gets_one_error_line():
-    cases = [(["--steps", "0"], "--steps must be >= 1, got 0"),
-             (["--repeats", "0"], "--repeats must be >= 1, got 0"),
-             (["--n-loops", "0"], "--n-loops must be >= 1, got 0"),
-             (["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
-             (["--d-model", "30", "--n-heads", "4"], "--n-heads 4 must divide --d-model 30"),
-             (["--d-model", "12", "--n-heads", "4"], "--d-model / --n-heads = 3 must be even"),
-             (["--device", "tpu"], "--device must be cpu or cuda (cuda:N), got 'tpu'")]
-    if not torch.cuda.is_available():
-        cases.append((["--device", "cuda"], "--device cuda: CUDA is not available on this machine"))
-    for flags, message in cases:
-        status, err = _bench_output(["train", *flags])
-        assert status == 2 and message in _one_line(err, "python -m looplm.bench: error: "), (flags, err)
-
-    errors = {"value": ValueError("--size must be > 0, got 0"), "type": TypeError("--size must be an int"),
-              "missing": FileNotFoundError("--checkpoint: no checkpoint at x.pt"),
-              "checkpoint": CheckpointError("--checkpoint: x.pt is not a looplm checkpoint"),
-              "read-only": PermissionError(errno.EACCES, os.strerror(errno.EACCES), "plots/x.png"),
-              "full": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "plots/x.png")}
-
-    def run(args):
-        raise errors[args.kind]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(BENCHMARKS, "failing", ("raises the error it is told to", lambda p: p.add_argument("--kind"), run))
-        for kind, error in errors.items():
-            status, err = _bench_output(["failing", "--kind", kind])
-            start = "python -m looplm.bench: stopped: " if kind == "full" else "python -m looplm.bench: error: "
-            assert status == (1 if kind == "full" else 2) and _one_line(err, start) == start + str(error), err
-
-# --- book/04_backprop_through_the_loop.py, cell 193 ---
+# --- book/04_backprop_through_the_loop.py, cell 124 ---
 def test_bad_arguments_get_clear_errors():
     model = _full_model()
     idx, targets = _batch()

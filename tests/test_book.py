@@ -25,12 +25,18 @@ def toc_files():
     toc = yaml.safe_load((BOOK / "_toc.yml").read_text())
     files = [toc["root"]]
     for part in toc.get("parts", []):
-        files += [c["file"] for c in part["chapters"]]
+        for chapter in part["chapters"]:
+            files += [chapter["file"]] + [section["file"] for section in chapter.get("sections", [])]
     return files
 
 
 def numbered_chapters():
     return [f for f in toc_files() if re.match(r"\d\d_", f) and not f.startswith("9")]
+
+
+def chapter_sources():
+    """Every chapter and appendix source: book/NN_slug.py and book/NNa_slug.py."""
+    return sorted(p.stem for p in BOOK.glob("[0-9][0-9]*_*.py") if re.match(r"\d\d[a-z]?_", p.name))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +54,8 @@ def html():
 def test_every_chapter_in_the_toc_is_a_notebook_with_stored_outputs():
     for name in numbered_chapters():
         assert (BOOK / f"{name}.ipynb").is_file(), f"{name}.ipynb missing"
-    chapters = sorted(p.stem for p in BOOK.glob("[0-9][0-9]_*.py"))
-    assert sorted(f for f in toc_files() if re.match(r"\d\d_", f)) == chapters, \
+    chapters = chapter_sources()
+    assert sorted(f for f in toc_files() if re.match(r"\d\d[a-z]?_", f)) == chapters, \
         "book/_toc.yml must list every chapter exactly once"
 
 
@@ -129,3 +135,109 @@ def test_browser_screenshot(server):
     shot.unlink(missing_ok=True)
     chromium(f"--screenshot={shot}", f"{server}/{numbered_chapters()[-1]}.html")
     assert shot.is_file() and shot.stat().st_size > 10_000, "no screenshot was written"
+
+
+# Citations: the chapters cite with {cite}`key` (also {cite:p}, {cite:t}) from book/references.bib.
+CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
+BARE_ARXIV = re.compile(r"arXiv[ :]?\d{4}\.\d{4,5}")
+
+
+def bibliography_keys():
+    text = (BOOK / "references.bib").read_text(encoding="utf-8")
+    return re.findall(r"^@\w+\{([^,\s]+),", text, re.M)
+
+
+def book_sources():
+    """The chapter sources and the plain pages of the book."""
+    return sorted(BOOK.glob("[0-9][0-9]*_*.py")) + sorted(BOOK.glob("*.md"))
+
+
+def test_bibliography_keys_are_unique():
+    keys = bibliography_keys()
+    assert keys, "book/references.bib has no entries"
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    assert not duplicates, f"book/references.bib defines these keys twice: {duplicates}"
+
+
+def test_every_cited_key_is_in_the_bibliography():
+    keys = set(bibliography_keys())
+    missing = []
+    for path in book_sources():
+        for group in CITE.findall(path.read_text(encoding="utf-8")):
+            missing += [f"{path.name}: {key.strip()}" for key in group.split(",") if key.strip() not in keys]
+    assert not missing, "cited but not in book/references.bib:\n" + "\n".join(missing)
+
+
+def test_no_bare_arxiv_ids_in_the_prose():
+    """The prose cites papers with {cite}; an arXiv id belongs in references.bib. (Code cells may
+    name one in a docstring.)"""
+    import jupytext
+
+    found = []
+    for path in book_sources():
+        if path.suffix == ".py":
+            texts = [c.source for c in jupytext.read(path).cells if c.cell_type == "markdown"]
+        else:
+            texts = [path.read_text(encoding="utf-8")]
+        for text in texts:
+            found += [f"{path.name}: {m}" for m in BARE_ARXIV.findall(text)]
+    assert not found, "write these as {cite}`key` citations:\n" + "\n".join(found)
+
+
+def chapter_pages():
+    """The rendered page of every chapter and appendix built from a notebook."""
+    return [f for f in toc_files() if re.match(r"\d\d[a-z]?_", f)]
+
+
+def page_text(html, name):
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup((html / f"{name}.html").read_text(encoding="utf-8"), "html.parser")
+    return soup.find("article") or soup.find("main")
+
+
+def test_no_test_cell_source_in_the_rendered_pages(html):
+    """Test cells stay in the notebooks (and in nbval and tests/), but the HTML book never shows
+    them: they carry the remove-cell tag."""
+    for name in chapter_pages():
+        text = page_text(html, name).get_text(" ")
+        for marker in ("#| test", "run_tests(test_", "run_tests( test_"):
+            assert marker not in text, f"{name}.html shows test-cell source ({marker!r})"
+
+
+PROSE_TAGS = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "table", "dl", "blockquote"}
+MAX_CODE_CELLS_IN_A_ROW = 3
+
+
+def longest_code_run(article):
+    """The longest run of rendered code cells with no prose between them, and where it ends."""
+    run, worst, where = 0, 0, ""
+    for element in article.find_all(True):
+        if element.find_parent("div", class_="cell") is not None:
+            continue                                   # inside a cell: its input or output
+        classes = element.get("class") or []
+        if element.name == "div" and "cell" in classes:
+            run += 1
+            if run > worst:
+                worst, where = run, element.get_text(" ", strip=True)[:80]
+        elif element.name in PROSE_TAGS or (element.name == "div" and "math" in classes):
+            run = 0
+    return worst, where
+
+
+def test_code_cells_come_in_short_runs(html):
+    """A reader meets prose at least every MAX_CODE_CELLS_IN_A_ROW code cells, counted in the HTML
+    (cells removed from the page do not count)."""
+    for name in chapter_pages():
+        worst, where = longest_code_run(page_text(html, name))
+        assert worst <= MAX_CODE_CELLS_IN_A_ROW, \
+            f"{name}.html: {worst} code cells in a row without prose, the last starting {where!r}"
+
+
+def test_the_run_counter_counts(tmp_path):
+    """The counter itself, on a page made by hand: prose resets it, a cell's own output does not."""
+    from bs4 import BeautifulSoup
+
+    cell = '<div class="cell docutils container"><div class="cell_input">x = 1</div><p>out</p></div>'
+    page = f"<article><p>text</p>{cell}{cell}<h2>next</h2>{cell}{cell}{cell}<p>more</p>{cell}</article>"
+    assert longest_code_run(BeautifulSoup(page, "html.parser").article) == (3, "x = 1 out")

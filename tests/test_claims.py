@@ -144,8 +144,13 @@ CLAIMS = [
           lambda m: (m[1], m[2], m[3], m[4]) == tuple(ch07_table(c, "none")[1] for c in ("exact", "first", "last", "average"))),
     Claim("07", r"Q-exit at \$q = 0\.5\$ scores (\S+) with (\S+) steps per token",
           lambda m: [m[1], m[2]] == ch07_table("exact", "q_exit")[1:3]),
-    Claim("07", r"In the stored run, Q-exit decoded at about the speed of full depth \((\S+) times at batch 1, (\S+) at batch "
-                r"64; ideal (\S+)\), KL and hidden-state change, .* \((\S+) and (\S+) at batch 1\), and fixed depth 2 ran "
+    Claim("07", r"Q-exit decoded (\S+) and (\S+) times as fast as full depth at batch 1 and 64, short of its ideal (\S+),.*"
+                r"fixed depth 2, where all rows exit together, ran (\S+) and (\S+) times as fast",
+          lambda m: [m[1], m[2], m[3]] == ch07_table("exact", "q_exit")[5:8] and [m[4], m[5]] == ch07_table("exact", "fixed")[5:7]),
+    Claim("07", r"\(confidence, 1\.64 steps per token, (\S+) and (\S+) times; fixed\s+depth 2, (\S+) and (\S+) times\)",
+          lambda m: [m[1], m[2]] == ch07_table("exact", "confidence")[5:7] and [m[3], m[4]] == ch07_table("exact", "fixed")[5:7]),
+    Claim("07", r"In the stored run, Q-exit decoded (\S+) times as fast as full depth at batch 1 and (\S+) times at batch "
+                r"64 \(ideal (\S+)\), KL and hidden-state change, .* \((\S+) and (\S+) at batch 1\), and fixed depth 2 ran "
                 r"(\S+) and (\S+) times as fast",
           lambda m: [m[1], m[2], m[3]] == ch07_table("exact", "q_exit")[5:8]
           and [m[4], m[5]] == [ch07_table("exact", "kl")[5], ch07_table("exact", "hidden_change")[5]]
@@ -253,3 +258,69 @@ def test_prose_claim_matches_stored_output(claim):
     match = re.search(claim.phrase, prose(claim.chapter), flags=re.S)
     assert match, f"{claim}: the phrase is no longer in the prose; update the claim with the text"
     assert claim.holds(match), f"{claim}: the stored outputs do not show it. {claim.why}"
+
+
+# The findings page (Appendix B, continued: book/92_appendix_findings) prints no number of its own:
+# it has a table for every results file, and every mean ± half-range in its tables is the file's.
+
+def findings_table(name):
+    """The stored table that the findings page prints for results file `name`: a list of rows, each a
+    list of its cells (the page separates cells by at least two spaces), the header row first."""
+    text = output_after("92", f'RESULTS["{name}"]')
+    assert text.startswith(f"{name}: "), f"the findings page's table for {name} does not start with its setup"
+    _, table = text.split("\n\n", 1)
+    return [re.split(r"\s{2,}", line.strip()) for line in table.splitlines() if line.strip()]
+
+
+def findings_rows(name, key=lambda cells: cells[0]):
+    rows = findings_table(name)[1:]
+    return {key(cells): cells for cells in rows}
+
+
+def test_findings_page_lists_every_results_file():
+    files = sorted(path.stem for path in RESULTS.glob("*.json"))
+    assert files, "no results files"
+    listed = output_after("92", 'show([("experiment"').splitlines()[1:]
+    assert sorted(line.split()[0] for line in listed) == files, "the findings page must list every results file"
+    for name in files:
+        seeds = ", ".join(map(str, results(name)["seeds"]))
+        assert any(line.split()[0] == name and line.endswith(seeds) for line in listed), f"{name}: seeds {seeds}"
+        assert f"seeds {seeds}; mean ± half-range" in output_after("92", f'RESULTS["{name}"]'), name
+        assert len(findings_table(name)) > 1, f"{name}: the findings page prints no rows"
+
+
+def test_findings_tables_are_the_results_files():
+    models = results("looped-vs-stacked")["results"]["0"]["models"]
+    rows = findings_rows("looped-vs-stacked")
+    assert set(rows) == set(models)
+    for model, cells in rows.items():
+        assert cells[1] == f"{models[model]['parameters']:,}"
+        assert cells[3:5] == [pm(ch03(model, "test_acc")), pm(ch03(model, "ood_acc"))], model
+        assert cells[5] == (pm(ch03(model, "test_curve", 7)) if "test_curve" in models[model] else "—"), model
+
+    rows = findings_rows("fixed-vs-random-depth")
+    assert set(rows) == set(results("fixed-vs-random-depth")["results"]["0"]["runs"])
+    for run, cells in rows.items():
+        assert cells[1:] == [pm(ch04(run, "mean_depth"), 2), pm(ch04(run, "curve", 3)), pm(ch04(run, "curve", 15))], run
+
+    labels = {"no gate, last-step loss": "baseline", "Eq. 4 from the first update": "eq4",
+              "Eq. 4's final mass as fixed weights, no gate": "weights_only", "the recipe: the last step first": "recipe"}
+    rows = findings_rows("exit-recipe")
+    assert sorted(labels[label] for label in rows) == sorted(results("exit-recipe")["results"]["0"]["runs"])
+    for label, cells in rows.items():
+        run = labels[label]
+        gated = run in ("eq4", "recipe")
+        assert cells[1:] == [pm(ch05(run, "test_per_step", index=3)),
+                             pm(ch05(run, "stage2", "q_accuracy")) if gated else "—",
+                             pm(ch05(run, "stage2", "q_steps"), 2) if gated else "—"], label
+
+    rows = findings_rows("other-objectives")
+    assert set(rows) == set(results("other-objectives")["results"]["0"]["runs"])
+    for objective, cells in rows.items():
+        assert cells[1:] == [pm(ch06(objective, "test_accuracy")), pm(ch06(objective, "entropy"), 2),
+                             pm(ch06(objective, "test_steps"), 2)], objective
+
+    rows = findings_rows("cache-strategies", key=lambda cells: (cells[0], cells[1]))
+    assert sorted(rows) == sorted((r["cache"], r["rule"]) for r in results("cache-strategies")["results"]["0"]["rows"])
+    for (cache, rule), cells in rows.items():
+        assert cells[3:5] == [pm(ch07_rows(cache, rule, "accuracy")), pm(ch07_rows(cache, rule, "steps"), 2)], (cache, rule)

@@ -1,43 +1,15 @@
-# Generated from book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
+# Generated from book/05a_appendix_adaptive.py: edit the chapter, then run `make export`.
+from looplm.train import (  # noqa: F401
+    train_stage1,
+    train_stage2,
+    stage2_config,
+    train_two_stage,
+)
 from looplm.adaptive import (  # noqa: F401
-    exit_distribution,
-    exit_entropy,
-    expected_depth,
-    stage1_loss,
-    AdaptiveLoss,
-    Objective,
-    OBJECTIVES,
-    stage2_targets,
-    stage2_gate_loss,
-    gate_on_detached_states,
-    GateLoss,
-    gate_only,
-    q_exit_steps,
-    StepView,
-    ExitRule,
-    QExit,
-    ConfidenceExit,
-    KLExit,
-    HiddenChangeExit,
-    FixedDepth,
-    EXIT_RULES,
-    make_exit_rule,
-    step_view,
-    exit_steps,
-    select_exit_logits,
-    mean_steps,
-    QEXIT_THRESHOLDS,
-    pick_exit_threshold,
-    confidence_exit_steps,
-    kl_exit_steps,
-    hidden_change_exit_steps,
     check_exit_probs,
     StabilityCheck,
     StabilityReport,
     stability_report,
-)
-from looplm.model import (  # noqa: F401
-    LinearExitGate,
 )
 from looplm.experiments import (  # noqa: F401
     CH05_SPLITS,
@@ -47,14 +19,129 @@ from looplm.experiments import (  # noqa: F401
     best_at_budgets,
     EXIT_RECIPE,
 )
-from looplm.train import (  # noqa: F401
-    train_stage1,
-    train_stage2,
-    stage2_config,
-    train_two_stage,
-)
 
-# --- book/05_learning_when_to_stop.py, cell 111 ---
+# --- book/05a_appendix_adaptive.py, cell 4 ---
+import pytest
+
+from looplm.adaptive import (EXIT_RULES, ConfidenceExit, FixedDepth, GateLoss, QExit,
+                             confidence_exit_steps, exit_distribution, exit_entropy, exit_steps, expected_depth,
+                             gate_on_detached_states, gate_only, hidden_change_exit_steps, kl_exit_steps,
+                             make_exit_rule, mean_steps, q_exit_steps, select_exit_logits, stage1_loss,
+                             stage2_gate_loss, stage2_targets)
+from looplm.model import LinearExitGate
+
+# --- book/05a_appendix_adaptive.py, cell 10 ---
+import contextlib
+import copy
+import dataclasses
+import io
+import os
+import tempfile
+
+from looplm.adaptive import AdaptiveLoss
+from looplm.train import TrainConfig, Trainer, default_loss
+
+
+def _recipe_batches(generator):
+    idx = torch.randint(0, 20, (4, 8), generator=generator)
+    return idx, idx.roll(-1, dims=1)
+
+
+def test_two_stage_recipe_freezes_the_model_in_stage_two():
+    torch.manual_seed(0)
+    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, exit_gate=True, max_seq_len=8))
+    by_hand = copy.deepcopy(model)
+    config = TrainConfig(steps=6, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1, eval_every=0, progress=False)
+    recipe = train_two_stage(model, _recipe_batches, config, stage2_steps=2, beta=0.1)
+    assert [r["stage"] for r in recipe.history] == [1, 1, 1, 1, 2, 2]
+    assert [r["step"] for r in recipe.history] == [1, 2, 3, 4, 5, 6]
+    hand = Trainer(by_hand, _recipe_batches, dataclasses.replace(config, steps=4), loss_fn=default_loss)
+    hand.run(until=2)                                          # half of Stage I on the last step alone
+    hand.loss_fn = AdaptiveLoss("stage1", beta=0.1, last_weight=0.5)
+    hand.run()
+    assert [r["loss"] for r in hand.history] == [r["loss"] for r in recipe.history[:4]]
+    ours, theirs = model.state_dict(), by_hand.state_dict()
+    for name in ours:
+        if name.startswith("exit_gate."):
+            assert not torch.equal(ours[name], theirs[name]), name       # Stage II trained the gate
+        else:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="exit_gate=True"):
+        train_two_stage(LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2)), _recipe_batches, config, 2)
+    with pytest.raises(ValueError, match="leaves no Stage I update"):
+        train_two_stage(model, _recipe_batches, config, stage2_steps=6)
+    with pytest.raises(ValueError, match="warm_steps=9 is more than the 4 Stage I updates"):
+        train_two_stage(model, _recipe_batches, config, stage2_steps=2, warm_steps=9)
+    with pytest.raises(ValueError, match="last_weight must be <= 1"):
+        train_two_stage(model, _recipe_batches, config, stage2_steps=2, last_weight=1.5)
+
+
+def test_warm_steps_train_exactly_the_last_step_loss():
+    # with last_weight = 1 the Stage I loss is the last step's mean loss: the same updates as a
+    # model without a gate (whose other weights start equal), and the gate never moves
+    torch.manual_seed(0)
+    gated = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, exit_gate=True, max_seq_len=8))
+    torch.manual_seed(0)
+    plain = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, max_seq_len=8))
+    gate_before = copy.deepcopy(gated.exit_gate.state_dict())
+    config = TrainConfig(steps=3, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.0,
+                         eval_every=0, progress=False)
+    a = train_stage1(gated, _recipe_batches, config, warm_steps=3)
+    b = Trainer(plain, _recipe_batches, config)
+    b.run()
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    assert all(torch.equal(v, gated.exit_gate.state_dict()[k]) for k, v in gate_before.items())
+
+
+def test_two_stage_command_line():
+    # in this process (main() is the command line), which is much faster than a subprocess
+    from looplm.train import main
+
+    with tempfile.TemporaryDirectory() as folder:
+        base = ["--recipe", "two-stage", "--task", "stack", "--difficulty", "2", "--n-train", "100", "--n-test", "20",
+                "--steps", "6", "--stage2-steps", "2", "--batch-size", "4", "--d-model", "16", "--n-heads", "2",
+                "--n-loops", "2", "--no-progress"]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(base + ["--out", folder]) == 0
+        assert "stage 2 done at step 6" in out.getvalue()
+        assert sorted(os.listdir(folder)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as refused:
+            main(base + ["--grad-steps", "1", "--out", folder + "/other"])
+        assert refused.value.code == 2 and "--grad-steps belongs to the 'standard' recipe" in err.getvalue()
+        assert not os.path.exists(folder + "/other")
+
+# --- book/05a_appendix_adaptive.py, cell 16 ---
+from looplm.model import LoopOutput
+
+
+def test_stability_checks():
+    good = exit_distribution(torch.rand(4, 2, 3))
+    assert check_exit_probs(good) < 1e-6
+    with pytest.raises(ValueError, match="must sum to 1 over the steps"):
+        check_exit_probs(good * 0.9)
+    with pytest.raises(ValueError, match=r"exit_probs holds NaN or inf, first at index \[1, 0, 2\] \(step 2\)"):
+        bad = good.clone()
+        bad[1, 0, 2] = float("nan")
+        check_exit_probs(bad)
+    with pytest.raises(ValueError, match="negative"):
+        check_exit_probs(torch.tensor([[1.5], [-0.5]]))
+    hidden = torch.randn(4, 2, 3, 8)
+    settling = torch.stack([torch.ones(1, 2, 4) * (2 - 0.5 ** t) for t in range(5)])   # changes shrink
+    out = LoopOutput(logits=torch.zeros(5, 1, 2, 3), hidden=settling)
+    report = stability_report(out)
+    assert report.ok and all(c.passed for c in report.checks)
+    exploding = LoopOutput(logits=torch.zeros(3, 1, 2, 3), hidden=torch.stack([torch.ones(1, 2, 4) * 10 ** (3 * t) for t in range(3)]))
+    report = stability_report(exploding, max_rms=1e3)
+    assert not report.ok and [c.name for c in report.checks if not c.passed] == ["hidden RMS bounded", "step changes shrink"]
+    with pytest.raises(ValueError, match="stability checks failed: hidden RMS bounded"):
+        stability_report(exploding, raise_on_failure=True)
+    nan_logits = LoopOutput(logits=torch.full((2, 1, 1, 3), float("nan")))
+    assert not stability_report(nan_logits).ok
+
+# --- book/05a_appendix_adaptive.py, cell 21 ---
 import math
 
 import pytest
@@ -111,7 +198,7 @@ def test_linear_gate_is_registered_and_fills_the_output():
     w, b = model.exit_gate.proj.weight[0], model.exit_gate.proj.bias[0]
     torch.testing.assert_close(out.gate[0], 1 / (1 + torch.exp(-(z @ w + b))), rtol=0, atol=1e-15)
 
-# --- book/05_learning_when_to_stop.py, cell 113 ---
+# --- book/05a_appendix_adaptive.py, cell 23 ---
 def _slow_stage1(losses, probs, beta, mask):
     values = []
     for b in range(losses.shape[1]):
@@ -202,7 +289,7 @@ def test_stage2_forward_runs_the_model_without_gradients():
     for name, p in model.named_parameters():
         assert (p.grad is not None) == name.startswith("exit_gate."), name
 
-# --- book/05_learning_when_to_stop.py, cell 115 ---
+# --- book/05a_appendix_adaptive.py, cell 25 ---
 def _slow_q_exit(gates, q, min_steps):
     cdf = 0.0
     for t, p in enumerate(_slow_exit_distribution(gates), start=1):
@@ -275,118 +362,7 @@ def test_per_sequence_steps_and_select_exit_logits():
     assert torch.equal(select_exit_logits(logits, torch.full((2, 2), 3)), logits[-1])
     assert mean_steps(steps) == 2.0 and mean_steps(steps, torch.tensor([[True, True], [False, False]])) == 2.0
 
-# --- book/05_learning_when_to_stop.py, cell 129 ---
-from looplm.model import LoopOutput
-
-
-def test_stability_checks():
-    good = exit_distribution(torch.rand(4, 2, 3))
-    assert check_exit_probs(good) < 1e-6
-    with pytest.raises(ValueError, match="must sum to 1 over the steps"):
-        check_exit_probs(good * 0.9)
-    with pytest.raises(ValueError, match=r"exit_probs holds NaN or inf, first at index \[1, 0, 2\] \(step 2\)"):
-        bad = good.clone()
-        bad[1, 0, 2] = float("nan")
-        check_exit_probs(bad)
-    with pytest.raises(ValueError, match="negative"):
-        check_exit_probs(torch.tensor([[1.5], [-0.5]]))
-    hidden = torch.randn(4, 2, 3, 8)
-    settling = torch.stack([torch.ones(1, 2, 4) * (2 - 0.5 ** t) for t in range(5)])   # changes shrink
-    out = LoopOutput(logits=torch.zeros(5, 1, 2, 3), hidden=settling)
-    report = stability_report(out)
-    assert report.ok and all(c.passed for c in report.checks)
-    exploding = LoopOutput(logits=torch.zeros(3, 1, 2, 3), hidden=torch.stack([torch.ones(1, 2, 4) * 10 ** (3 * t) for t in range(3)]))
-    report = stability_report(exploding, max_rms=1e3)
-    assert not report.ok and [c.name for c in report.checks if not c.passed] == ["hidden RMS bounded", "step changes shrink"]
-    with pytest.raises(ValueError, match="stability checks failed: hidden RMS bounded"):
-        stability_report(exploding, raise_on_failure=True)
-    nan_logits = LoopOutput(logits=torch.full((2, 1, 1, 3), float("nan")))
-    assert not stability_report(nan_logits).ok
-
-# --- book/05_learning_when_to_stop.py, cell 167 ---
-import contextlib
-import copy
-import dataclasses
-import io
-import os
-import tempfile
-
-from looplm.adaptive import AdaptiveLoss
-from looplm.train import TrainConfig, Trainer, default_loss
-
-
-def _recipe_batches(generator):
-    idx = torch.randint(0, 20, (4, 8), generator=generator)
-    return idx, idx.roll(-1, dims=1)
-
-
-def test_two_stage_recipe_freezes_the_model_in_stage_two():
-    torch.manual_seed(0)
-    model = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, exit_gate=True, max_seq_len=8))
-    by_hand = copy.deepcopy(model)
-    config = TrainConfig(steps=6, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1, eval_every=0, progress=False)
-    recipe = train_two_stage(model, _recipe_batches, config, stage2_steps=2, beta=0.1)
-    assert [r["stage"] for r in recipe.history] == [1, 1, 1, 1, 2, 2]
-    assert [r["step"] for r in recipe.history] == [1, 2, 3, 4, 5, 6]
-    hand = Trainer(by_hand, _recipe_batches, dataclasses.replace(config, steps=4), loss_fn=default_loss)
-    hand.run(until=2)                                          # half of Stage I on the last step alone
-    hand.loss_fn = AdaptiveLoss("stage1", beta=0.1, last_weight=0.5)
-    hand.run()
-    assert [r["loss"] for r in hand.history] == [r["loss"] for r in recipe.history[:4]]
-    ours, theirs = model.state_dict(), by_hand.state_dict()
-    for name in ours:
-        if name.startswith("exit_gate."):
-            assert not torch.equal(ours[name], theirs[name]), name       # Stage II trained the gate
-        else:
-            torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0)
-    assert all(p.requires_grad for p in model.parameters())
-    with pytest.raises(ValueError, match="exit_gate=True"):
-        train_two_stage(LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2)), _recipe_batches, config, 2)
-    with pytest.raises(ValueError, match="leaves no Stage I update"):
-        train_two_stage(model, _recipe_batches, config, stage2_steps=6)
-    with pytest.raises(ValueError, match="warm_steps=9 is more than the 4 Stage I updates"):
-        train_two_stage(model, _recipe_batches, config, stage2_steps=2, warm_steps=9)
-    with pytest.raises(ValueError, match="last_weight must be <= 1"):
-        train_two_stage(model, _recipe_batches, config, stage2_steps=2, last_weight=1.5)
-
-
-def test_warm_steps_train_exactly_the_last_step_loss():
-    # with last_weight = 1 the Stage I loss is the last step's mean loss: the same updates as a
-    # model without a gate (whose other weights start equal), and the gate never moves
-    torch.manual_seed(0)
-    gated = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, exit_gate=True, max_seq_len=8))
-    torch.manual_seed(0)
-    plain = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3, max_seq_len=8))
-    gate_before = copy.deepcopy(gated.exit_gate.state_dict())
-    config = TrainConfig(steps=3, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.0,
-                         eval_every=0, progress=False)
-    a = train_stage1(gated, _recipe_batches, config, warm_steps=3)
-    b = Trainer(plain, _recipe_batches, config)
-    b.run()
-    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
-    assert all(torch.equal(v, gated.exit_gate.state_dict()[k]) for k, v in gate_before.items())
-
-
-def test_two_stage_command_line():
-    # in this process (main() is the command line), which is much faster than a subprocess
-    from looplm.train import main
-
-    with tempfile.TemporaryDirectory() as folder:
-        base = ["--recipe", "two-stage", "--task", "stack", "--difficulty", "2", "--n-train", "100", "--n-test", "20",
-                "--steps", "6", "--stage2-steps", "2", "--batch-size", "4", "--d-model", "16", "--n-heads", "2",
-                "--n-loops", "2", "--no-progress"]
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert main(base + ["--out", folder]) == 0
-        assert "stage 2 done at step 6" in out.getvalue()
-        assert sorted(os.listdir(folder)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as refused:
-            main(base + ["--grad-steps", "1", "--out", folder + "/other"])
-        assert refused.value.code == 2 and "--grad-steps belongs to the 'standard' recipe" in err.getvalue()
-        assert not os.path.exists(folder + "/other")
-
-# --- book/05_learning_when_to_stop.py, cell 171 ---
+# --- book/05a_appendix_adaptive.py, cell 27 ---
 def test_bad_input_gets_clear_errors():
     torch.manual_seed(0)
     plain = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3))
