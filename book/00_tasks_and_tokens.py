@@ -150,7 +150,7 @@ run_tests(test_arithmetic_still_works, test_sorted_sorts)
 #
 # The next cell names the module this chapter exports to, and holds its imports.
 
-# %%
+# %% tags=["hide-input"]
 #| default_exp data
 #| export
 import dataclasses

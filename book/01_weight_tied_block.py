@@ -46,7 +46,7 @@
 # We work in plain PyTorch on the CPU. Every random tensor comes from a seeded generator, so
 # every number below is the same each time the chapter runs.
 
-# %%
+# %% tags=["hide-input"]
 import math
 
 import matplotlib.pyplot as plt
@@ -66,7 +66,7 @@ print("torch", torch.__version__)
 # %%
 #| default_exp block
 
-# %%
+# %% tags=["hide-input"]
 #| export
 import math
 

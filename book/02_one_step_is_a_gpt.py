@@ -46,7 +46,7 @@
 #
 # The kept code goes to `looplm/model.py`.
 
-# %%
+# %% tags=["hide-input"]
 import math
 
 import matplotlib.pyplot as plt
@@ -76,7 +76,7 @@ print("vocabulary:", VOCAB_SIZE, "tokens")
 # %%
 #| default_exp model
 
-# %%
+# %% tags=["hide-input"]
 #| export
 import math
 import os

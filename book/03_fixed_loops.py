@@ -44,7 +44,7 @@
 # The injections, initial states and diagnostics extend `looplm/model.py` and go to
 # `looplm/diagnostics.py`.
 
-# %%
+# %% tags=["hide-input"]
 import math
 
 import matplotlib.pyplot as plt
@@ -170,7 +170,7 @@ print(INJECTIONS)
 # whatever the embedding happens to have: $0.02$ per coordinate at initialisation, much
 # smaller than the state after a few steps.
 
-# %%
+# %% tags=["hide-input"]
 #| export
 import math
 
@@ -956,7 +956,7 @@ for name, model in models.items():
 # the batches (`TrainConfig.seed`); the data split is the one above for every seed. Seed 0 is
 # exactly the model trained above.
 
-# %%
+# %% tags=["hide-input"]
 #| export experiments
 import torch
 

@@ -50,7 +50,7 @@
 #
 # The loss machinery goes to `looplm/backprop.py`.
 
-# %%
+# %% tags=["hide-input"]
 import contextlib
 import io
 import math
@@ -85,7 +85,7 @@ print("torch", torch.__version__, "| looplm", looplm.__version__)
 # %%
 #| default_exp backprop
 
-# %%
+# %% tags=["hide-input"]
 #| export
 import math
 

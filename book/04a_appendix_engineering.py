@@ -35,7 +35,7 @@
 # `05a_…` after chapter 5, `07a_…` after chapter 7), so that every module is built before a
 # later chapter adds to it.
 
-# %%
+# %% tags=["hide-input"]
 import contextlib
 import io
 import math
@@ -109,7 +109,7 @@ from looplm.model import (EXIT_GATES, GPT, INIT_STATES, INJECTIONS, EmbeddingIni
 # checked when the config is made, with an error naming the field, the value and the allowed
 # range.
 
-# %%
+# %% tags=["hide-input"]
 #| export train
 import contextlib
 import copy
@@ -805,7 +805,7 @@ splits = make_splits("stack", n_train=5000, n_test=500, max_difficulty=4, ood_ma
 config = LoopLMConfig(VOCAB_SIZE, d_model=64, n_heads=4, n_loops=4, max_seq_len=16)
 get_batch = task_batches(splits.train, batch_size=32)
 
-# %%
+# %% tags=["hide-input"]
 #| export train
 import argparse
 import contextlib
@@ -2128,7 +2128,7 @@ run_tests(test_full_disk_stops_the_run_and_leaves_whole_files, test_unwritable_o
 # (RMSNorm, attention with rotary embeddings, SwiGLU) applied $S$ times, a final norm and a
 # tied head, and it reads out only after the last step. Forty lines, no checks:
 
-# %%
+# %% tags=["hide-input"]
 #| export bench
 import argparse
 import statistics

@@ -53,7 +53,7 @@
 # `looplm/model.py`. Appendix C holds the machinery around them: the recipe's functions and
 # command line, the stability checks, the stored experiment and the tests.
 
-# %%
+# %% tags=["hide-input"]
 import dataclasses
 import math
 import subprocess
@@ -85,7 +85,7 @@ print("torch", torch.__version__)
 # %%
 #| default_exp adaptive
 
-# %%
+# %% tags=["hide-input"]
 #| export
 import math
 from collections.abc import Callable

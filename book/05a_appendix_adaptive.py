@@ -421,7 +421,7 @@ run_tests(test_stability_checks)
 # `python -m looplm.results run exit-recipe` runs it (Appendix B); chapter 5 loads what it
 # stored.
 
-# %%
+# %% tags=["hide-input"]
 #| export experiments
 import copy
 

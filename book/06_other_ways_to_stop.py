@@ -34,7 +34,7 @@
 # `OBJECTIVES` so that `AdaptiveLoss("act")` and the others work; the recursive reasoner goes
 # to `looplm/refine.py`.
 
-# %%
+# %% tags=["hide-input"]
 import copy
 import math
 
@@ -485,7 +485,7 @@ run_tests(test_stored_objectives_match_a_live_prefix)
 # the blocks attend causally, so the slots see the whole prompt, and the halting head reads
 # the last position, which sees everything.
 
-# %%
+# %% tags=["hide-input"]
 #| export refine
 from dataclasses import dataclass
 

@@ -52,7 +52,7 @@
 # The code goes to `looplm/generate.py`; the benchmark `python -m looplm.bench decode` is
 # added to `looplm/bench.py`.
 
-# %%
+# %% tags=["hide-input"]
 import dataclasses
 import math
 import os
@@ -83,7 +83,7 @@ print("torch", torch.__version__, "| looplm", looplm.__version__)
 # %%
 #| default_exp generate
 
-# %%
+# %% tags=["hide-input"]
 #| export
 import argparse
 import math
@@ -1685,16 +1685,15 @@ display(Image(filename=plot_path))
 #   out of the batch. For a model this small those costs are most of a step, so the measured
 #   speedup stays below the ideal; the rules that read the gate or the logits also pay for
 #   computing the gate and the rule's score at every step. In the stored run, Q-exit decoded
-#   1.19 times as fast as full depth at batch 1 and 1.23 times at batch 64 (ideal 1.41), KL
-#   and hidden-state change, which save little or no work, ran at about the speed of full
-#   depth or slower (0.95 and 0.87 at batch 1), and fixed depth 2 ran 1.40 and 2.01 times as
-#   fast (ideal 2). These timings are one run's on a shared machine: the five full-depth rows,
-#   which do nearly the same work, spread by about 15% around their mean (195 to 265 tokens
-#   per second at batch 1), so only larger differences mean something; the last-step cache
-#   with Q-exit even comes out above its ideal. The work skipped is real, as the settings
-#   that skip the most show (confidence, 1.64 steps per token, 1.88 and 1.84 times; fixed
-#   depth 2, 1.40 and 2.01 times); the fraction of it that turns into wall time grows with
-#   the model's width, where the block's matrix products dominate.
+#   1.00 times as fast as full depth at batch 1 and 1.03 times at batch 64 (ideal 1.41), KL
+#   and hidden-state change, which save little or no work, gave no clear gain (1.23 and 1.05
+#   at batch 1), and fixed depth 2 ran 1.65 and 1.68 times as fast (ideal 2). These timings
+#   are one run's, and noisy: the five full-depth rows, which do nearly the same work, spread
+#   over 15% (223 to 257 tokens per second at batch 1), and KL comes out above its own ideal,
+#   so only large differences mean something. The work skipped is real, as the settings that
+#   skip the most show (confidence, 1.64 steps per token, 1.64 and 1.36 times; fixed depth 2,
+#   1.65 and 1.68 times); the fraction of it that turns into wall time grows with the model's
+#   width, where the block's matrix products dominate.
 
 # %% [markdown]
 # ### Quality over three seeds
@@ -1839,10 +1838,10 @@ except ValueError as error:
 # cost some accuracy, the first-step cache most (0.780 against 0.884 for the exact cache over
 # three seeds), as Ouro found. Early exit skipped real work: Q-exit at $q = 0.5$ ran about 3.1
 # loop steps per token instead of 4 and stayed within a point of full depth. How much of that
-# became speed depended on what exited: in the stored run Q-exit decoded 1.19 and 1.23 times as
+# became speed depended on what exited: in the stored run Q-exit decoded 1.00 and 1.03 times as
 # fast as full depth at batch 1 and 64, short of its ideal 1.41, because a batch steps until
 # its slowest row has exited and every step pays fixed costs that, for a model this small, are
-# a large part of its time, while fixed depth 2, where all rows exit together, ran 1.40 and 2.01
+# a large part of its time, while fixed depth 2, where all rows exit together, ran 1.65 and 1.68
 # times as fast.
 
 # %% [markdown]

@@ -18,7 +18,7 @@
 # the loop metadata a decoder needs, loads it back safely, and wraps chapter 7's `generate` in
 # a command line, `python -m looplm.generate`. Its cells extend chapter 7's `looplm/generate.py`.
 
-# %%
+# %% tags=["hide-input"]
 import argparse
 import contextlib
 import io

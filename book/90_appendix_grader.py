@@ -31,7 +31,7 @@
 # graded test fails at first. That is checked for every exercise by the book's own test suite,
 # together with the converse: every test passes on the reference solution.
 
-# %%
+# %% tags=["hide-input"]
 #| default_exp grade
 #| export
 import argparse

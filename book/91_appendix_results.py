@@ -32,7 +32,7 @@
 # - a test re-runs the first steps of one seed live and checks them against the stored
 #   numbers: exactly on the machine that stored them, within a stated tolerance on any other.
 
-# %%
+# %% tags=["hide-input"]
 #| default_exp results
 #| export
 import argparse
