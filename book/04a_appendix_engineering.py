@@ -98,7 +98,8 @@ from looplm.model import (EXIT_GATES, GPT, INIT_STATES, INJECTIONS, EmbeddingIni
 #   the step, before the bad update reaches the weights;
 # - **a record**: one row per step in `history`, with evaluation results merged in.
 #
-# Chapter 4 adds checkpoint files, a command line and loop-specific losses on top of it.
+# Sections C.2 and C.3 add checkpoint files and a command line on top of it, and chapter 4's
+# loop-specific losses plug into it as its `loss_fn`.
 
 # %% [markdown]
 # ### The configuration

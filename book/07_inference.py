@@ -1685,14 +1685,14 @@ display(Image(filename=plot_path))
 #   out of the batch. For a model this small those costs are most of a step, so the measured
 #   speedup stays below the ideal; the rules that read the gate or the logits also pay for
 #   computing the gate and the rule's score at every step. In the stored run, Q-exit decoded
-#   1.00 times as fast as full depth at batch 1 and 1.03 times at batch 64 (ideal 1.41), KL
-#   and hidden-state change, which save little or no work, gave no clear gain (1.23 and 1.05
-#   at batch 1), and fixed depth 2 ran 1.65 and 1.68 times as fast (ideal 2). These timings
+#   1.13 times as fast as full depth at batch 1 and 1.14 times at batch 64 (ideal 1.41), KL
+#   and hidden-state change, which save little or no work, gave no clear gain (1.24 and 0.90
+#   at batch 1), and fixed depth 2 ran 1.59 and 1.48 times as fast (ideal 2). These timings
 #   are one run's, and noisy: the five full-depth rows, which do nearly the same work, spread
-#   over 15% (223 to 257 tokens per second at batch 1), and KL comes out above its own ideal,
+#   over 12% (214 to 240 tokens per second at batch 1), and KL comes out above its own ideal,
 #   so only large differences mean something. The work skipped is real, as the settings that
-#   skip the most show (confidence, 1.64 steps per token, 1.64 and 1.36 times; fixed depth 2,
-#   1.65 and 1.68 times); the fraction of it that turns into wall time grows with the model's
+#   skip the most show (confidence, 1.64 steps per token, 1.67 and 1.55 times; fixed depth 2,
+#   1.59 and 1.48 times); the fraction of it that turns into wall time grows with the model's
 #   width, where the block's matrix products dominate.
 
 # %% [markdown]
@@ -1838,10 +1838,10 @@ except ValueError as error:
 # cost some accuracy, the first-step cache most (0.780 against 0.884 for the exact cache over
 # three seeds), as Ouro found. Early exit skipped real work: Q-exit at $q = 0.5$ ran about 3.1
 # loop steps per token instead of 4 and stayed within a point of full depth. How much of that
-# became speed depended on what exited: in the stored run Q-exit decoded 1.00 and 1.03 times as
+# became speed depended on what exited: in the stored run Q-exit decoded 1.13 and 1.14 times as
 # fast as full depth at batch 1 and 64, short of its ideal 1.41, because a batch steps until
 # its slowest row has exited and every step pays fixed costs that, for a model this small, are
-# a large part of its time, while fixed depth 2, where all rows exit together, ran 1.65 and 1.68
+# a large part of its time, while fixed depth 2, where all rows exit together, ran 1.59 and 1.48
 # times as fast.
 
 # %% [markdown]

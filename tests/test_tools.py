@@ -202,6 +202,10 @@ def test_execute_keeps_unchanged_timings_and_refreshes_changed_ones(book):
     assert execute_toy(book) == first                      # nothing changed: the stored timing stays
     fresh = execute_toy(book, "--fresh-timings")            # asked for: new timings
     assert fresh.startswith("3 ") and fresh != first
+    edited = TIMED.replace("# %%\nimport time", "# %% [markdown]\n# Some new prose.\n\n# %%\nimport time")
+    assert edited != TIMED
+    chapter.write_text(edited)
+    assert execute_toy(book) == fresh                      # only prose changed: the timing stays
     chapter.write_text(TIMED.replace("SIZE = 3", "SIZE = 4"))
     assert execute_toy(book).startswith("4 ")               # an earlier cell changed: re-measured
 

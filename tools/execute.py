@@ -9,8 +9,8 @@ An output holding a memory address is an error: it would change on every run.
 
 Cells tagged "timing" print wall-clock measurements, which differ on every run. Such a cell keeps
 the output stored by an earlier execution when nothing it can depend on has changed since: the
-earlier chapters and this chapter's cells up to and including it (their hash is stored in the
-cell's metadata). Pass --fresh-timings (or set LOOPLM_FRESH_TIMINGS=1) to store new timings.
+code of the earlier chapters and of this chapter's cells up to and including it (their hash is
+stored in the cell's metadata; prose is left out, so editing it keeps the timings). Pass --fresh-timings (or set LOOPLM_FRESH_TIMINGS=1) to store new timings.
 
 Figures are PNG bytes, and the same plot can come out a few pixels different on another machine:
 another CPU rounds a float differently (vectorised kernels, thread counts), which moves a line by
@@ -130,13 +130,18 @@ def keep_stored_figures(py: Path, nb) -> list[int]:
 
 
 def inputs_hash(py: Path, nb, index: int) -> str:
-    """What cell `index` of chapter `py` can depend on: earlier chapters and cells 0..index."""
+    """What cell `index` of chapter `py` can depend on: the code of earlier chapters and of cells
+    0..index (with their tags). Prose cannot change a timing, so editing it keeps them."""
     digest = hashlib.sha256()
     for earlier in chapter_files("py", BOOK):
         if earlier.name < py.name:
-            digest.update(earlier.read_bytes())
+            digest.update(earlier.name.encode() + b"\0")
+            for cell in jupytext.read(earlier).cells:
+                if cell.cell_type == "code":
+                    digest.update(cell.source.encode() + b"\0")
     for cell in nb.cells[: index + 1]:
-        digest.update(cell.cell_type.encode() + b"\0" + cell.source.encode() + b"\0")
+        if cell.cell_type == "code":
+            digest.update(cell.source.encode() + b"\0")
     return digest.hexdigest()
 
 
@@ -144,13 +149,17 @@ def keep_stored_timings(py: Path, nb) -> list[int]:
     """Give unchanged "timing" cells their stored outputs back; return their indices."""
     stored_path = py.with_suffix(".ipynb")
     stored = jupytext.read(stored_path).cells if stored_path.exists() else []
-    kept = []
+    stored_code = [cell for cell in stored if cell.cell_type == "code"]   # matched by their order:
+    kept, n_code = [], 0                                                  # new prose shifts nothing
     for i, cell in enumerate(nb.cells):
-        if cell.cell_type != "code" or TIMING_TAG not in cell.metadata.get("tags", []):
+        if cell.cell_type != "code":
+            continue
+        n_code += 1
+        if TIMING_TAG not in cell.metadata.get("tags", []):
             continue
         key = inputs_hash(py, nb, i)
         cell.metadata["inputs_hash"] = key
-        old = stored[i] if i < len(stored) else None
+        old = stored_code[n_code - 1] if n_code <= len(stored_code) else None
         if old is not None and old.metadata.get("inputs_hash") == key and old.source == cell.source:
             cell.outputs, cell.execution_count = old.outputs, old.get("execution_count")
             kept.append(i)
