@@ -1649,9 +1649,6 @@ except ValueError as e:
 # recipe of section 5.8, on the splits of this chapter with a validation set of 300 examples,
 # and records everything the tables below read.
 
-# %%
-from looplm.experiments import CH05_SPLITS, ch05_rules
-
 # %% [markdown]
 # ### The threshold to deploy, and what it costs
 #

@@ -98,7 +98,7 @@ import torch.nn.functional as F
 
 from looplm.adaptive import EXIT_RULES, ExitRule, StepView, exit_steps, make_exit_rule
 from looplm.data import TASK_VOCAB
-from looplm.model import (LoopLM, LoopLMConfig, _check_generator, _physical_memory_bytes, _require_bool,
+from looplm.model import (LoopLM, _check_generator, _physical_memory_bytes, _require_bool,
                           _require_int)
 from looplm.train import CheckpointError, checkpoint_model, read_checkpoint, save_checkpoint
 
@@ -1428,7 +1428,7 @@ import statistics as _statistics
 
 from looplm.adaptive import make_exit_rule
 from looplm.data import TASK_VOCAB, decode_answer
-from looplm.generate import RULE_DEFAULTS, generate, load_model
+from looplm.generate import RULE_DEFAULTS, generate, load_model_flag
 
 # (cache strategy, exit rule name or None): the rules use RULE_DEFAULTS' thresholds
 DECODE_SETTINGS = (("exact", None), ("last", None), ("first", None), ("average", None), ("mod-2", None),
@@ -1583,7 +1583,6 @@ def _decode_arguments(parser):
 def _decode_model_from_args(args):
     """The checked flags of `bench decode`: -> (task, the loaded model or None). Raises before any work."""
     from looplm.data import TASKS, make_task
-    from looplm.train import CheckpointError
 
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
@@ -1595,12 +1594,7 @@ def _decode_model_from_args(args):
     task = make_task(args.task)
     if args.checkpoint is None:
         return task, None
-    try:
-        model = load_model(args.checkpoint)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"--checkpoint: {e}") from e
-    except CheckpointError as e:
-        raise CheckpointError(f"--checkpoint: {e}") from e
+    model = load_model_flag(args.checkpoint)
     if model.config.vocab_size < TASK_VOCAB.vocab_size:
         raise ValueError(f"--checkpoint: its model has vocab_size={model.config.vocab_size}, fewer ids than the "
                          f"task vocabulary's {TASK_VOCAB.vocab_size}: it was not trained on the chapter 0 tasks")
@@ -1682,18 +1676,19 @@ display(Image(filename=plot_path))
 #   different steps, the batch keeps stepping until its slowest row has exited, and every one
 #   of those steps pays a fixed cost per block however few rows remain (launching each
 #   operation, in Python and in PyTorch), plus a gather of the remaining rows' cache entries
-#   out of the batch. For a model this small those costs are most of a step, so the measured
-#   speedup stays below the ideal; the rules that read the gate or the logits also pay for
-#   computing the gate and the rule's score at every step. In the stored run, Q-exit decoded
-#   1.13 times as fast as full depth at batch 1 and 1.14 times at batch 64 (ideal 1.41), KL
-#   and hidden-state change, which save little or no work, gave no clear gain (1.24 and 0.90
-#   at batch 1), and fixed depth 2 ran 1.59 and 1.48 times as fast (ideal 2). These timings
-#   are one run's, and noisy: the five full-depth rows, which do nearly the same work, spread
-#   over 12% (214 to 240 tokens per second at batch 1), and KL comes out above its own ideal,
-#   so only large differences mean something. The work skipped is real, as the settings that
-#   skip the most show (confidence, 1.64 steps per token, 1.67 and 1.55 times; fixed depth 2,
-#   1.59 and 1.48 times); the fraction of it that turns into wall time grows with the model's
-#   width, where the block's matrix products dominate.
+#   out of the batch. For a model this small those costs are a large part of a step, so the
+#   speedup should stay below the ideal; the rules that read the gate or the logits also pay
+#   for computing the gate and the rule's score at every step. In the stored run, Q-exit decoded
+#   1.49 times as fast as full depth at batch 1 and 1.50 times at batch 64 (ideal 1.41), KL
+#   and hidden-state change, which save little or no work, gave no gain beyond the noise
+#   (1.17 and 1.18 at batch 1), and fixed depth 2 ran 1.59 and 1.71 times as fast (ideal 2).
+#   These timings are one run's, and noisy: the five full-depth rows, which do nearly the
+#   same work, spread over 35% (220 to 298 tokens per second at batch 1), and several ratios
+#   come out above their own ideal, so at this scale only large differences mean something.
+#   The work skipped is real, as the settings that skip the most show (confidence, 1.64 steps
+#   per token, 2.59 and 1.88 times; fixed depth 2, 1.59 and 1.71 times); the fraction of it
+#   that turns into wall time grows with the model's width, where the block's matrix products
+#   dominate.
 
 # %% [markdown]
 # ### Quality over three seeds
@@ -1838,11 +1833,12 @@ except ValueError as error:
 # cost some accuracy, the first-step cache most (0.780 against 0.884 for the exact cache over
 # three seeds), as Ouro found. Early exit skipped real work: Q-exit at $q = 0.5$ ran about 3.1
 # loop steps per token instead of 4 and stayed within a point of full depth. How much of that
-# became speed depended on what exited: in the stored run Q-exit decoded 1.13 and 1.14 times as
-# fast as full depth at batch 1 and 64, short of its ideal 1.41, because a batch steps until
-# its slowest row has exited and every step pays fixed costs that, for a model this small, are
-# a large part of its time, while fixed depth 2, where all rows exit together, ran 1.59 and 1.48
-# times as fast.
+# became speed is more than one run on a small model can say: in the stored run Q-exit decoded
+# 1.49 and 1.50 times as fast as full depth at batch 1 and 64, against an ideal of 1.41, and
+# fixed depth 2, where all rows exit together, ran 1.59 and 1.71 times as fast; timings of
+# rows doing the same work spread by a third. In principle a batch steps until its slowest
+# row has exited and pays fixed costs at every step, so mixed exits gain less than the steps
+# they skip.
 
 # %% [markdown]
 # ## Exercises

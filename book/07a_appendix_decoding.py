@@ -169,6 +169,16 @@ def load_model(path, model=None, map_location="cpu"):
     model.load_state_dict(trainer["model"])
     return model
 
+
+def load_model_flag(path, flag="--checkpoint"):
+    """load_model(path) for a command line: a missing or unusable file is an error naming `flag`."""
+    try:
+        return load_model(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag}: {e}") from e
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag}: {e}") from e
+
 # %% tags=["remove-cell"]
 #| test
 import os
@@ -400,12 +410,7 @@ def main(argv=None):
     vocab = TASK_VOCAB
     try:
         rule, prompts = _check_flags(args, vocab)
-        try:
-            model = load_model(args.checkpoint)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"--checkpoint: {e}") from e
-        except CheckpointError as e:
-            raise CheckpointError(f"--checkpoint: {e}") from e
+        model = load_model_flag(args.checkpoint)
         max_new = _check_against_model(args, model, rule, prompts)
         generator = torch.Generator().manual_seed(args.seed)
         res = generate(model, prompts, max_new, temperature=args.temperature, top_k=args.top_k,

@@ -262,7 +262,7 @@ import statistics as _statistics
 
 from looplm.adaptive import make_exit_rule
 from looplm.data import TASK_VOCAB, decode_answer
-from looplm.generate import RULE_DEFAULTS, generate, load_model
+from looplm.generate import RULE_DEFAULTS, generate, load_model_flag
 
 # (cache strategy, exit rule name or None): the rules use RULE_DEFAULTS' thresholds
 DECODE_SETTINGS = (("exact", None), ("last", None), ("first", None), ("average", None), ("mod-2", None),
@@ -407,7 +407,6 @@ def _decode_arguments(parser):
 def _decode_model_from_args(args):
     """The checked flags of `bench decode`: -> (task, the loaded model or None). Raises before any work."""
     from looplm.data import TASKS, make_task
-    from looplm.train import CheckpointError
 
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
@@ -419,12 +418,7 @@ def _decode_model_from_args(args):
     task = make_task(args.task)
     if args.checkpoint is None:
         return task, None
-    try:
-        model = load_model(args.checkpoint)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"--checkpoint: {e}") from e
-    except CheckpointError as e:
-        raise CheckpointError(f"--checkpoint: {e}") from e
+    model = load_model_flag(args.checkpoint)
     if model.config.vocab_size < TASK_VOCAB.vocab_size:
         raise ValueError(f"--checkpoint: its model has vocab_size={model.config.vocab_size}, fewer ids than the "
                          f"task vocabulary's {TASK_VOCAB.vocab_size}: it was not trained on the chapter 0 tasks")

@@ -1,6 +1,6 @@
 # Generated from book/07_inference.py, book/07a_appendix_decoding.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['CacheStrategy', 'CACHE_STRATEGIES', 'cache_strategy', 'LayerCache', 'LoopKVCache', 'GenerationResult', 'choose_tokens', 'generate', 'save_model', 'load_model', 'RULE_DEFAULTS', 'main']
+__all__ = ['CacheStrategy', 'CACHE_STRATEGIES', 'cache_strategy', 'LayerCache', 'LoopKVCache', 'GenerationResult', 'choose_tokens', 'generate', 'save_model', 'load_model', 'load_model_flag', 'RULE_DEFAULTS', 'main']
 # fmt: on
 
 # --- book/07_inference.py, cell 6 ---
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from looplm.adaptive import EXIT_RULES, ExitRule, StepView, exit_steps, make_exit_rule
 from looplm.data import TASK_VOCAB
-from looplm.model import (LoopLM, LoopLMConfig, _check_generator, _physical_memory_bytes, _require_bool,
+from looplm.model import (LoopLM, _check_generator, _physical_memory_bytes, _require_bool,
                           _require_int)
 from looplm.train import CheckpointError, checkpoint_model, read_checkpoint, save_checkpoint
 
@@ -548,6 +548,16 @@ def load_model(path, model=None, map_location="cpu"):
     model.load_state_dict(trainer["model"])
     return model
 
+
+def load_model_flag(path, flag="--checkpoint"):
+    """load_model(path) for a command line: a missing or unusable file is an error naming `flag`."""
+    try:
+        return load_model(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag}: {e}") from e
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag}: {e}") from e
+
 # --- book/07a_appendix_decoding.py, cell 10 ---
 RULE_DEFAULTS = {"q_exit": 0.5, "confidence": 0.9, "kl": 5e-4, "hidden_change": 0.03, "fixed": 2}
 
@@ -666,12 +676,7 @@ def main(argv=None):
     vocab = TASK_VOCAB
     try:
         rule, prompts = _check_flags(args, vocab)
-        try:
-            model = load_model(args.checkpoint)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"--checkpoint: {e}") from e
-        except CheckpointError as e:
-            raise CheckpointError(f"--checkpoint: {e}") from e
+        model = load_model_flag(args.checkpoint)
         max_new = _check_against_model(args, model, rule, prompts)
         generator = torch.Generator().manual_seed(args.seed)
         res = generate(model, prompts, max_new, temperature=args.temperature, top_k=args.top_k,

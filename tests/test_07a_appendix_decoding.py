@@ -2,6 +2,7 @@
 from looplm.generate import (  # noqa: F401
     save_model,
     load_model,
+    load_model_flag,
     RULE_DEFAULTS,
     main,
 )

@@ -35,8 +35,13 @@ def numbered_chapters():
 
 
 def chapter_sources():
-    """Every chapter and appendix source: book/NN_slug.py and book/NNa_slug.py."""
-    return sorted(p.stem for p in BOOK.glob("[0-9][0-9]*_*.py") if re.match(r"\d\d[a-z]?_", p.name))
+    """Every chapter and appendix source, by the tools' own rule (tools/export.py's chapter_files)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from export import chapter_files
+    finally:
+        sys.path.pop(0)
+    return [p.stem for p in chapter_files("py", BOOK)]
 
 
 @pytest.fixture(scope="module")
