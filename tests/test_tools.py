@@ -1,9 +1,11 @@
 """The pipeline's own tools, on a throwaway book: export is deterministic, and the checks catch
 a hand-edited generated file, a chapter never exported, and a notebook out of sync."""
 
+import ast
 import contextlib
 import importlib.util
 import io
+import re
 import shutil
 import sys
 import textwrap
@@ -83,7 +85,7 @@ def test_export_writes_module_and_tests_with_provenance(book):
     module = (book / "looplm" / "toy.py").read_text()
     assert module.startswith("# Generated from book/07_toy.py")
     assert "__all__ = ['double']" in module  # _private is not public
-    assert "# --- book/07_toy.py, cell 2 ---" in module
+    assert "# --- book/07_toy.py:22 (cell 2) ---" in module  # line 22 of the chapter: `def double`
     assert "notebook only" not in module
     tests = (book / "tests" / "test_07_toy.py").read_text()
     assert "from looplm.toy import (" in tests and "def test_double" in tests
@@ -168,6 +170,84 @@ def test_main_guard_goes_last_in_its_module(book):
     assert run(book, "export.py").returncode == 0
     module = (book / "looplm" / "toy.py").read_text()
     assert module.index("LATER = 1") < module.index("def main") < module.index("__main__")
+
+
+def test_export_gathers_imports_at_the_top(book):
+    """Top-level imports from every cell go to the top once each, grouped stdlib / third party /
+    looplm, one `from` statement a module; an import inside a function stays; a cell that held
+    only imports loses its banner."""
+    cells = textwrap.dedent('''\
+        # %%
+        #| export
+        import math
+        from os import (
+            sep,
+        )
+
+        # %%
+        #| export
+        from looplm import (  # noqa: F401
+            __version__,
+        )
+        import torch
+        from os import path
+        import math
+
+        # %%
+        #| export
+        def half(x):
+            import fractions
+            return fractions.Fraction(x, 2) * math.pi
+
+        ''')
+    (book / "book" / "07_toy.py").write_text(CHAPTER.replace("# %%\nprint(", cells + "# %%\nprint("))
+    assert run(book, "export.py").returncode == 0
+    module = (book / "looplm" / "toy.py").read_text()
+    top = module.split("\n# --- ")[0]
+    assert top.endswith("# fmt: on\n\nimport math\nfrom os import path, sep\n\nimport torch\n\n"
+                        "from looplm import (  # noqa: F401\n    __version__,\n)\n")  # a comment: as written
+    assert module.count("import math") == 1 and "    import fractions" in module
+    assert module.count("\n# --- book/07_toy.py") == 2  # double's cell and half's: not the imports' cell
+
+
+def generated_files():
+    for folder in ("looplm", "kernels", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            if text.startswith("# Generated from "):
+                yield path, text
+
+
+def test_generated_files_import_at_the_top():
+    """In the package and tests as exported: no column-0 import after the first other statement
+    (the `__all__` line aside, which comes first)."""
+    for path, text in generated_files():
+        body = [node for node in ast.parse(text).body if not (
+            isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["__all__"])]
+        kinds = [isinstance(node, (ast.Import, ast.ImportFrom)) for node in body]
+        assert kinds == sorted(kinds, reverse=True), f"{path.name}: an import after other code"
+
+
+def test_banners_name_the_chapter_line_of_the_cell():
+    """Each `# --- book/NN_slug.py:LINE (cell K) ---` names the line that holds the first line of
+    cell K's code (its '#|' directives aside), and what follows the banner comes from that cell."""
+    banner = re.compile(r"^# --- (book/[^:]+):(\d+) \(cell (\d+)\) ---$", re.M)
+    chapters = {}
+    checked = 0
+    for path, text in generated_files():
+        for match in banner.finditer(text):
+            chapter, line, cell = match[1], int(match[2]), int(match[3])
+            if chapter not in chapters:
+                chapters[chapter] = ((ROOT / chapter).read_text(encoding="utf-8").splitlines(),
+                                     jupytext.read(ROOT / chapter).cells)
+            lines, cells = chapters[chapter]
+            source = [s for s in cells[cell].source.splitlines() if not s.startswith("#|")]
+            first = next(s for s in source if s)
+            assert lines[line - 1] == first, f"{path.name}: {match[0]} but that line is {lines[line - 1]!r}"
+            shown = text[match.end():].lstrip("\n").splitlines()[0]
+            assert shown in source, f"{path.name}: {match[0]} is followed by {shown!r}, not from that cell"
+            checked += 1
+    assert checked > 100
 
 
 TIMED = CHAPTER.split("# %% [markdown]")[0] + textwrap.dedent('''\
