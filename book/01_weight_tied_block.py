@@ -74,22 +74,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looplm.checks import require_int, require_number
+
 # %% [markdown]
 # ## 1.1 Argument checks
 #
 # A block that quietly accepts a wrong shape is hard to debug. The mistake shows up much
 # later as a wrong loss, or as a shape error deep inside a matrix multiply. So every public
 # function and module here checks its arguments up front, and its error message names the
-# argument that is wrong. The checks are small private functions.
+# argument that is wrong. Integers and numbers go through `looplm.checks` (chapter 0); the
+# tensor checks are small private functions. A forward pass runs for every block of every
+# loop step, so there a check is one cheap condition, and the full diagnosis below runs only
+# when that condition fails.
 
 # %%
 #| export
-def _check_positive_int(name, value):
-    """Raise ValueError unless `value` is a positive int (a bool is not accepted)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_floating(x, name="x"):
     """Raise TypeError unless `x` is a floating-point tensor."""
     if not isinstance(x, torch.Tensor):
@@ -197,14 +196,13 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        _check_positive_int("dim", dim)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
-        self.dim, self.eps = dim, float(eps)
+        require_int("dim", dim, 1)
+        self.dim, self.eps = dim, require_number("eps", eps, 0, low_open=True)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        _check_floating(x)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            _check_floating(x)
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension dim={self.dim}, "
                              f"got shape {list(x.shape)}")
@@ -331,12 +329,11 @@ def rope_angles(head_dim, max_seq_len, base=10000.0, dtype=torch.float32, device
     Returns (cos, sin), each of shape [max_seq_len, head_dim // 2] in `dtype` (float32 by
     default). The angles are computed in float64 so that large positions keep their precision.
     """
-    _check_positive_int("head_dim", head_dim)
-    _check_positive_int("max_seq_len", max_seq_len)
+    require_int("head_dim", head_dim, 1)
+    require_int("max_seq_len", max_seq_len, 1)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
-        raise ValueError(f"base must be a number > 1, got {base!r}")
+    require_number("base", base, 1, low_open=True)
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     positions = torch.arange(max_seq_len, dtype=torch.float64, device=device)           # (T,)
     angles = torch.outer(positions, inv_freq)                                           # (T, hs/2)
@@ -414,6 +411,14 @@ def _check_rope_tables(x, cos, sin):
             raise ValueError(f"{name} has {table.shape[0]} rows but x has T={T}: pass the rows for "
                              f"x's positions, e.g. {name}[start:start + T]")
 
+
+def _rope_tables_fit(x, cos, sin):
+    """The cheap test apply_rope runs on every call; _check_rope_tables explains a failure."""
+    return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim == 4
+            and isinstance(cos, torch.Tensor) and cos.ndim in (2, 3) and sin.shape == cos.shape
+            and cos.shape[-2] == x.shape[-2] and 2 * cos.shape[-1] == x.shape[-1]
+            and (cos.ndim == 2 or cos.shape[0] == x.shape[0]))
+
 # %% [markdown]
 # The rotation itself works on two contiguous halves, with no strided indexing, so it is
 # four lines:
@@ -428,7 +433,8 @@ def apply_rope(x, cos, sin):
     the earlier positions. When the rows of a batch sit at different positions, pass one table
     per row, [B, T, head_dim // 2]. Returns a tensor of x's shape and dtype.
     """
-    _check_rope_tables(x, cos, sin)
+    if not _rope_tables_fit(x, cos, sin):
+        _check_rope_tables(x, cos, sin)                # raises, saying what is wrong
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]          # (B, nh, T, hs/2) each
     if cos.ndim == 3:                              # one table per row: (B, 1, T, hs/2)
@@ -610,9 +616,8 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, seq_len, start=0):
-        _check_positive_int("seq_len", seq_len)
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be a non-negative int, got {start!r}")
+        require_int("seq_len", seq_len, 1)
+        require_int("start", start, 0)
         if start + seq_len > self.max_seq_len:
             raise ValueError(f"positions {start}..{start + seq_len - 1} do not fit the rope tables "
                              f"(max_seq_len={self.max_seq_len}): the sequence is too long")
@@ -690,8 +695,8 @@ def causal_mask(t_q, t_k, device=None, dtype=torch.float32):
     The t_q queries are the last t_q of the t_k positions (t_q <= t_k), so query i sees keys
     j <= i + (t_k - t_q). With t_q == t_k this is the usual lower-triangular mask.
     """
-    _check_positive_int("t_q", t_q)
-    _check_positive_int("t_k", t_k)
+    require_int("t_q", t_q, 1)
+    require_int("t_k", t_k, 1)
     if t_q > t_k:
         raise ValueError(f"t_q={t_q} queries need at least as many keys, got t_k={t_k}")
     mask = torch.full((t_q, t_k), float("-inf"), device=device, dtype=dtype)
@@ -776,8 +781,8 @@ print(f"is_causal=True:     max diff from the full last row = {(wrong - full_las
 # %%
 #| export
 def _check_heads(d_model, n_heads):
-    _check_positive_int("d_model", d_model)
-    _check_positive_int("n_heads", n_heads)
+    require_int("d_model", d_model, 1)
+    require_int("n_heads", n_heads, 1)
     if d_model % n_heads:
         raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
     if (d_model // n_heads) % 2:
@@ -819,7 +824,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, attend=None):
         """attend(q, k, v) -> [B, nh, T, hs] replaces the causal attention op (a KV cache passes
         one, chapter 7); by default it is scaled_dot_product_attention(is_causal=True)."""
-        _check_hidden(x, self.d_model)
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model or not x.is_floating_point():
+            _check_hidden(x, self.d_model)             # says what is wrong
         q, k, v = self.project_qkv(x, cos, sin)
         if attend is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
@@ -980,8 +986,8 @@ def default_d_hidden(d_model, multiple_of=8):
     Three d x (8d/3) matrices hold 8 d² parameters, as many as a classic 4d-wide two-matrix MLP
     (arXiv 2002.05202).
     """
-    _check_positive_int("d_model", d_model)
-    _check_positive_int("multiple_of", multiple_of)
+    require_int("d_model", d_model, 1)
+    require_int("multiple_of", multiple_of, 1)
     return multiple_of * -(-8 * d_model // (3 * multiple_of))  # integer ceiling division
 
 # %%
@@ -1003,8 +1009,8 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model, d_hidden=None):
         super().__init__()
         d_hidden = default_d_hidden(d_model) if d_hidden is None else d_hidden
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("d_hidden", d_hidden)
+        require_int("d_model", d_model, 1)
+        require_int("d_hidden", d_hidden, 1)
         self.gate = nn.Linear(d_model, d_hidden, bias=False)
         self.up = nn.Linear(d_model, d_hidden, bias=False)
         self.down = nn.Linear(d_hidden, d_model, bias=False)
@@ -1069,7 +1075,7 @@ def _check_block_args(d_model, n_heads, d_hidden, norm_style):
     """Validate Block's arguments; return d_hidden with its default filled in."""
     _check_heads(d_model, n_heads)
     d_hidden = default_d_hidden(d_model) if d_hidden is None else d_hidden
-    _check_positive_int("d_hidden", d_hidden)
+    require_int("d_hidden", d_hidden, 1)
     if not isinstance(norm_style, str) or norm_style not in NORM_STYLES:
         allowed = ", ".join(repr(s) for s in NORM_STYLES)
         raise ValueError(f"norm_style must be one of {allowed}; got {norm_style!r}")
@@ -1104,7 +1110,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, attend=None):
         """attend: passed to the attention (None: causal attention over x itself)."""
-        _check_hidden(x, self.d_model)
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model or not x.is_floating_point():
+            _check_hidden(x, self.d_model)             # says what is wrong
         if self.norm_style == "pre":
             n1, n2 = self.norms
             x = x + self.attn(n1(x), cos, sin, attend)
@@ -1448,13 +1455,13 @@ run_tests(test_bad_arguments_raise)
 #| test
 def test_bad_sizes_raise():
     for bad in (0, -8, 2.5, True):
-        with pytest.raises(ValueError, match="d_model must be a positive int"):
+        with pytest.raises(ValueError, match="d_model must be an int >= 1"):
             Block(bad, 1)
-    with pytest.raises(ValueError, match="n_heads must be a positive int"):
+    with pytest.raises(ValueError, match="n_heads must be an int >= 1"):
         CausalSelfAttention(64, 0)
-    with pytest.raises(ValueError, match="d_hidden must be a positive int"):
+    with pytest.raises(ValueError, match="d_hidden must be an int >= 1"):
         SwiGLU(64, 0)
-    with pytest.raises(ValueError, match="eps must be a positive number"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         RMSNorm(64, eps=0.0)
 
 

@@ -85,8 +85,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding, block_param_count, default_d_hidden
+from looplm.checks import require_bool, require_choice, require_int, require_number
 from looplm.data import IGNORE_INDEX
 
 # %% [markdown]
@@ -96,44 +98,8 @@ from looplm.data import IGNORE_INDEX
 # them in a dataclass, as nanoGPT {cite:p}`karpathy2022nanogpt` does. Ours is *frozen* and
 # *validated*. A wrong value fails
 # when the config is made, with a message naming the field, the value and what is allowed,
-# instead of surfacing later as a shape error deep inside attention.
-
-# %% [markdown]
-# The checks are four small functions. Each raises a `ValueError` that reads like a sentence,
-# and returns the value it checked, so a caller can write `n = _require_int("n", n, 1)`.
-# `bool` is refused where an int is expected: Python treats `True` as `1`, and `n_layers=True`
-# is almost certainly a mistake.
-
-# %%
-#| export
-def _require_int(name, value, low, high=None):
-    """`value` if it is an int in [low, high] (a bool does not count as an int here), else ValueError."""
-    if (isinstance(value, bool) or not isinstance(value, int) or value < low
-            or (high is not None and value > high)):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
-    return value
-
-
-def _require_number(name, value, above):
-    """`value` if it is a finite number > above, else ValueError."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or not value > above):
-        raise ValueError(f"{name} must be a finite number > {above}, got {value!r}")
-    return value
-
-
-def _require_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _require_choice(name, value, allowed):
-    if not isinstance(value, str) or value not in allowed:
-        names = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"{name} must be one of {names}; got {value!r}")
-    return value
+# instead of surfacing later as a shape error deep inside attention. The checks are chapter 0's
+# `looplm.checks`: `require_int`, `require_number`, `require_bool` and `require_choice`.
 
 # %% [markdown]
 # The GPT and the looped model share most of their fields: the vocabulary, the width, the
@@ -149,9 +115,9 @@ MAX_VOCAB_SIZE = 2**31 - 1   # token ids may arrive as int32 tensors
 
 def _validate_common(cfg):
     """The checks GPTConfig and LoopLMConfig share."""
-    _require_int("vocab_size", cfg.vocab_size, 1, MAX_VOCAB_SIZE)
-    _require_int("d_model", cfg.d_model, 1)
-    _require_int("n_heads", cfg.n_heads, 1)
+    require_int("vocab_size", cfg.vocab_size, 1, MAX_VOCAB_SIZE)
+    require_int("d_model", cfg.d_model, 1)
+    require_int("n_heads", cfg.n_heads, 1)
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"n_heads must divide d_model, got n_heads={cfg.n_heads} "
                          f"and d_model={cfg.d_model}")
@@ -159,13 +125,13 @@ def _validate_common(cfg):
         raise ValueError(f"head_dim = d_model // n_heads = {cfg.d_model // cfg.n_heads} must be "
                          f"even for rotary embeddings (d_model={cfg.d_model}, n_heads={cfg.n_heads})")
     if cfg.d_hidden is not None:
-        _require_int("d_hidden", cfg.d_hidden, 1)
-    _require_int("max_seq_len", cfg.max_seq_len, 1)
-    _require_choice("norm_style", cfg.norm_style, NORM_STYLES)
-    _require_bool("tie_embeddings", cfg.tie_embeddings)
-    _require_number("rope_base", cfg.rope_base, 1)
-    _require_number("eps", cfg.eps, 0)
-    _require_number("init_std", cfg.init_std, 0)
+        require_int("d_hidden", cfg.d_hidden, 1)
+    require_int("max_seq_len", cfg.max_seq_len, 1)
+    require_choice("norm_style", cfg.norm_style, NORM_STYLES)
+    require_bool("tie_embeddings", cfg.tie_embeddings)
+    require_number("rope_base", cfg.rope_base, 1, low_open=True)
+    require_number("eps", cfg.eps, 0, low_open=True)
+    require_number("init_std", cfg.init_std, 0, low_open=True)
 
 # %% [markdown]
 # A config can be valid field by field and still describe a model that no machine holds:
@@ -233,7 +199,7 @@ class GPTConfig:
 
     def __post_init__(self):
         _validate_common(self)
-        _require_int("n_layers", self.n_layers, 1)
+        require_int("n_layers", self.n_layers, 1)
 
     @property
     def head_dim(self):
@@ -272,8 +238,10 @@ except ValueError as e:
 
 # %% [markdown]
 # Token ids get checked before they reach the embedding. `nn.Embedding` would fail on an
-# out-of-range id too, but with an index error that does not say which id or which range;
-# on a GPU it is a device-side assert that stops the process.
+# out-of-range id too, but with an index error that does not say which id or which range.
+# The shape and dtype checks are free. The range check reads the values, which is free on the
+# CPU but on a GPU makes the host wait for the device on every forward, so there the check
+# is left to the embedding's own device-side assert.
 
 # %%
 #| export
@@ -287,6 +255,8 @@ def _check_token_ids(name, ids, vocab_size, max_seq_len):
         raise ValueError(f"{name} must have shape [B, T] with B, T >= 1, got {list(ids.shape)}")
     if ids.shape[1] > max_seq_len:
         raise ValueError(f"{name} has T={ids.shape[1]} positions but max_seq_len={max_seq_len}")
+    if ids.device.type != "cpu":
+        return          # reading values would make the host wait for the GPU; the embedding checks them there
     low, high = ids.min().item(), ids.max().item()
     if low < 0 or high >= vocab_size:
         raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): "
@@ -541,7 +511,7 @@ print("init(x0) is x0:", INIT_STATES["embedding"](None)(x0) is x0)
 # %%
 #| export
 def _validate_exit_gate(cfg):
-    _require_bool("exit_gate", cfg.exit_gate)
+    require_bool("exit_gate", cfg.exit_gate)
     if not isinstance(cfg.gate_head, str):
         raise ValueError(f"gate_head must be a str naming an entry of EXIT_GATES, got {cfg.gate_head!r}")
     if not cfg.exit_gate:
@@ -549,7 +519,7 @@ def _validate_exit_gate(cfg):
     if not EXIT_GATES:
         raise ValueError("exit_gate=True, but no exit gate is available yet: EXIT_GATES is empty "
                          "until chapter 5 (adaptive depth) registers one; use exit_gate=False")
-    _require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
+    require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
 # %% [markdown]
 # The config also knows its effective depth, $n_{\text{prelude}} + n_{\text{core}} \cdot S + n_{\text{coda}}$:
@@ -586,12 +556,12 @@ class LoopLMConfig:
 
     def __post_init__(self):
         _validate_common(self)
-        _require_int("n_prelude", self.n_prelude, 0)
-        _require_int("n_core", self.n_core, 1)
-        _require_int("n_coda", self.n_coda, 0)
-        _require_int("n_loops", self.n_loops, 1)
-        _require_choice("injection", self.injection, tuple(INJECTIONS))
-        _require_choice("init_state", self.init_state, tuple(INIT_STATES))
+        require_int("n_prelude", self.n_prelude, 0)
+        require_int("n_core", self.n_core, 1)
+        require_int("n_coda", self.n_coda, 0)
+        require_int("n_loops", self.n_loops, 1)
+        require_choice("injection", self.injection, tuple(INJECTIONS))
+        require_choice("init_state", self.init_state, tuple(INIT_STATES))
         _validate_exit_gate(self)
 
     @property
@@ -601,7 +571,7 @@ class LoopLMConfig:
     def effective_depth(self, n_loops=None):
         """Blocks on the path to the last readout: n_prelude + n_core * n_loops + n_coda."""
         n_loops = self.n_loops if n_loops is None else n_loops
-        _require_int("n_loops", n_loops, 1)
+        require_int("n_loops", n_loops, 1)
         return self.n_prelude + self.n_core * n_loops + self.n_coda
 
 # %% [markdown]
@@ -694,6 +664,8 @@ def _check_targets(targets, idx, vocab_size):
     if targets.shape != idx.shape:
         raise ValueError(f"targets must have the shape of idx {list(idx.shape)}, "
                          f"got {list(targets.shape)}")
+    if targets.device.type != "cpu":
+        return          # as for idx: no host-device sync; cross_entropy checks the ids on the GPU
     learned = targets != IGNORE_INDEX
     if not learned.any():
         raise ValueError(f"targets has no position to learn: every entry is IGNORE_INDEX={IGNORE_INDEX}")
@@ -820,10 +792,22 @@ plt.show()
 # the readouts into the output record and, given targets, the per-step losses. Two optional
 # arguments control where the loop starts: `state0=` gives $h_0$ explicitly, and
 # `generator=` (a `torch.Generator`) drives every random draw of the forward, so that a
-# random initial state (chapter 3) is reproducible call by call. Both are checked first:
+# random initial state (chapter 3) is reproducible call by call. Three more are for training,
+# and chapter 4 explains them: `grad_steps=` (truncated backpropagation), `checkpoint=`
+# (activation checkpointing) and `readout="last"`. They sit here so that training, like
+# decoding, runs this one loop. The arguments are checked first:
 
 # %%
 #| export
+def _check_grad_steps(grad_steps, n_loops):
+    """grad_steps if it is an int in [1, n_loops]: how many of the last steps get gradients."""
+    require_int("grad_steps", grad_steps, 1)
+    if grad_steps > n_loops:
+        raise ValueError(f"grad_steps must be <= n_loops: {n_loops} steps run, so at most {n_loops} "
+                         f"can get gradients; got grad_steps={grad_steps}")
+    return grad_steps
+
+
 def _check_generator(generator):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -902,15 +886,29 @@ class LoopLM(nn.Module):
         z = self.norm(h[:, -1:] if last_only else h)
         return self.lm_head(z), z
 
-    def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None):
+    def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None,
+                grad_steps=None, checkpoint=False, readout="all"):
         """state0: an explicit h_0 [B, T, D] instead of init_state's; generator: a torch.Generator
-        for every random draw of this forward (a random initial state)."""
+        for every random draw of this forward (a random initial state).
+
+        Three options serve training (chapter 4); none changes a forward value. grad_steps=k:
+        only the last k steps get gradients (truncated backpropagation), the earlier ones run
+        under no_grad and their readouts come back detached. checkpoint=True: each step with
+        gradients is recomputed during backward instead of storing its activations.
+        readout="last": read out the last step only (logits [1, B, T, V]); not with a gate.
+        """
         c = self.config
         _check_token_ids("idx", idx, c.vocab_size, c.max_seq_len)
         if targets is not None:
             _check_targets(targets, idx, c.vocab_size)
-        n_loops = c.n_loops if n_loops is None else _require_int("n_loops", n_loops, 1)
-        _require_bool("return_hidden", return_hidden)
+        n_loops = c.n_loops if n_loops is None else require_int("n_loops", n_loops, 1)
+        first_grad_step = 0 if grad_steps is None else n_loops - _check_grad_steps(grad_steps, n_loops)
+        require_bool("checkpoint", checkpoint)
+        require_bool("return_hidden", return_hidden)
+        if readout not in ("all", "last"):
+            raise ValueError(f"readout must be 'all' or 'last', got {readout!r}")
+        if readout == "last" and self.exit_gate is not None:
+            raise ValueError("readout='last' cannot be used with an exit gate: the gate needs every step's readout")
         _check_generator(generator)
 
         cos, sin = self.rope(idx.shape[1])                    # (T, hs/2) each
@@ -920,20 +918,38 @@ class LoopLM(nn.Module):
         else:
             h = _check_state0(state0, x0)
         logits, gates, hidden = [], [], []
-        for _ in range(n_loops):
-            h = self.step(h, x0, cos, sin)                    # h_t: (B, T, D)
-            step_logits, z = self.readout(h, cos, sin)        # (B, T, V), (B, T, D)
-            logits.append(step_logits)
-            if self.exit_gate is not None:
-                gates.append(self.exit_gate(z))               # (B, T)
+        for t in range(n_loops):
+            read = readout == "all" or t == n_loops - 1
+            if t < first_grad_step:                           # truncated: no graph, nothing saved
+                with torch.no_grad():
+                    h, step_logits, gate = self._step_and_read(h, x0, cos, sin, read)
+            elif checkpoint and torch.is_grad_enabled():      # inputs saved, the rest recomputed
+                h, step_logits, gate = activation_checkpoint(self._step_and_read, h, x0, cos, sin, read,
+                                                             use_reentrant=False)
+            else:
+                h, step_logits, gate = self._step_and_read(h, x0, cos, sin, read)
+            if read:
+                logits.append(step_logits)                    # (B, T, V)
+                gates.append(gate)                            # (B, T), or None without a gate
             if return_hidden:
                 hidden.append(h)
+        return self._output(logits, gates, hidden, targets)
 
+    def _step_and_read(self, h, x0, cos, sin, read=True):
+        """One loop step, then (if read) its readout: -> (h_t, logits_t or None, gate_t or None)."""
+        h = self.step(h, x0, cos, sin)                        # h_t: (B, T, D)
+        if not read:
+            return h, None, None
+        logits, z = self.readout(h, cos, sin)                 # (B, T, V), (B, T, D)
+        return h, logits, None if self.exit_gate is None else self.exit_gate(z)
+
+    def _output(self, logits, gates, hidden, targets=None):
+        """The output record from the per-step lists (the one place a LoopOutput is built)."""
         out = LoopOutput(logits=torch.stack(logits))          # (S, B, T, V)
-        if gates:
+        if self.exit_gate is not None:
             out.gate = torch.stack(gates)                     # (S, B, T)
             out.exit_probs = self.exit_gate.exit_probs(out.gate)
-        if return_hidden:
+        if hidden:
             out.hidden = torch.stack(hidden)                  # (S, B, T, D)
         if targets is not None:
             out.step_losses = token_losses(out.logits, targets)           # (S, B, T)

@@ -38,8 +38,7 @@
 # 1. a loss at every step, and a weighted sum of them;
 # 2. the gradient of a shared weight, checked with `gradcheck` and split into its per-step terms;
 # 3. activation memory, measured, as a function of the step count;
-# 4. `loop_forward`, a loop runner for training with truncated backpropagation and
-#    activation checkpointing;
+# 4. truncated backpropagation and activation checkpointing, two options of the one loop;
 # 5. how the gradient's size depends on the step count, and what to do about it;
 # 6. randomized depth, Huginn's way;
 # 7. a loss function for chapter 3's `Trainer` with all of the above as options, plus two
@@ -57,8 +56,10 @@ import math
 import os
 import statistics
 import subprocess
+import inspect
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -69,6 +70,7 @@ import torch.nn.functional as F
 from IPython.display import Image, display
 
 import looplm
+from looplm.backprop import LoopLoss, make_loop_loss
 from looplm.block import RMSNorm
 from looplm.data import IGNORE_INDEX, TASK_VOCAB, encode_examples, make_splits, make_task
 from looplm.model import LoopLM, LoopLMConfig, token_losses
@@ -90,12 +92,10 @@ print("torch", torch.__version__, "| looplm", looplm.__version__)
 import math
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as _activation_checkpoint
 
+from looplm.checks import require_bool, require_int, require_number
 from looplm.data import IGNORE_INDEX
-from looplm.model import (LoopOutput, _check_targets, _check_token_ids, _require_bool, _require_int,
-                          token_losses)
+from looplm.model import LoopLM
 
 # %% [markdown]
 # ## 4.1 A loss at every step
@@ -166,7 +166,7 @@ def step_weights(scheme, n_steps):
 
     "last": (0, ..., 0, 1); "uniform": all equal; "linear": proportional to t = 1..S.
     """
-    _require_int("n_steps", n_steps, 1)
+    require_int("n_steps", n_steps, 1)
     if scheme == "last":
         weights = torch.zeros(n_steps)
         weights[-1] = 1.0
@@ -567,10 +567,11 @@ print(f"one step saves {slope / state_bytes:.2f} hidden states' worth of tensors
 # model at $r = 32$ runs into the limits of a GPU. Two ways out follow.
 
 # %% [markdown]
-# ## 4.4 A loop runner for training
+# ## 4.4 Two training options of the one loop
 #
-# `LoopLM.forward` runs every step with autograd recording. For training we want two knobs it
-# does not have.
+# Run plainly, `LoopLM.forward` records every step for autograd. Training wants two more
+# ways to run the same loop, and chapter 2 already gave `forward` the arguments for them,
+# so that training, evaluation and decoding all run one definition of a loop step.
 
 # %% [markdown]
 # **Truncated backpropagation** (Huginn {cite:p}`geiping2025huginn`; {cite:t}`yang2024looped` in a
@@ -595,95 +596,32 @@ print(f"one step saves {slope / state_bytes:.2f} hidden states' worth of tensors
 # and the cost is a second forward pass of every step.
 
 # %% [markdown]
-# The runner is built from the model's parts, `encode`, `init_state`, `step` and `readout`,
-# so everything chapter 3 and later chapters put behind those methods (injections, initial
-# states, the exit gate) keeps working. A third knob, `readout="last"`, skips the readouts of
-# all steps but the last, for losses that do not use them (section 4.10 measures what that
-# saves).
+# Both are arguments of `forward`: `grad_steps=k` and `checkpoint=True`. A third,
+# `readout="last"`, skips the readouts of all steps but the last, for losses that do not use
+# them (the memory measurements below show what that saves). Here is the loop of `forward` from chapter 2,
+# read back from the package. Steps $1, \dots, S - k$ run without gradients; their readouts
+# are still computed and returned (detached), so the output has the same fields either way.
+# The remaining steps run with autograd, each inside a checkpoint if asked:
 
-# %%
-#| export
-def _check_grad_steps(grad_steps, n_loops):
-    if grad_steps is None:
-        return
-    _require_int("grad_steps", grad_steps, 1)
-    if grad_steps > n_loops:
-        raise ValueError(f"grad_steps must be <= n_loops: {n_loops} steps run, so at most {n_loops} "
-                         f"can get gradients; got grad_steps={grad_steps}")
-
-
-def _step_and_readout(model, h, x0, cos, sin, read):
-    """One loop step, then (if read) its readout: -> (h_t, logits_t or None, gate_t or None)."""
-    h = model.step(h, x0, cos, sin)                                 # (B, T, D)
-    if not read:
-        return h, None, None
-    logits, z = model.readout(h, cos, sin)                          # (B, T, V), (B, T, D)
-    gate = model.exit_gate(z) if model.exit_gate is not None else None   # (B, T)
-    return h, logits, gate
+# %% tags=["hide-input"]
+forward_source = inspect.getsource(LoopLM.forward).splitlines()
+loop_start = next(i for i, line in enumerate(forward_source) if "for t in range(n_loops)" in line)
+print(textwrap.dedent("\n".join(forward_source[loop_start:loop_start + 15])))
 
 # %% [markdown]
-# The loop itself. Steps $1, \dots, S - k$ run without gradients; their readouts are still
-# computed and returned (detached), so the output has the same fields as `model(...)`. The
-# remaining steps run with autograd, each inside a checkpoint if asked.
+# Code written before the options moved into `forward` called a function of this module,
+# `model(idx, ...)`. It stays, as the one line it now is:
 
 # %%
 #| export
 def loop_forward(model, idx, targets=None, n_loops=None, grad_steps=None, checkpoint=False,
                  return_hidden=False, readout="all"):
-    """Run a LoopLM for training: model(idx, targets, n_loops, return_hidden) with two extra knobs.
-
-    grad_steps=k: only the last k of the S steps get gradients (truncated backpropagation, as
-    Huginn): steps 1..S-k run under torch.no_grad(), their readouts are returned detached.
-    checkpoint=True: each step with gradients runs inside torch.utils.checkpoint (non-reentrant),
-    saving only its inputs and recomputing the rest during backward. Exact gradients.
-    readout="last": read out the last step only (logits [1, B, T, V], step_losses [1, B, T]).
-    Forward values equal model(idx, targets=...) exactly. -> LoopOutput.
-    """
-    c = model.config
-    _check_token_ids("idx", idx, c.vocab_size, c.max_seq_len)
-    if targets is not None:
-        _check_targets(targets, idx, c.vocab_size)
-    n_loops = c.n_loops if n_loops is None else n_loops
-    _require_int("n_loops", n_loops, 1)
-    _check_grad_steps(grad_steps, n_loops)
-    _require_bool("checkpoint", checkpoint)
-    _require_bool("return_hidden", return_hidden)
-    if readout not in ("all", "last"):
-        raise ValueError(f"readout must be 'all' or 'last', got {readout!r}")
-    if readout == "last" and model.exit_gate is not None:
-        raise ValueError("readout='last' cannot be used with an exit gate: the gate needs every step's readout")
-    first_grad_step = 0 if grad_steps is None else n_loops - grad_steps
-
-    cos, sin = model.rope(idx.shape[1])                             # (T, hs/2) each
-    x0 = model.encode(idx, cos, sin)                                # (B, T, D)
-    h = model.init_state(x0)                                        # h_0: (B, T, D)
-    logits, gates, hidden = [], [], []
-    for t in range(n_loops):
-        read = readout == "all" or t == n_loops - 1
-        if t < first_grad_step:
-            with torch.no_grad():
-                h, step_logits, gate = _step_and_readout(model, h, x0, cos, sin, read)
-        elif checkpoint and torch.is_grad_enabled():
-            h, step_logits, gate = _activation_checkpoint(_step_and_readout, model, h, x0, cos, sin,
-                                                          read, use_reentrant=False)
-        else:
-            h, step_logits, gate = _step_and_readout(model, h, x0, cos, sin, read)
-        if read:
-            logits.append(step_logits)
-            gates.append(gate)
-        if return_hidden:
-            hidden.append(h)
-
-    out = LoopOutput(logits=torch.stack(logits))                    # (S, B, T, V); S = 1 for "last"
-    if model.exit_gate is not None:
-        out.gate = torch.stack(gates)                               # (S, B, T)
-        out.exit_probs = model.exit_gate.exit_probs(out.gate)
-    if return_hidden:
-        out.hidden = torch.stack(hidden)                            # (S, B, T, D)
-    if targets is not None:
-        out.step_losses = token_losses(out.logits, targets)         # (S, B, T)
-        out.loss = out.step_losses[-1].sum() / (targets != IGNORE_INDEX).sum()
-    return out
+    """model(idx, targets, n_loops=, grad_steps=, checkpoint=, return_hidden=, readout=): LoopLM.forward
+    with its training options. -> LoopOutput."""
+    if not isinstance(model, LoopLM):
+        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
+    return model(idx, targets, n_loops=n_loops, grad_steps=grad_steps, checkpoint=checkpoint,
+                 return_hidden=return_hidden, readout=readout)
 
 # %% [markdown]
 # The figure asks the runner itself which steps it differentiates, for $S = 8$ steps and a loss
@@ -704,7 +642,7 @@ def which_steps_get_gradient(model, grad_steps):
     idx_probe = torch.zeros(1, 4, dtype=torch.long)
     recording = []
     hook = model.core[0].register_forward_hook(lambda module, args, output: recording.append(output.requires_grad))
-    out = loop_forward(model, idx_probe, idx_probe, grad_steps=grad_steps)
+    out = model(idx_probe, idx_probe, grad_steps=grad_steps)
     hook.remove()
     core = list(model.core.parameters())
     reaches = []
@@ -769,7 +707,7 @@ plt.show()
 # %% [markdown]
 # ### Same values as the model
 #
-# With no knob turned, `loop_forward` is `model(...)` written differently: the same operations
+# With no knob turned, the options leave `model(...)` as it was: the same operations
 # in the same order. So the outputs must be *identical*, bit for bit, not merely close. And
 # since truncation and checkpointing only change what the backward pass sees, the forward
 # values must be identical with them too:
@@ -777,7 +715,7 @@ plt.show()
 # %% tags=["nbval-check-output"]
 reference = model(idx, targets=targets, return_hidden=True)
 for knobs in [{}, {"checkpoint": True}, {"grad_steps": 2}, {"grad_steps": 1, "checkpoint": True}]:
-    mine = loop_forward(model, idx, targets=targets, return_hidden=True, **knobs)
+    mine = model(idx, targets=targets, return_hidden=True, **knobs)
     same = all(torch.equal(getattr(mine, f), getattr(reference, f))
                for f in ("logits", "step_losses", "loss", "hidden"))
     print(f"{str(knobs):36s} identical to model(...): {same}")
@@ -805,7 +743,7 @@ def max_grad_difference(a, b):
 loss_of = lambda out: weighted_step_loss(out.step_losses, targets, "uniform")   # noqa: E731
 plain_grads = gradients(model, lambda: loss_of(model(idx, targets=targets)))
 for ck in (False, True):
-    runner_grads = gradients(model, lambda: loss_of(loop_forward(model, idx, targets, checkpoint=ck)))
+    runner_grads = gradients(model, lambda: loss_of(model(idx, targets, checkpoint=ck)))
     print(f"checkpoint={ck}: max |grad difference| = {max_grad_difference(plain_grads, runner_grads):.1e}")
 
 # %% [markdown]
@@ -881,9 +819,9 @@ def truncated_by_hand(model, idx, targets, n_loops, k):
     return token_losses(logits[None], targets)[0].sum() / (targets != IGNORE_INDEX).sum()
 
 # %% tags=["nbval-check-output"]
-full = gradients(model, lambda: loop_forward(model, idx, targets).loss)
+full = gradients(model, lambda: model(idx, targets).loss)
 for k in (4, 2, 1):
-    truncated = gradients(model, lambda: loop_forward(model, idx, targets, grad_steps=k).loss)
+    truncated = gradients(model, lambda: model(idx, targets, grad_steps=k).loss)
     by_hand = gradients(model, lambda: truncated_by_hand(model, idx, targets, 4, k))
     print(f"grad_steps={k}: vs by hand {max_grad_difference(truncated, by_hand):.1e}, "
           f"vs full backprop {max_grad_difference(truncated, full):.1e}")
@@ -936,14 +874,14 @@ run_tests(test_truncated_backprop_drops_the_early_steps)
 
 # %% tags=["nbval-check-output"]
 def runner_bytes(**knobs):
-    """Saved-tensor bytes of loop_forward's loss for S = 1..8."""
-    return [saved_tensor_bytes(lambda: loop_forward(mem_model, idx_mem, targets_mem, n_loops=int(S), **knobs).loss,
+    """Saved-tensor bytes of the model's loss for S = 1..8."""
+    return [saved_tensor_bytes(lambda: mem_model(idx_mem, targets_mem, n_loops=int(S), **knobs).loss,
                                params)[0] for S in steps]
 
 
 def truncated_bytes(**knobs):
     """The same, backpropagating through the last min(2, S) steps."""
-    return [saved_tensor_bytes(lambda: loop_forward(mem_model, idx_mem, targets_mem, n_loops=int(S),
+    return [saved_tensor_bytes(lambda: mem_model(idx_mem, targets_mem, n_loops=int(S),
                                                     grad_steps=min(2, int(S)), **knobs).loss, params)[0]
             for S in steps]
 
@@ -972,7 +910,7 @@ plt.show()
 # computed with the others. With `readout="last"` that remainder goes too.
 #
 # Equal gradients (the test above) cannot tell whether checkpointing happened at all: a
-# `loop_forward` that ignored `checkpoint=True` would pass it. The saved bytes can, so a test
+# `forward` that ignored `checkpoint=True` would pass it. The saved bytes can, so a test
 # pins them too, on a tiny model run for 6 steps: checkpointed, it must save less than half.
 
 # %% tags=["remove-cell", "nbval-check-output"]
@@ -1015,7 +953,7 @@ timing_model = LoopLM(LoopLMConfig(TASK_VOCAB.vocab_size, 64, 4, n_loops=8, max_
 samples = {False: [], True: []}
 for ck in (False, True, True, False, False, True):            # alternate, so drift hits both alike
     samples[ck].append(median_step_seconds(
-        lambda: loop_forward(timing_model, idx_mem, targets_mem, checkpoint=ck).loss, timing_model,
+        lambda: timing_model(idx_mem, targets_mem, checkpoint=ck).loss, timing_model,
         repeats=3, warmup=1))
 plain_s, ckpt_s = statistics.median(samples[False]), statistics.median(samples[True])
 print(f"8 steps, one training step: plain {plain_s * 1e3:.1f} ms, checkpointed {ckpt_s * 1e3:.1f} ms "
@@ -1047,7 +985,7 @@ print(f"8 steps, one training step: plain {plain_s * 1e3:.1f} ms, checkpointed {
 def grad_norms(model, idx, targets, n_loops):
     """(|grad| of the core's weights, |grad| of all other weights) for the last step's loss."""
     model.zero_grad(set_to_none=True)
-    loop_forward(model, idx, targets, n_loops=n_loops).loss.backward()
+    model(idx, targets, n_loops=n_loops).loss.backward()
     core = torch.cat([p.grad.flatten() for p in model.core.parameters()]).norm().item()
     rest = torch.cat([p.grad.flatten() for name, p in model.named_parameters()
                       if not name.startswith("core.") and p.grad is not None]).norm().item()
@@ -1064,7 +1002,7 @@ def quick_train(model, n_steps, n_loops, lr=3e-3, seed=0):
     generator = torch.Generator().manual_seed(seed)
     for _ in range(n_steps):
         rows = torch.randint(0, len(train_data.idx), (32,), generator=generator)
-        loss = loop_forward(model, train_data.idx[rows], train_data.targets[rows], n_loops=n_loops).loss
+        loss = model(train_data.idx[rows], train_data.targets[rows], n_loops=n_loops).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1135,7 +1073,7 @@ def adam_update(grad_scale, eps=1e-8):
     _ = torch.manual_seed(0)
     m = LoopLM(config)
     optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3, eps=eps)
-    loop_forward(m, batch_idx, batch_targets, n_loops=8).loss.backward()
+    m(batch_idx, batch_targets, n_loops=8).loss.backward()
     scale_core_grads(m, grad_scale)
     before = [p.detach().clone() for p in m.core.parameters()]
     optimizer.step()
@@ -1361,7 +1299,7 @@ print(f"norm penalty {hidden_norm_penalty(out.hidden).item():.5f}, "
 # Two details. The depth sampler has its own random generator, seeded by `seed`, and the loss
 # function can save and restore its state (`state_dict`), so that a resumed training run
 # draws the same depths as an uninterrupted one. And when only the last readout is used
-# (weights `"last"`, no consistency term, no exit gate), the loss asks `loop_forward` for the
+# (weights `"last"`, no consistency term, no exit gate), the loss asks `forward` for the
 # last readout only.
 
 # %% [markdown]
@@ -1371,112 +1309,9 @@ print(f"norm penalty {hidden_norm_penalty(out.hidden).item():.5f}, "
 # it acts on exactly one backward pass. A parameter used in $S$ steps receives its summed
 # gradient once, so one hook call scales the whole sum.
 
-# %%
-#| export
-_named_step_weights, _draw_depth = step_weights, sample_depth   # LoopLoss's arguments shadow these names
-
-
-def _one_shot_scale(p, factor):
-    handle = None
-
-    def hook(grad):
-        handle.remove()                     # fire on one backward pass only
-        return grad * factor
-
-    handle = p.register_hook(hook)
-    return handle
-
-
-class LoopLoss:
-    """A loss_fn(model, idx, targets) -> (loss, metrics) for chapter 3's Trainer.
-
-    loss = weighted_step_loss(step_losses, targets, step_weights)
-           + norm_penalty * hidden_norm_penalty(hidden) + consistency * step_consistency(logits)
-    run by loop_forward at depth S = model.config.n_loops, or S ~ sample_depth(sample_depth,
-    sigma) per call (own generator, seeded by `seed`; state_dict()/load_state_dict() save it).
-    grad_steps=k: backprop through the last min(k, S) steps; checkpoint: per-step checkpointing;
-    scale_core_grad: the core's gradient is scaled by 1 / (steps with gradient).
-    """
-
-    def __init__(self, step_weights="last", grad_steps=None, checkpoint=False, sample_depth=None,
-                 sigma=0.5, norm_penalty=0.0, consistency=0.0, scale_core_grad=False, seed=0):
-        if isinstance(step_weights, str):
-            _named_step_weights(step_weights, 1)                           # raises on an unknown name
-        elif sample_depth is not None:
-            raise ValueError("explicit step weights need a fixed depth; with sample_depth use "
-                             f"one of {', '.join(repr(s) for s in STEP_WEIGHTS)}")
-        else:
-            step_weights = _normalised_weights(step_weights, len(step_weights), "cpu")  # checks them
-        if grad_steps is not None:
-            _require_int("grad_steps", grad_steps, 1)
-        _require_bool("checkpoint", checkpoint)
-        _require_bool("scale_core_grad", scale_core_grad)
-        if sample_depth is not None:
-            _draw_depth(sample_depth, sigma, torch.Generator())            # validates both
-        for name, value in (("norm_penalty", norm_penalty), ("consistency", consistency)):
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or value < 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        _require_int("seed", seed, 0)
-        self.step_weights, self.grad_steps, self.checkpoint = step_weights, grad_steps, checkpoint
-        self.sample_depth, self.sigma, self.seed = sample_depth, sigma, seed
-        self.norm_penalty, self.consistency = float(norm_penalty), float(consistency)
-        self.scale_core_grad = scale_core_grad
-        self.generator = torch.Generator().manual_seed(seed)
-        self._pending = []
-
-    def depth(self, model):
-        """The step count for the next batch."""
-        if self.sample_depth is None:
-            return model.config.n_loops
-        return _draw_depth(self.sample_depth, self.sigma, self.generator)
-
-    def __call__(self, model, idx, targets):
-        n_loops = self.depth(model)
-        grad_steps = None if self.grad_steps is None else min(self.grad_steps, n_loops)
-        last_only = (isinstance(self.step_weights, str) and self.step_weights == "last"
-                     and self.consistency == 0 and model.exit_gate is None)
-        out = loop_forward(model, idx, targets, n_loops=n_loops, grad_steps=grad_steps,
-                           checkpoint=self.checkpoint, return_hidden=self.norm_penalty > 0,
-                           readout="last" if last_only else "all")
-        weights = "last" if last_only else self.step_weights
-        loss = weighted_step_loss(out.step_losses, targets, weights)
-        metrics = {"ce": loss.item(), "last_step_loss": out.loss.item(), "depth": n_loops}   # Trainer adds "loss"
-        if self.norm_penalty > 0:
-            penalty = hidden_norm_penalty(out.hidden)
-            loss = loss + self.norm_penalty * penalty
-            metrics["norm_penalty"] = penalty.item()
-        if self.consistency > 0:
-            agreement = step_consistency(out.logits, targets)
-            loss = loss + self.consistency * agreement
-            metrics["consistency"] = agreement.item()
-        for handle in self._pending:        # hooks of a loss that was never backpropagated
-            handle.remove()
-        self._pending = []
-        if self.scale_core_grad and loss.requires_grad:
-            factor = 1.0 / (grad_steps or n_loops)
-            self._pending = [_one_shot_scale(p, factor) for p in model.core.parameters() if p.requires_grad]
-        return loss, metrics
-
-    def state_dict(self):
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
-
-    def __repr__(self):
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in (
-            "step_weights", "grad_steps", "checkpoint", "sample_depth", "sigma", "norm_penalty",
-            "consistency", "scale_core_grad", "seed"))
-        return f"LoopLoss({fields})"
-
-
-def make_loop_loss(step_weights="last", grad_steps=None, checkpoint=False, sample_depth=None,
-                   norm_penalty=0.0, consistency=0.0, **options):
-    """A LoopLoss with these options (see LoopLoss); use as Trainer(loss_fn=make_loop_loss(...))."""
-    return LoopLoss(step_weights=step_weights, grad_steps=grad_steps, checkpoint=checkpoint,
-                    sample_depth=sample_depth, norm_penalty=norm_penalty, consistency=consistency,
-                    **options)
+# %% [markdown]
+# Appendix C.1 writes it, `LoopLoss`, with `make_loop_loss(...)` to build one, and tests it
+# against the pieces written out by hand.
 
 # %% [markdown]
 # One call with everything switched on, to see the metrics it reports:
@@ -1487,80 +1322,6 @@ loss_fn = make_loop_loss(step_weights="linear", grad_steps=2, checkpoint=True, s
 print(loss_fn)
 loss, metrics = loss_fn(model, idx, targets)
 print({name: round(value, 4) for name, value in metrics.items()})
-
-# %% [markdown]
-# The tests check the pieces against versions written out by hand: the loss against
-# `weighted_step_loss` plus the two penalties, the penalties against loops over steps, the
-# sampled depths against `sample_depth` with the same seed, and the gradient scaling against
-# the unscaled gradient divided by the number of steps with gradient.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-def test_regularizers_match_loops_over_steps():
-    torch.manual_seed(0)
-    hidden = torch.randn(4, 2, 3, 8) * torch.tensor([1.0, 2.0, 2.0, 0.5]).view(4, 1, 1, 1)
-    rms = [hidden[t].pow(2).mean(-1).sqrt() for t in range(4)]
-    expected = sum((rms[t].log() - rms[t - 1].log()).pow(2).mean() for t in range(1, 4)) / 3
-    torch.testing.assert_close(hidden_norm_penalty(hidden), expected)
-    assert hidden_norm_penalty(hidden[:1]).item() == 0.0
-
-    logits = torch.randn(3, 2, 4, 5, requires_grad=True)
-    targets = torch.tensor([[1, 2, IGNORE_INDEX, 0], [IGNORE_INDEX, 4, 4, 1]])
-    terms = []
-    for t in range(2):
-        for b, i in [(b, i) for b in range(2) for i in range(4) if targets[b, i] != IGNORE_INDEX]:
-            p, q = logits[2, b, i].detach().softmax(-1), logits[t, b, i].softmax(-1)
-            terms.append((p * (p.log() - q.log())).sum())
-    torch.testing.assert_close(step_consistency(logits, targets), sum(terms) / len(terms))
-    step_consistency(logits, targets).backward()
-    assert logits.grad[2].abs().max() == 0            # the last step is the teacher: no gradient
-    assert step_consistency(logits[:1], targets).item() == 0.0
-
-
-def test_loop_loss_matches_its_parts():
-    model = _full_model(3)
-    idx, targets = _batch(3)
-    loss_fn = make_loop_loss(step_weights="uniform", norm_penalty=0.5, consistency=0.25)
-    loss, metrics = loss_fn(model, idx, targets)
-    out = model(idx, targets=targets, return_hidden=True)
-    expected = (weighted_step_loss(out.step_losses, targets, "uniform") + 0.5 * hidden_norm_penalty(out.hidden)
-                + 0.25 * step_consistency(out.logits, targets))
-    torch.testing.assert_close(loss, expected)
-    assert metrics["depth"] == 3 and math.isclose(metrics["ce"], weighted_step_loss(
-        out.step_losses, targets, "uniform").item(), rel_tol=1e-6)
-    # the lean path (last readout only) gives the model's own loss
-    torch.testing.assert_close(make_loop_loss()(model, idx, targets)[0], out.loss)
-    # sampled depths follow sample_depth with the loss function's seed, and resume from state_dict
-    sampled = make_loop_loss(sample_depth=3, seed=5)
-    g = torch.Generator().manual_seed(5)
-    assert [sampled.depth(model) for _ in range(20)] == [sample_depth(3, 0.5, g) for _ in range(20)]
-    state = sampled.state_dict()
-    ahead = [sampled.depth(model) for _ in range(5)]
-    sampled.load_state_dict(state)
-    assert [sampled.depth(model) for _ in range(5)] == ahead
-
-
-def test_scale_core_grad_divides_the_core_gradient_once():
-    model = _full_model(4)
-    idx, targets = _batch(4)
-
-    def grads(loss_fn):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model, idx, targets)[0].backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads(make_loop_loss(grad_steps=2))
-    scaled = grads(make_loop_loss(grad_steps=2, scale_core_grad=True))
-    for name in plain:
-        factor = 0.5 if name.startswith("core.") else 1.0       # 2 steps with gradient
-        torch.testing.assert_close(scaled[name], plain[name] * factor)
-    assert grads(make_loop_loss(grad_steps=2)).keys() == plain.keys()
-    for name, g in grads(make_loop_loss(grad_steps=2)).items():  # the hooks are gone
-        torch.testing.assert_close(g, plain[name])
-
-
-run_tests(test_regularizers_match_loops_over_steps, test_loop_loss_matches_its_parts,
-          test_scale_core_grad_divides_the_core_gradient_once)
 
 # %% [markdown]
 # ## 4.8 Fixed against randomized depth: an experiment
@@ -1741,7 +1502,7 @@ plt.show()
 
 # %% tags=["nbval-check-output"]
 for make in (lambda: weighted_step_loss(out.step_losses, targets, [1.0, 1.0, 1.0]),
-             lambda: loop_forward(model, idx, targets, n_loops=3, grad_steps=4),
+             lambda: model(idx, targets, n_loops=3, grad_steps=4),
              lambda: make_loop_loss(step_weights=[1, 2, 3, 4], sample_depth=4)):
     try:
         make()
@@ -1753,6 +1514,9 @@ for make in (lambda: weighted_step_loss(out.step_losses, targets, [1.0, 1.0, 1.0
 
 # %% tags=["remove-cell", "nbval-check-output"]
 #| test
+from looplm.backprop import make_loop_loss
+
+
 def test_bad_arguments_get_clear_errors():
     model = _full_model()
     idx, targets = _batch()
@@ -1801,7 +1565,7 @@ run_tests(test_bad_arguments_get_clear_errors)
 # | `step_weights(scheme, n_steps)`, `STEP_WEIGHTS` | `"last"`, `"uniform"`, `"linear"` weights, normalised to sum 1 |
 # | `weighted_step_loss(step_losses, targets, weights="last")` | $\sum_t \bar w_t L_t$, $L_t$ the mean loss of step $t$ over learned tokens |
 # | `saved_tensor_bytes(fn, exclude=())` | bytes autograd saves for backward while `fn` runs (distinct storages) |
-# | `loop_forward(model, idx, targets=None, n_loops=None, grad_steps=None, checkpoint=False, return_hidden=False, readout="all")` | the training loop runner: truncated backpropagation, per-step activation checkpointing; forward values equal `model(...)` |
+# | `model(idx, targets=None, n_loops=None, grad_steps=None, checkpoint=False, return_hidden=False, readout="all")` | the training loop runner: truncated backpropagation, per-step activation checkpointing; forward values equal `model(...)` |
 # | `scale_core_grads(model, factor)` | multiply the core's gradients by `factor` |
 # | `sample_depth(mean_steps, sigma=0.5, generator=None)` | Huginn's depth, $\mathrm{Poisson}(e^\tau) + 1$; mean $\bar r + 1$ |
 # | `hidden_norm_penalty(hidden)`, `step_consistency(logits, targets)` | the two optional regularizers |
@@ -1848,9 +1612,9 @@ run_tests(test_bad_arguments_get_clear_errors)
 # %% [markdown]
 # ```{admonition} Hint 1
 # :class: dropdown
-# Section 4.4's `loop_forward` is made of the model's own methods: `rope`, `encode`,
-# `init_state`, `step` and `readout`. Read how it calls them (`help(model.step)` shows the
-# arguments) and write the same loop without its knobs.
+# Section 4.4's loop (chapter 2's `LoopLM.forward`) is made of the model's own methods:
+# `rope`, `encode`, `init_state`, `step` and `readout`. Read how it calls them
+# (`help(model.step)` shows the arguments) and write the same loop without its options.
 # ```
 
 # %% [markdown]
@@ -1913,7 +1677,7 @@ run_tests(test_bad_arguments_get_clear_errors)
 # measured what autograd saves for one model at one size. Write
 # `extra_step_bytes(config, batch, seq_len, grad_steps=None, checkpoint=False, readout="all", dtype=torch.float32)`,
 # which predicts from the arguments alone how many bytes one more loop step adds to what
-# `loop_forward` saves for backward, with truncation, checkpointing or both, for either readout
+# `model(idx, targets, ...)` saves for backward, with truncation, checkpointing or both, for either readout
 # and in float32, float64 or bfloat16. It refuses the plain loop, whose cost per step depends
 # on every operation inside the blocks. The tests measure the real number with
 # `saved_tensor_bytes` at $S$ and $S + 1$ steps, on tiny models of several shapes, and compare

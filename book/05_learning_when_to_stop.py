@@ -49,8 +49,8 @@
 # 7. Ouro's two-stage recipe as functions and from the command line (built in Appendix C);
 # 8. clear errors for bad input.
 #
-# The functions go to `looplm/adaptive.py`. The gate itself is registered in
-# `looplm/model.py`. Appendix C holds the machinery around them: the recipe's functions and
+# The functions go to `looplm/adaptive.py`, the exit rules of section 5.5 to `looplm/exits.py`.
+# The gate itself is registered in `looplm/model.py`. Appendix C holds the machinery around them: the recipe's functions and
 # command line, the stability checks, the stored experiment and the tests.
 
 # %% tags=["hide-input"]
@@ -69,9 +69,13 @@ from torch import nn
 import looplm
 from looplm.data import (IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits,
                          make_task)
+from looplm.adaptive import OBJECTIVES, AdaptiveLoss, GateLoss, Objective, gate_only
+from looplm.diagnostics import hidden_norms, step_changes
+from looplm.exits import (EXIT_RULES, ConfidenceExit, ExitRule, FixedDepth, HiddenChangeExit, KLExit, QExit,
+                          StepView, exit_steps, make_exit_rule, mean_steps, pick_exit_threshold,
+                          select_exit_logits, step_view)
 from looplm.model import EXIT_GATES, LoopLM, LoopLMConfig
 from looplm.testing import run_tests
-from looplm.diagnostics import hidden_norms, step_changes
 from looplm.train import RECIPES, Recipe, TrainConfig, Trainer, task_accuracy, task_batches
 
 torch.set_num_threads(1)  # tiny models gain nothing from more threads, and results stay the same
@@ -94,7 +98,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from looplm.checks import require_int, require_number
 from looplm.data import IGNORE_INDEX, TASK_VOCAB, CharVocab, answer_accuracy
+from looplm.model import _exit_distribution
 from looplm.diagnostics import hidden_norms, step_changes
 
 # %% [markdown]
@@ -128,7 +134,7 @@ class LinearExitGate(nn.Module):
     """Ouro's exit gate: λ_t = sigmoid(Linear(d_model, 1)(z_t)), one value per token per step.
 
     z_t is the normed state the LM head reads. forward(z [B, T, D]) -> λ [B, T] in (0, 1),
-    float32 (float64 for a float64 model). exit_probs(gate [S, B, T]) -> p(t | x) [S, B, T] (looplm.adaptive.exit_distribution).
+    float32 (float64 for a float64 model). exit_probs(gate [S, B, T]) -> p(t | x) [S, B, T] (as looplm.adaptive.exit_distribution).
     """
 
     def __init__(self, config):
@@ -142,8 +148,7 @@ class LinearExitGate(nn.Module):
         return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32))).squeeze(-1)   # (B, T)
 
     def exit_probs(self, gate):
-        from looplm.adaptive import exit_distribution        # adaptive.py imports nothing from here
-        return exit_distribution(gate)
+        return _exit_distribution(gate)                      # the model's own gate needs no checks
 
 
 EXIT_GATES["linear"] = LinearExitGate
@@ -210,23 +215,6 @@ print(exit_distribution_slow([0.5, 0.5, 0.5, 0.9]))
 
 # %%
 #| export
-def _require_number(name, value, low=None, high=None, low_open=False, high_open=False):
-    """ValueError unless `value` is a finite real number in the stated range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
-    return float(value)
-
-
-def _require_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def _require_steps(name, x, what="the output of a model built with exit_gate=True"):
     """A floating-point tensor [S, ...] with S >= 1; None gets an error saying where it comes from."""
     if x is None:
@@ -254,7 +242,19 @@ def _check_gate(gate):
 
 # %% [markdown]
 # The validation helpers raise errors that name the tensor and what was wrong with it; a
-# gate of `None` gets a message that says how to build a model with one. Now the function:
+# gate of `None` gets a message that says how to build a model with one. Checking that every
+# gate lies in $[0, 1]$ reads the values, which on a GPU makes the host wait for the device;
+# the model's own gate is a sigmoid and needs no check. So the computation is a function of
+# `looplm.model`, which `LinearExitGate.exit_probs` calls on every forward, and the public
+# `exit_distribution` checks its input and calls it:
+
+# %%
+#| export model
+def _exit_distribution(gate):
+    """exit_distribution without the input checks (for gates a model computed itself)."""
+    survive = torch.cumprod(1 - gate[:-1], dim=0)               # S_1 .. S_{S-1}: (S-1, ...)
+    reach = torch.cat([torch.ones_like(gate[:1]), survive])      # S_0 .. S_{S-1}: (S, ...)
+    return torch.cat([gate[:-1] * reach[:-1], reach[-1:]])        # (S, ...)
 
 # %%
 #| export
@@ -264,10 +264,7 @@ def exit_distribution(gate):
     p_t = λ_t ∏_{j<t} (1 − λ_j) for t < S and p_S = ∏_{j<S} (1 − λ_j): the last step takes
     the remaining mass, so the gate of step S is not used (Ouro, Eq. 3).
     """
-    _check_gate(gate)
-    survive = torch.cumprod(1 - gate[:-1], dim=0)               # S_1 .. S_{S-1}: (S-1, ...)
-    reach = torch.cat([torch.ones_like(gate[:1]), survive])      # S_0 .. S_{S-1}: (S, ...)
-    return torch.cat([gate[:-1] * reach[:-1], reach[-1:]])        # (S, ...)
+    return _exit_distribution(_check_gate(gate))
 
 # %% [markdown]
 # Checked against the slow version on random gates, token by token, and on the model's own
@@ -409,7 +406,7 @@ def stage1_loss(step_losses, exit_probs, beta, mask=None):
     _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
     _require_steps("exit_probs", exit_probs, _NO_GATE)
     _check_pair("step_losses", step_losses, "exit_probs", exit_probs)
-    beta = _require_number("beta", beta, low=0)
+    beta = require_number("beta", beta, low=0)
     expected = (exit_probs * step_losses).sum(0)                # Σ_t p_t L_t: (...)
     return _token_mean(expected - beta * _entropy(exit_probs), mask)
 
@@ -467,103 +464,12 @@ print("train", tuple(train_data.idx.shape), " test", tuple(test_data.idx.shape),
 # `get_batch(generator) -> (idx, targets)` (chapter 3's `task_batches` makes one from a list
 # of examples) and minimises what a `loss_fn(model, idx, targets) -> (loss, metrics)` returns.
 #
-# Our loss function runs the model, applies an objective to the step losses and the gate,
-# and reports a few numbers besides the loss: the mean loss of the last step, the mean entropy
-# of $p$ and the mean expected depth over the answer tokens, and the mass on each step. It
-# is exported as a small class so that it can carry options, and a random generator for an
-# objective that samples (chapter 6 has one). `objective` names an entry of the registry
-# `OBJECTIVES`; Stage I is the default.
-
-# %%
-#| export
-def _exit_summary(out, mask, probs=None):
-    """Metrics of an exit distribution (default out.exit_probs) over the tokens in mask:
-    entropy, expected depth, mass per step, and the last step's loss."""
-    with torch.no_grad():
-        probs = (out.exit_probs if probs is None else probs).float()
-        weights = mask.float()
-        count = weights.sum()
-        summary = {"entropy": (exit_entropy(probs) * weights).sum().item() / count.item(),
-                   "depth": (expected_depth(probs) * weights).sum().item() / count.item()}
-        for t, mass in enumerate(((probs * weights).sum((1, 2)) / count).tolist(), start=1):
-            summary[f"mass_{t}"] = mass
-        summary["last_loss"] = (out.step_losses[-1] * weights).sum().item() / count.item()
-    return summary
-
-
-class AdaptiveLoss:
-    """loss_fn(model, idx, targets) -> (loss, metrics) for the Trainer, for a model with a gate.
-
-    objective: a key of OBJECTIVES; "stage1" is Ouro's Eq. 4 with options beta and last_weight
-    (w * mean last-step loss + (1 - w) * Eq. 4; section 5.3 says why). Chapter 6 registers
-    "act", "pondernet" and "gumbel". The metrics: the mean last-step loss, and the entropy,
-    expected depth and mass per step of p over the answer tokens.
-    """
-
-    def __init__(self, objective="stage1", **options):
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(repr(o) for o in OBJECTIVES)}; "
-                             f"got {objective!r}")
-        entry = OBJECTIVES[objective]
-        unknown = sorted(set(options) - set(entry.options))
-        if unknown:
-            raise ValueError(f"objective {objective!r} takes options {sorted(entry.options)}, got {unknown}")
-        self.objective, self.entry = objective, entry
-        self.options = entry.check({**entry.options, **options}) if entry.check else {**entry.options, **options}
-        self.generator = torch.Generator().manual_seed(self.options.pop("seed")) if entry.random else None
-
-    def __call__(self, model, idx, targets):
-        if getattr(model, "exit_gate", None) is None:
-            raise ValueError("AdaptiveLoss trains an exit gate, and this model was built without one: "
-                             "use LoopLMConfig(..., exit_gate=True)")
-        out = model(idx, targets=targets)
-        mask = targets != IGNORE_INDEX
-        loss, probs = self.entry.loss(out, mask, self.generator, **self.options)
-        return loss, _exit_summary(out, mask, probs)
-
-    def state_dict(self):
-        return {"generator": None if self.generator is None else self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        if self.generator is not None and state.get("generator") is not None:
-            self.generator.set_state(state["generator"])
-
-    def __repr__(self):
-        return f"AdaptiveLoss({self.objective!r}, {', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
-
-# %% [markdown]
-# `OBJECTIVES` is a registry like chapter 2's: a name maps to an `Objective`, which holds the
-# loss as a function of the forward pass, the options with their defaults, and whether it draws
-# random numbers. Stage I is its first entry; chapter 6 adds three more.
-
-# %%
-#| export
-@dataclass(frozen=True)
-class Objective:
-    """An entry of OBJECTIVES. loss(out, mask, generator, **options) -> (loss, p or None), where p
-    [S, B, T] is the exit distribution the metrics describe (None: out.exit_probs); options maps
-    each option to its default; check(options) -> options validates them; random: the loss
-    draws from a generator, seeded by the option "seed"."""
-
-    loss: Callable
-    options: dict
-    check: Callable | None = None
-    random: bool = False
-
-
-def _stage1_objective(out, mask, generator, beta, last_weight):
-    if last_weight == 1:
-        return out.loss, None                  # the last step's mean loss; the gate gets no gradient
-    loss = stage1_loss(out.step_losses, out.exit_probs, beta, mask)
-    return (last_weight * out.loss + (1 - last_weight) * loss if last_weight else loss), None
-
-
-def _check_stage1(options):
-    return {"beta": _require_number("beta", options["beta"], low=0),
-            "last_weight": _require_number("last_weight", options["last_weight"], low=0, high=1)}
-
-
-OBJECTIVES = {"stage1": Objective(_stage1_objective, {"beta": 0.1, "last_weight": 0.0}, _check_stage1)}
+# Our loss function, `AdaptiveLoss(objective="stage1", beta=..., last_weight=...)`, runs the
+# model, applies an objective to the step losses and the gate, and reports a few numbers
+# besides the loss: the mean loss of the last step, the mean entropy of $p$ and the mean
+# expected depth over the answer tokens, and the mass on each step. `objective` names an entry
+# of the registry `OBJECTIVES`, where Stage I is the first and chapter 6 adds three more.
+# Appendix C.6 builds both.
 
 # %% [markdown]
 # ### Without the bonus, the exit collapses
@@ -828,8 +734,8 @@ def stage2_targets(step_losses, k=50.0, gamma=0.005):
     I_t = max(0, L_{t-1} - L_t) on detached losses, w_t = sigmoid(k (I_t - gamma)).
     """
     _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
-    k = _require_number("k", k, low=0, low_open=True)
-    gamma = _require_number("gamma", gamma)
+    k = require_number("k", k, low=0, low_open=True)
+    gamma = require_number("gamma", gamma)
     losses = _at_least_float32(step_losses.detach())
     improvement = (losses[:-1] - losses[1:]).clamp_min(0)        # I_t, t = 2..S: (S-1, ...)
     return torch.sigmoid(k * (improvement - gamma))
@@ -905,22 +811,6 @@ def gate_on_detached_states(model, idx, targets=None, n_loops=None):
     return out
 
 
-class GateLoss:
-    """Stage II loss_fn(model, idx, targets) -> (loss, metrics): trains the exit gate only (Eq. 6)."""
-
-    def __init__(self, k=50.0, gamma=0.005):
-        self.k = _require_number("k", k, low=0, low_open=True)
-        self.gamma = _require_number("gamma", gamma)
-
-    def __call__(self, model, idx, targets):
-        out = gate_on_detached_states(model, idx, targets)
-        mask = targets != IGNORE_INDEX
-        loss = stage2_gate_loss(out.step_losses, out.gate, self.k, self.gamma, mask)
-        return loss, _exit_summary(out, mask)
-
-    def __repr__(self):
-        return f"GateLoss(k={self.k}, gamma={self.gamma})"
-
 # %% [markdown]
 # The gates must match the model's own, value for value:
 
@@ -933,31 +823,10 @@ print("same gate values as model(idx):", torch.equal(recomputed.gate.detach(), r
 print("only the gate has a graph:", recomputed.gate.requires_grad and not recomputed.logits.requires_grad)
 
 # %% [markdown]
+# The loss function on top, `GateLoss(k, gamma)`, applies `stage2_gate_loss` to that output.
 # For good measure the trainer also sees the rest of the model frozen: a small context
-# manager switches `requires_grad` off for every parameter outside the gate and restores it
-# afterwards.
-
-# %%
-#| export
-class gate_only:
-    """with gate_only(model): every parameter outside model.exit_gate has requires_grad=False."""
-
-    def __init__(self, model):
-        if getattr(model, "exit_gate", None) is None:
-            raise ValueError("this model was built without an exit gate: use LoopLMConfig(..., exit_gate=True)")
-        self.model = model
-
-    def __enter__(self):
-        gate_ids = {id(p) for p in self.model.exit_gate.parameters()}
-        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in self.saved:
-            p.requires_grad_(id(p) in gate_ids)
-        return [p for p, _ in self.saved if id(p) in gate_ids]
-
-    def __exit__(self, *exc):
-        for p, flag in self.saved:
-            p.requires_grad_(flag)
-        return False
+# manager, `gate_only(model)`, switches `requires_grad` off for every parameter outside the
+# gate and restores it afterwards. Appendix C.6 writes both.
 
 # %% [markdown]
 # Stage II on a copy of the Stage I model, 200 steps. The gate has 65 parameters, so this is
@@ -1053,7 +922,7 @@ def q_exit_steps(gate, q, min_steps=1):
     _check_gate(gate)
     q = _check_q(q)
     n_steps = gate.shape[0]
-    _require_int("min_steps", min_steps, 1)
+    require_int("min_steps", min_steps, 1)
     if min_steps > n_steps:
         raise ValueError(f"min_steps={min_steps} is more than the S={n_steps} steps the gate covers")
     cdf = exit_distribution(gate).cumsum(0)                      # CDF_t: (S, ...)
@@ -1154,157 +1023,19 @@ plot_q_exit(torch.tensor([0.05, 0.1, 0.2, 0.35, 0.5, 0.8], dtype=torch.float64),
 # with its threshold. Scores that need a previous step are $+\infty$ at step 1, so those rules
 # never stop a token there.
 
-# %%
-#| export
-@dataclass
-class StepView:
-    """What an exit rule may look at after step t (counted from 1), for every token."""
-
-    step: int
-    logits: torch.Tensor | None = None       # [..., V] readout of step t
-    prev_logits: torch.Tensor | None = None  # [..., V] readout of step t-1 (None at t = 1)
-    gates: torch.Tensor | None = None        # [t, ...] the gates λ_1 .. λ_t
-    hidden: torch.Tensor | None = None       # [..., D] the state h_t
-    prev_hidden: torch.Tensor | None = None  # [..., D] h_{t-1} (None at t = 1)
-
-    @property
-    def token_shape(self):
-        for tensor, cut in ((self.logits, -1), (self.hidden, -1), (self.gates, None)):
-            if tensor is not None:
-                return tensor.shape[1:] if cut is None else tensor.shape[:-1]
-        raise ValueError("a StepView needs at least one of logits, gates or hidden")
-
-
-class ExitRule:
-    """Decides after each step which tokens stop. A rule scores each token from a StepView and
-    stops it when the score passes the threshold (>= if stop_above, else <=), from min_steps on.
-    """
-
-    name = "rule"
-    needs = ()             # the StepView tensors score() reads: "logits", "gates", "hidden"
-    stop_above = True
-
-    def __init__(self, threshold, min_steps=1):
-        self.threshold = self._check_threshold(threshold)
-        self.min_steps = _require_int("min_steps", min_steps, 1)
-
-    def _check_threshold(self, threshold):
-        return _require_number("threshold", threshold)
-
-    def score(self, view):
-        raise NotImplementedError
-
-    def passes(self, score):
-        return score >= self.threshold if self.stop_above else score <= self.threshold
-
-    def stop(self, view, score=None):
-        """Bool [...]: True for the tokens that stop at step view.step (given they got there)."""
-        score = self.score(view) if score is None else score
-        if view.step < self.min_steps:
-            return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
-        return self.passes(score)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.threshold!r}, min_steps={self.min_steps})"
-
 # %% [markdown]
-# The five rules. Each is a few lines: a threshold check and a score.
-
-# %%
-#| export
-def _never_at_first_step(view, reference):
-    return torch.full(view.token_shape, math.inf, device=reference.device)
-
-
-class QExit(ExitRule):
-    """Ouro's Q-exit: stop when the exit CDF reaches q (score: CDF of the steps so far)."""
-
-    name, needs, stop_above = "q_exit", ("gates",), True
-
-    def _check_threshold(self, q):
-        return _check_q(q)
-
-    def score(self, view):
-        gates = view.gates.float()                                          # (t, ...)
-        reach = torch.cat([torch.ones_like(gates[:1]), torch.cumprod(1 - gates[:-1], 0)])
-        return (gates * reach).cumsum(0)[-1]      # Σ_{j<=t} p_j, as in q_exit_steps for t < S
-
-
-class ConfidenceExit(ExitRule):
-    """Stop when the top next-token probability reaches the threshold."""
-
-    name, needs, stop_above = "confidence", ("logits",), True
-
-    def _check_threshold(self, threshold):
-        return _require_number("threshold", threshold, low=0, high=1, low_open=True)
-
-    def score(self, view):
-        return view.logits.float().softmax(-1).max(-1).values
-
-
-class KLExit(ExitRule):
-    """Huginn's rule: stop when KL(p_t || p_{t-1}) between successive predictions is <= eps."""
-
-    name, needs, stop_above = "kl", ("logits",), False
-
-    def __init__(self, threshold=5e-4, min_steps=1):
-        super().__init__(threshold, min_steps)
-
-    def _check_threshold(self, eps):
-        return _require_number("eps", eps, low=0, low_open=True)
-
-    def score(self, view):
-        if view.prev_logits is None:
-            return _never_at_first_step(view, view.logits)
-        log_p, log_prev = view.logits.float().log_softmax(-1), view.prev_logits.float().log_softmax(-1)
-        return (log_p.exp() * (log_p - log_prev)).sum(-1)
-
-
-class HiddenChangeExit(ExitRule):
-    """Stop when the relative change of the state ||h_t - h_{t-1}|| / ||h_{t-1}|| is <= eps."""
-
-    name, needs, stop_above = "hidden_change", ("hidden",), False
-
-    def __init__(self, threshold=0.03, min_steps=1):
-        super().__init__(threshold, min_steps)
-
-    def _check_threshold(self, eps):
-        return _require_number("eps", eps, low=0, low_open=True)
-
-    def score(self, view):
-        if view.prev_hidden is None:
-            return _never_at_first_step(view, view.hidden)
-        h, prev = view.hidden.float(), view.prev_hidden.float()
-        return (h - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)
-
-
-class FixedDepth(ExitRule):
-    """Stop every token at step n (score: the step itself)."""
-
-    name, needs, stop_above = "fixed", (), True
-
-    def _check_threshold(self, n):
-        return _require_int("n", n, 1)
-
-    def score(self, view):
-        any_tensor = next(x for x in (view.logits, view.gates, view.hidden) if x is not None)
-        return torch.full(view.token_shape, float(view.step), device=any_tensor.device)
-
-
-EXIT_RULES = {rule.name: rule for rule in (QExit, ConfidenceExit, KLExit, HiddenChangeExit, FixedDepth)}
-
-
-def make_exit_rule(name, *args, **kwargs):
-    """The exit rule called `name` (a key of EXIT_RULES), built with the given threshold."""
-    if name not in EXIT_RULES:
-        raise ValueError(f"unknown exit rule {name!r}; valid rules: {', '.join(EXIT_RULES)}")
-    return EXIT_RULES[name](*args, **kwargs)
+# Appendix C.6 writes this interface in `looplm/exits.py`: a `StepView`; an `ExitRule`, whose
+# `score(view)` gives each token's score and `stop(view)` compares it with the threshold
+# from `min_steps` on; the five rules, `QExit`, `ConfidenceExit`, `KLExit`,
+# `HiddenChangeExit` and `FixedDepth`, each a few lines with its default threshold ($q = 0.5$,
+# top probability $0.9$, a KL of $5 \cdot 10^{-4}$, a relative change of $0.03$, depth $2$);
+# and `make_exit_rule(name, threshold)`, which builds one by name.
 
 # %% [markdown]
 # A step-by-step decoder calls `rule.stop(view)` after each step and freezes the tokens that
-# stop. For a whole forward pass, where all $S$ steps were computed anyway, `exit_steps` does
-# the same walk over the stored steps. It takes a `LoopOutput` (or the tensors by name) and
-# returns the step each token stops at.
+# stop. For a whole forward pass, where all $S$ steps were computed anyway, `exit_steps` (also
+# in Appendix C.6) does the same walk over the stored steps. It takes a `LoopOutput` (or the
+# tensors by name) and returns the step each token stops at.
 #
 # **Per token or per sequence.** Per token, each token stops on its own. Per sequence, all
 # tokens of a row stop together, in one of two ways (the `reduce` argument):
@@ -1316,91 +1047,6 @@ def make_exit_rule(name, *args, **kwargs):
 #
 # Only tokens in `mask` count for a sequence (the answer tokens, say); the returned steps are
 # still one per token, $[B, T]$, equal along each row.
-
-# %%
-#| export
-def _steps_input(rule, out, logits, gate, hidden):
-    if not isinstance(rule, ExitRule):
-        raise TypeError(f"rule must be an ExitRule (see EXIT_RULES), got {type(rule).__name__}")
-    if out is not None:
-        if any(x is not None for x in (logits, gate, hidden)):
-            raise ValueError("pass either out or the tensors logits/gate/hidden, not both")
-        logits, gate, hidden = out.logits, out.gate, out.hidden
-    rule_name = type(rule).__name__
-    if "gates" in rule.needs and gate is None:
-        raise ValueError(f"{rule_name} needs the exit gate, but gate is None: it comes from {_NO_GATE}")
-    if "hidden" in rule.needs and hidden is None:
-        raise ValueError(f"{rule_name} needs the loop states, but hidden is None: run the model "
-                         f"with return_hidden=True")
-    if "logits" in rule.needs and logits is None:
-        raise ValueError(f"{rule_name} needs the per-step logits, but logits is None")
-    shapes = {}
-    if logits is not None:
-        shapes["logits"] = tuple(_require_steps("logits", logits).shape[:-1])
-    if gate is not None:
-        shapes["gate"] = tuple(_check_gate(gate).shape)
-    if hidden is not None:
-        shapes["hidden"] = tuple(_require_steps("hidden", hidden).shape[:-1])
-    if not shapes:
-        raise ValueError("exit_steps needs at least one of logits, gate or hidden")
-    if len(set(shapes.values())) > 1:
-        raise ValueError("logits [S, ..., V], gate [S, ...] and hidden [S, ..., D] disagree on the "
-                         "steps or tokens: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
-    return logits, gate, hidden, next(iter(shapes.values()))
-
-
-def step_view(t, logits=None, gate=None, hidden=None):
-    """The StepView of step t (from 1) from stored per-step tensors [S, ...]."""
-    return StepView(step=t,
-                    logits=None if logits is None else logits[t - 1],
-                    prev_logits=None if logits is None or t == 1 else logits[t - 2],
-                    gates=None if gate is None else gate[:t],
-                    hidden=None if hidden is None else hidden[t - 1],
-                    prev_hidden=None if hidden is None or t == 1 else hidden[t - 2])
-
-
-def exit_steps(rule, out=None, *, logits=None, gate=None, hidden=None, per="token", reduce="all",
-               mask=None):
-    """Steps used per token under an exit rule: LongTensor [...] (from 1; S if the rule never fires).
-
-    out: a LoopOutput (or pass logits [S, ..., V], gate [S, ...], hidden [S, ..., D] by name).
-    per="token": each token stops on its own. per="sequence" (tokens [B, T]): a row stops when
-    its last token stops (reduce="all"), or when its mean score passes the threshold
-    (reduce="mean"); only tokens in mask [B, T] count. Returned per token, equal along a row.
-    """
-    logits, gate, hidden, shape = _steps_input(rule, out, logits, gate, hidden)
-    n_steps, token_shape = shape[0], shape[1:]
-    if per not in ("token", "sequence"):
-        raise ValueError(f"per must be 'token' or 'sequence', got {per!r}")
-    if reduce not in ("all", "mean"):
-        raise ValueError(f"reduce must be 'all' or 'mean', got {reduce!r}")
-    if per == "sequence" and len(token_shape) != 2:
-        raise ValueError(f"per='sequence' needs tokens [B, T], got token shape {list(token_shape)}")
-    if mask is None:
-        mask = torch.ones(token_shape, dtype=torch.bool)
-    elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != token_shape:
-        raise ValueError(f"mask must be a bool tensor of the token shape {list(token_shape)}")
-    device = next(x for x in (logits, gate, hidden) if x is not None).device
-    mask = mask.to(device)
-    if per == "sequence" and not mask.any(-1).all():
-        raise ValueError("mask selects no token in some row, so that sequence has no step to take")
-
-    steps = torch.full(token_shape, n_steps, dtype=torch.long, device=device)
-    done = torch.zeros(token_shape, dtype=torch.bool, device=device)
-    for t in range(1, n_steps + 1):
-        view = step_view(t, logits, gate, hidden)
-        if per == "sequence" and reduce == "mean":
-            score = rule.score(view)                                          # (B, T)
-            row_score = torch.where(mask, score, 0).sum(-1) / mask.sum(-1)    # (B,)
-            stop = rule.stop(view, score=row_score)[:, None].expand(token_shape)
-        else:
-            stop = rule.stop(view)
-        steps = torch.where(stop & ~done, t, steps)
-        done = done | stop
-    if per == "sequence" and reduce == "all":
-        row_steps = torch.where(mask, steps, 0).max(-1).values               # (B,)
-        steps = row_steps[:, None].expand(token_shape).clone()
-    return steps
 
 # %% [markdown]
 # The Q-exit rule walked step by step must agree with `q_exit_steps` exactly, because it
@@ -1435,70 +1081,6 @@ for rule in (ConfidenceExit(0.9), KLExit(5e-4), KLExit(0.2), FixedDepth(2)):
 # chapter: all $S$ steps are computed and the exit only chooses which readout a token reports.
 # Ouro's released code does the same. Skipping the computation for real, with a KV cache, is
 # chapter 7's job.
-
-# %%
-#| export
-def select_exit_logits(logits, steps):
-    """Each token's readout at its exit step: logits [S, ..., V], steps [...] (from 1) -> [..., V]."""
-    _require_steps("logits", logits)
-    if not isinstance(steps, torch.Tensor) or steps.dtype != torch.long:
-        raise TypeError(f"steps must be a LongTensor of steps counted from 1, got "
-                        f"{type(steps).__name__}{'' if not isinstance(steps, torch.Tensor) else ' of dtype ' + str(steps.dtype)}")
-    if steps.shape != logits.shape[1:-1]:
-        raise ValueError(f"steps {list(steps.shape)} must have the token shape of logits "
-                         f"{list(logits.shape)}, i.e. {list(logits.shape[1:-1])}")
-    n_steps = logits.shape[0]
-    if steps.numel() and (steps.min() < 1 or steps.max() > n_steps):
-        raise ValueError(f"steps are counted from 1 and must lie in [1, {n_steps}], got min "
-                         f"{steps.min().item()} and max {steps.max().item()}")
-    index = (steps - 1).unsqueeze(0).unsqueeze(-1).expand(1, *steps.shape, logits.shape[-1])
-    return logits.gather(0, index.to(logits.device)).squeeze(0)             # (..., V)
-
-
-def mean_steps(steps, mask=None):
-    """Average steps used over the tokens in mask (all tokens if None): a float."""
-    return _token_mean(steps.float(), mask).item()
-
-
-QEXIT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-
-
-@torch.no_grad()
-def pick_exit_threshold(model, data, thresholds=QEXIT_THRESHOLDS, tolerance=0.01):
-    """The Q-exit threshold to deploy, chosen on held-out data (a validation TaskBatch, never the
-    test set): among the thresholds whose exact match is within `tolerance` of the best, the
-    one with the fewest mean steps per answer token. -> (q, [(q, accuracy, mean steps), ...])."""
-    out = model(data.idx)
-    if out.gate is None:
-        raise ValueError("pick_exit_threshold reads the exit gate, and this model was built without one")
-    mask = data.targets != IGNORE_INDEX
-    table = []
-    for q in thresholds:
-        steps = q_exit_steps(out.gate, q)
-        accuracy = answer_accuracy(select_exit_logits(out.logits, steps), data.targets).float().mean().item()
-        table.append((q, accuracy, mean_steps(steps, mask)))
-    best = max(accuracy for _, accuracy, _ in table)
-    q = min((row for row in table if row[1] >= best - tolerance), key=lambda row: (row[2], row[0]))[0]
-    return q, table
-
-# %% [markdown]
-# For convenience, each rule also has a plain function in the style of `q_exit_steps`:
-
-# %%
-#| export
-def confidence_exit_steps(logits, threshold=0.9, min_steps=1):
-    """Steps used per token: first t with max softmax prob >= threshold, else S. [S, ..., V] -> [...]."""
-    return exit_steps(ConfidenceExit(threshold, min_steps), logits=logits)
-
-
-def kl_exit_steps(logits, eps=5e-4, min_steps=1):
-    """Steps used per token: first t >= 2 with KL(p_t || p_{t-1}) <= eps (Huginn), else S."""
-    return exit_steps(KLExit(eps, min_steps), logits=logits)
-
-
-def hidden_change_exit_steps(hidden, eps=0.03, min_steps=1):
-    """Steps used per token: first t >= 2 with ||h_t - h_{t-1}|| / ||h_{t-1}|| <= eps, else S."""
-    return exit_steps(HiddenChangeExit(eps, min_steps), hidden=hidden)
 
 # %% [markdown]
 # The trained model, every rule at a moderate setting, on the test set. A token's step counts
@@ -1990,9 +1572,9 @@ show_error(lambda: make_exit_rule("median", 0.5))
 # %% [markdown]
 # ## Summary
 #
-# `looplm/adaptive.py` holds everything of this chapter that works on tensors; the gate
-# itself, `LinearExitGate`, is registered in `EXIT_GATES["linear"]` in `looplm/model.py`, and
-# the recipe lives in `looplm/train.py`.
+# `looplm/adaptive.py` holds the exit distribution and the two stages' losses, and
+# `looplm/exits.py` the exit rules; the gate itself, `LinearExitGate`, is registered in
+# `EXIT_GATES["linear"]` in `looplm/model.py`, and the recipe lives in `looplm/train.py`.
 #
 # | name | what it does |
 # |---|---|

@@ -14,10 +14,11 @@
 # %% [markdown]
 # # Appendix C, continued: the gate's machinery
 #
-# What chapter 5 uses and does not show: the two-stage recipe as functions and on the command
-# line, the stability checks, the stored experiment behind section 5.7, and the tests of the
-# gate, the losses and the exit rules. Its cells extend `looplm/adaptive.py`, `looplm/train.py`
-# and `looplm/experiments.py`.
+# What chapter 5 uses and does not show: the exit rules as objects, the two-stage recipe as
+# functions and on the command line, the stability checks, the stored experiment behind
+# section 5.7, and the tests of the gate, the losses and the exit rules. Its cells build
+# `looplm/exits.py` and extend `looplm/adaptive.py`, `looplm/train.py` and
+# `looplm/experiments.py`.
 
 # %% tags=["hide-input"]
 import contextlib
@@ -25,16 +26,19 @@ import io
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import looplm
-from looplm.adaptive import (_NO_GATE, EXIT_RULES, AdaptiveLoss, GateLoss, _require_int,
-                             _require_number, _require_steps, confidence_exit_steps, exit_distribution,
-                             gate_on_detached_states, gate_only, hidden_change_exit_steps, kl_exit_steps,
-                             make_exit_rule, stage1_loss, stage2_gate_loss, stage2_targets)
+from looplm.checks import require_int, require_number
+from looplm.adaptive import (_NO_GATE, AdaptiveLoss, GateLoss, _require_steps, exit_distribution,
+                             gate_on_detached_states, gate_only, stage1_loss, stage2_gate_loss,
+                             stage2_targets)
+from looplm.exits import (EXIT_RULES, confidence_exit_steps, hidden_change_exit_steps,
+                          kl_exit_steps, make_exit_rule)
 from looplm.data import TASK_VOCAB
 from looplm.diagnostics import hidden_norms, step_changes
 from looplm.model import LinearExitGate, LoopLM, LoopLMConfig
@@ -55,15 +59,490 @@ print("torch", torch.__version__, "| looplm", looplm.__version__)
 #| test
 import pytest
 
-from looplm.adaptive import (EXIT_RULES, ConfidenceExit, FixedDepth, GateLoss, QExit,
-                             confidence_exit_steps, exit_distribution, exit_entropy, exit_steps, expected_depth,
-                             gate_on_detached_states, gate_only, hidden_change_exit_steps, kl_exit_steps,
-                             make_exit_rule, mean_steps, q_exit_steps, select_exit_logits, stage1_loss,
+from looplm.adaptive import (GateLoss, exit_distribution, exit_entropy, expected_depth,
+                             gate_on_detached_states, gate_only, q_exit_steps, stage1_loss,
                              stage2_gate_loss, stage2_targets)
+from looplm.exits import (EXIT_RULES, ConfidenceExit, FixedDepth, QExit, confidence_exit_steps,
+                          exit_steps, hidden_change_exit_steps, kl_exit_steps, make_exit_rule,
+                          mean_steps, select_exit_logits)
 from looplm.model import LinearExitGate
 
 # %% [markdown]
-# ## C.6 Two stages in one call
+# ## C.6 The gate's objects: a Trainer loss and the exit rules
+
+# %% [markdown]
+# ### The Stage I loss as a Trainer loss function
+#
+# `AdaptiveLoss` is what section 5.3 trains with: a `loss_fn(model, idx, targets) -> (loss,
+# metrics)` for the Trainer. It runs the model, applies an objective to the step losses and the
+# gate, and reports the mean last-step loss and the entropy, expected depth and mass per step
+# of $p$ over the answer tokens. It is a small class so that it can carry options, and a
+# random generator for an objective that samples (chapter 6 has one).
+
+# %%
+#| export
+def _exit_summary(out, mask, probs=None):
+    """Metrics of an exit distribution (default out.exit_probs) over the tokens in mask:
+    entropy, expected depth, mass per step, and the last step's loss."""
+    with torch.no_grad():
+        probs = (out.exit_probs if probs is None else probs).float()
+        weights = mask.float()
+        count = weights.sum()
+        summary = {"entropy": (exit_entropy(probs) * weights).sum().item() / count.item(),
+                   "depth": (expected_depth(probs) * weights).sum().item() / count.item()}
+        for t, mass in enumerate(((probs * weights).sum((1, 2)) / count).tolist(), start=1):
+            summary[f"mass_{t}"] = mass
+        summary["last_loss"] = (out.step_losses[-1] * weights).sum().item() / count.item()
+    return summary
+
+
+class AdaptiveLoss:
+    """loss_fn(model, idx, targets) -> (loss, metrics) for the Trainer, for a model with a gate.
+
+    objective: a key of OBJECTIVES; "stage1" is Ouro's Eq. 4 with options beta and last_weight
+    (w * mean last-step loss + (1 - w) * Eq. 4; section 5.3 says why). Chapter 6 registers
+    "act", "pondernet" and "gumbel". The metrics: the mean last-step loss, and the entropy,
+    expected depth and mass per step of p over the answer tokens.
+    """
+
+    def __init__(self, objective="stage1", **options):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(repr(o) for o in OBJECTIVES)}; "
+                             f"got {objective!r}")
+        entry = OBJECTIVES[objective]
+        unknown = sorted(set(options) - set(entry.options))
+        if unknown:
+            raise ValueError(f"objective {objective!r} takes options {sorted(entry.options)}, got {unknown}")
+        self.objective, self.entry = objective, entry
+        self.options = entry.check({**entry.options, **options}) if entry.check else {**entry.options, **options}
+        self.generator = torch.Generator().manual_seed(self.options.pop("seed")) if entry.random else None
+
+    def __call__(self, model, idx, targets):
+        if getattr(model, "exit_gate", None) is None:
+            raise ValueError("AdaptiveLoss trains an exit gate, and this model was built without one: "
+                             "use LoopLMConfig(..., exit_gate=True)")
+        out = model(idx, targets=targets)
+        mask = targets != IGNORE_INDEX
+        loss, probs = self.entry.loss(out, mask, self.generator, **self.options)
+        return loss, _exit_summary(out, mask, probs)
+
+    def state_dict(self):
+        return {"generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+
+    def __repr__(self):
+        return f"AdaptiveLoss({self.objective!r}, {', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+
+# %% [markdown]
+# `OBJECTIVES` is a registry like chapter 2's: a name maps to an `Objective`, which holds the
+# loss as a function of the forward pass, the options with their defaults, and whether it draws
+# random numbers. Stage I is its first entry; chapter 6 adds three more.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class Objective:
+    """An entry of OBJECTIVES. loss(out, mask, generator, **options) -> (loss, p or None), where p
+    [S, B, T] is the exit distribution the metrics describe (None: out.exit_probs); options maps
+    each option to its default; check(options) -> options validates them; random: the loss
+    draws from a generator, seeded by the option "seed"."""
+
+    loss: Callable
+    options: dict
+    check: Callable | None = None
+    random: bool = False
+
+
+def _stage1_objective(out, mask, generator, beta, last_weight):
+    if last_weight == 1:
+        return out.loss, None                  # the last step's mean loss; the gate gets no gradient
+    loss = stage1_loss(out.step_losses, out.exit_probs, beta, mask)
+    return (last_weight * out.loss + (1 - last_weight) * loss if last_weight else loss), None
+
+
+def _check_stage1(options):
+    return {"beta": require_number("beta", options["beta"], low=0),
+            "last_weight": require_number("last_weight", options["last_weight"], low=0, high=1)}
+
+
+OBJECTIVES = {"stage1": Objective(_stage1_objective, {"beta": 0.1, "last_weight": 0.0}, _check_stage1)}
+
+# %% [markdown]
+# ### The Stage II loss, and a frozen model
+#
+# Section 5.4's Stage II trains the gate alone: `GateLoss` runs `gate_on_detached_states`
+# and applies `stage2_gate_loss`, and `gate_only` freezes every parameter outside the gate
+# for the length of a `with` block.
+
+# %%
+#| export
+class GateLoss:
+    """Stage II loss_fn(model, idx, targets) -> (loss, metrics): trains the exit gate only (Eq. 6)."""
+
+    def __init__(self, k=50.0, gamma=0.005):
+        self.k = require_number("k", k, low=0, low_open=True)
+        self.gamma = require_number("gamma", gamma)
+
+    def __call__(self, model, idx, targets):
+        out = gate_on_detached_states(model, idx, targets)
+        mask = targets != IGNORE_INDEX
+        loss = stage2_gate_loss(out.step_losses, out.gate, self.k, self.gamma, mask)
+        return loss, _exit_summary(out, mask)
+
+    def __repr__(self):
+        return f"GateLoss(k={self.k}, gamma={self.gamma})"
+
+
+class gate_only:
+    """with gate_only(model): every parameter outside model.exit_gate has requires_grad=False."""
+
+    def __init__(self, model):
+        if getattr(model, "exit_gate", None) is None:
+            raise ValueError("this model was built without an exit gate: use LoopLMConfig(..., exit_gate=True)")
+        self.model = model
+
+    def __enter__(self):
+        gate_ids = {id(p) for p in self.model.exit_gate.parameters()}
+        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(id(p) in gate_ids)
+        return [p for p, _ in self.saved if id(p) in gate_ids]
+
+    def __exit__(self, *exc):
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+        return False
+
+# %% [markdown]
+# ### Exit rules as objects
+#
+# Section 5.5 describes the exit rules and what each one sees after a step; here they are as
+# code. They go to a module of their own, `looplm/exits.py`: training never needs them, and
+# the decoder of chapter 7 needs nothing else of chapter 5's. A rule is an object with a
+# threshold, a `score(view)` per token and a `stop(view)` that compares the two:
+
+# %% tags=["hide-input"]
+#| export exits
+import math
+from dataclasses import dataclass
+
+import torch
+
+from looplm.adaptive import _NO_GATE, _check_gate, _check_q, _require_steps, _token_mean, q_exit_steps
+from looplm.checks import require_int, require_number
+from looplm.data import IGNORE_INDEX, answer_accuracy
+
+# %%
+#| export exits
+@dataclass
+class StepView:
+    """What an exit rule may look at after step t (counted from 1), for every token."""
+
+    step: int
+    logits: torch.Tensor | None = None       # [..., V] readout of step t
+    prev_logits: torch.Tensor | None = None  # [..., V] readout of step t-1 (None at t = 1)
+    gates: torch.Tensor | None = None        # [t, ...] the gates λ_1 .. λ_t
+    hidden: torch.Tensor | None = None       # [..., D] the state h_t
+    prev_hidden: torch.Tensor | None = None  # [..., D] h_{t-1} (None at t = 1)
+
+    @property
+    def token_shape(self):
+        for tensor, cut in ((self.logits, -1), (self.hidden, -1), (self.gates, None)):
+            if tensor is not None:
+                return tensor.shape[1:] if cut is None else tensor.shape[:-1]
+        raise ValueError("a StepView needs at least one of logits, gates or hidden")
+
+
+class ExitRule:
+    """Decides after each step which tokens stop. A rule scores each token from a StepView and
+    stops it when the score passes the threshold (>= if stop_above, else <=), from min_steps on.
+    """
+
+    name = "rule"
+    needs = ()             # the StepView tensors score() reads: "logits", "gates", "hidden"
+    stop_above = True
+    default_threshold = None   # the threshold when none is given (None: it must be given)
+
+    def __init__(self, threshold=None, min_steps=1):
+        if threshold is None:
+            if self.default_threshold is None:
+                raise ValueError(f"{type(self).__name__} needs a threshold")
+            threshold = self.default_threshold
+        self.threshold = self._check_threshold(threshold)
+        self.min_steps = require_int("min_steps", min_steps, 1)
+
+    def _check_threshold(self, threshold):
+        return require_number("threshold", threshold)
+
+    def score(self, view):
+        raise NotImplementedError
+
+    def passes(self, score):
+        return score >= self.threshold if self.stop_above else score <= self.threshold
+
+    def stop(self, view, score=None):
+        """Bool [...]: True for the tokens that stop at step view.step (given they got there)."""
+        score = self.score(view) if score is None else score
+        if view.step < self.min_steps:
+            return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+        return self.passes(score)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.threshold!r}, min_steps={self.min_steps})"
+
+# %% [markdown]
+# The five rules. Each is a few lines: a default threshold, a threshold check and a score.
+# The defaults are the values this chapter and chapter 7 use unless told otherwise: $q = 0.5$
+# for the Q-exit, top probability $0.9$, a KL of $5 \cdot 10^{-4}$ (Huginn's), a relative
+# change of the state of $0.03$, and depth $2$.
+
+# %%
+#| export exits
+def _never_at_first_step(view, reference):
+    return torch.full(view.token_shape, math.inf, device=reference.device)
+
+
+class QExit(ExitRule):
+    """Ouro's Q-exit: stop when the exit CDF reaches q (score: CDF of the steps so far)."""
+
+    name, needs, stop_above, default_threshold = "q_exit", ("gates",), True, 0.5
+
+    def _check_threshold(self, q):
+        return _check_q(q)
+
+    def score(self, view):
+        gates = view.gates.float()                                          # (t, ...)
+        reach = torch.cat([torch.ones_like(gates[:1]), torch.cumprod(1 - gates[:-1], 0)])
+        return (gates * reach).cumsum(0)[-1]      # Σ_{j<=t} p_j, as in q_exit_steps for t < S
+
+
+class ConfidenceExit(ExitRule):
+    """Stop when the top next-token probability reaches the threshold."""
+
+    name, needs, stop_above, default_threshold = "confidence", ("logits",), True, 0.9
+
+    def _check_threshold(self, threshold):
+        return require_number("threshold", threshold, low=0, high=1, low_open=True)
+
+    def score(self, view):
+        return view.logits.float().softmax(-1).max(-1).values
+
+
+class KLExit(ExitRule):
+    """Huginn's rule: stop when KL(p_t || p_{t-1}) between successive predictions is <= eps."""
+
+    name, needs, stop_above, default_threshold = "kl", ("logits",), False, 5e-4
+
+    def _check_threshold(self, eps):
+        return require_number("eps", eps, low=0, low_open=True)
+
+    def score(self, view):
+        if view.prev_logits is None:
+            return _never_at_first_step(view, view.logits)
+        log_p, log_prev = view.logits.float().log_softmax(-1), view.prev_logits.float().log_softmax(-1)
+        return (log_p.exp() * (log_p - log_prev)).sum(-1)
+
+
+class HiddenChangeExit(ExitRule):
+    """Stop when the relative change of the state ||h_t - h_{t-1}|| / ||h_{t-1}|| is <= eps."""
+
+    name, needs, stop_above, default_threshold = "hidden_change", ("hidden",), False, 0.03
+
+    def _check_threshold(self, eps):
+        return require_number("eps", eps, low=0, low_open=True)
+
+    def score(self, view):
+        if view.prev_hidden is None:
+            return _never_at_first_step(view, view.hidden)
+        h, prev = view.hidden.float(), view.prev_hidden.float()
+        return (h - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)
+
+
+class FixedDepth(ExitRule):
+    """Stop every token at step n (score: the step itself)."""
+
+    name, needs, stop_above, default_threshold = "fixed", (), True, 2
+
+    def _check_threshold(self, n):
+        return require_int("n", n, 1)
+
+    def score(self, view):
+        any_tensor = next(x for x in (view.logits, view.gates, view.hidden) if x is not None)
+        return torch.full(view.token_shape, float(view.step), device=any_tensor.device)
+
+
+EXIT_RULES = {rule.name: rule for rule in (QExit, ConfidenceExit, KLExit, HiddenChangeExit, FixedDepth)}
+
+
+def make_exit_rule(name, *args, **kwargs):
+    """The exit rule called `name` (a key of EXIT_RULES), built with the given threshold (default:
+    the rule's default_threshold)."""
+    if name not in EXIT_RULES:
+        raise ValueError(f"unknown exit rule {name!r}; valid rules: {', '.join(EXIT_RULES)}")
+    return EXIT_RULES[name](*args, **kwargs)
+
+# %% [markdown]
+# `exit_steps` takes a `LoopOutput` (or the tensors by name), checks that the rule gets what it
+# needs, and walks the stored steps, per token or per sequence, as section 5.5 describes:
+
+# %%
+#| export exits
+def _steps_input(rule, out, logits, gate, hidden):
+    if not isinstance(rule, ExitRule):
+        raise TypeError(f"rule must be an ExitRule (see EXIT_RULES), got {type(rule).__name__}")
+    if out is not None:
+        if any(x is not None for x in (logits, gate, hidden)):
+            raise ValueError("pass either out or the tensors logits/gate/hidden, not both")
+        logits, gate, hidden = out.logits, out.gate, out.hidden
+    rule_name = type(rule).__name__
+    if "gates" in rule.needs and gate is None:
+        raise ValueError(f"{rule_name} needs the exit gate, but gate is None: it comes from {_NO_GATE}")
+    if "hidden" in rule.needs and hidden is None:
+        raise ValueError(f"{rule_name} needs the loop states, but hidden is None: run the model "
+                         f"with return_hidden=True")
+    if "logits" in rule.needs and logits is None:
+        raise ValueError(f"{rule_name} needs the per-step logits, but logits is None")
+    shapes = {}
+    if logits is not None:
+        shapes["logits"] = tuple(_require_steps("logits", logits).shape[:-1])
+    if gate is not None:
+        shapes["gate"] = tuple(_check_gate(gate).shape)
+    if hidden is not None:
+        shapes["hidden"] = tuple(_require_steps("hidden", hidden).shape[:-1])
+    if not shapes:
+        raise ValueError("exit_steps needs at least one of logits, gate or hidden")
+    if len(set(shapes.values())) > 1:
+        raise ValueError("logits [S, ..., V], gate [S, ...] and hidden [S, ..., D] disagree on the "
+                         "steps or tokens: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
+    return logits, gate, hidden, next(iter(shapes.values()))
+
+
+def step_view(t, logits=None, gate=None, hidden=None):
+    """The StepView of step t (from 1) from stored per-step tensors [S, ...]."""
+    return StepView(step=t,
+                    logits=None if logits is None else logits[t - 1],
+                    prev_logits=None if logits is None or t == 1 else logits[t - 2],
+                    gates=None if gate is None else gate[:t],
+                    hidden=None if hidden is None else hidden[t - 1],
+                    prev_hidden=None if hidden is None or t == 1 else hidden[t - 2])
+
+
+def exit_steps(rule, out=None, *, logits=None, gate=None, hidden=None, per="token", reduce="all",
+               mask=None):
+    """Steps used per token under an exit rule: LongTensor [...] (from 1; S if the rule never fires).
+
+    out: a LoopOutput (or pass logits [S, ..., V], gate [S, ...], hidden [S, ..., D] by name).
+    per="token": each token stops on its own. per="sequence" (tokens [B, T]): a row stops when
+    its last token stops (reduce="all"), or when its mean score passes the threshold
+    (reduce="mean"); only tokens in mask [B, T] count. Returned per token, equal along a row.
+    """
+    logits, gate, hidden, shape = _steps_input(rule, out, logits, gate, hidden)
+    n_steps, token_shape = shape[0], shape[1:]
+    if per not in ("token", "sequence"):
+        raise ValueError(f"per must be 'token' or 'sequence', got {per!r}")
+    if reduce not in ("all", "mean"):
+        raise ValueError(f"reduce must be 'all' or 'mean', got {reduce!r}")
+    if per == "sequence" and len(token_shape) != 2:
+        raise ValueError(f"per='sequence' needs tokens [B, T], got token shape {list(token_shape)}")
+    if mask is None:
+        mask = torch.ones(token_shape, dtype=torch.bool)
+    elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != token_shape:
+        raise ValueError(f"mask must be a bool tensor of the token shape {list(token_shape)}")
+    device = next(x for x in (logits, gate, hidden) if x is not None).device
+    mask = mask.to(device)
+    if per == "sequence" and not mask.any(-1).all():
+        raise ValueError("mask selects no token in some row, so that sequence has no step to take")
+
+    steps = torch.full(token_shape, n_steps, dtype=torch.long, device=device)
+    done = torch.zeros(token_shape, dtype=torch.bool, device=device)
+    for t in range(1, n_steps + 1):
+        view = step_view(t, logits, gate, hidden)
+        if per == "sequence" and reduce == "mean":
+            score = rule.score(view)                                          # (B, T)
+            row_score = torch.where(mask, score, 0).sum(-1) / mask.sum(-1)    # (B,)
+            stop = rule.stop(view, score=row_score)[:, None].expand(token_shape)
+        else:
+            stop = rule.stop(view)
+        steps = torch.where(stop & ~done, t, steps)
+        done = done | stop
+    if per == "sequence" and reduce == "all":
+        row_steps = torch.where(mask, steps, 0).max(-1).values               # (B,)
+        steps = row_steps[:, None].expand(token_shape).clone()
+    return steps
+
+# %% [markdown]
+# Section 5.5's `select_exit_logits` (each token's readout at its exit step), the mean step
+# count over answer tokens, and the choice of the Q-exit threshold on held-out data:
+
+# %%
+#| export exits
+def select_exit_logits(logits, steps):
+    """Each token's readout at its exit step: logits [S, ..., V], steps [...] (from 1) -> [..., V]."""
+    _require_steps("logits", logits)
+    if not isinstance(steps, torch.Tensor) or steps.dtype != torch.long:
+        raise TypeError(f"steps must be a LongTensor of steps counted from 1, got "
+                        f"{type(steps).__name__}{'' if not isinstance(steps, torch.Tensor) else ' of dtype ' + str(steps.dtype)}")
+    if steps.shape != logits.shape[1:-1]:
+        raise ValueError(f"steps {list(steps.shape)} must have the token shape of logits "
+                         f"{list(logits.shape)}, i.e. {list(logits.shape[1:-1])}")
+    n_steps = logits.shape[0]
+    if steps.numel() and (steps.min() < 1 or steps.max() > n_steps):
+        raise ValueError(f"steps are counted from 1 and must lie in [1, {n_steps}], got min "
+                         f"{steps.min().item()} and max {steps.max().item()}")
+    index = (steps - 1).unsqueeze(0).unsqueeze(-1).expand(1, *steps.shape, logits.shape[-1])
+    return logits.gather(0, index.to(logits.device)).squeeze(0)             # (..., V)
+
+
+def mean_steps(steps, mask=None):
+    """Average steps used over the tokens in mask (all tokens if None): a float."""
+    return _token_mean(steps.float(), mask).item()
+
+
+QEXIT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+@torch.no_grad()
+def pick_exit_threshold(model, data, thresholds=QEXIT_THRESHOLDS, tolerance=0.01):
+    """The Q-exit threshold to deploy, chosen on held-out data (a validation TaskBatch, never the
+    test set): among the thresholds whose exact match is within `tolerance` of the best, the
+    one with the fewest mean steps per answer token. -> (q, [(q, accuracy, mean steps), ...])."""
+    out = model(data.idx)
+    if out.gate is None:
+        raise ValueError("pick_exit_threshold reads the exit gate, and this model was built without one")
+    mask = data.targets != IGNORE_INDEX
+    table = []
+    for q in thresholds:
+        steps = q_exit_steps(out.gate, q)
+        accuracy = answer_accuracy(select_exit_logits(out.logits, steps), data.targets).float().mean().item()
+        table.append((q, accuracy, mean_steps(steps, mask)))
+    best = max(accuracy for _, accuracy, _ in table)
+    q = min((row for row in table if row[1] >= best - tolerance), key=lambda row: (row[2], row[0]))[0]
+    return q, table
+
+# %% [markdown]
+# For convenience, each rule also has a plain function in the style of `q_exit_steps`:
+
+# %%
+#| export exits
+def confidence_exit_steps(logits, threshold=0.9, min_steps=1):
+    """Steps used per token: first t with max softmax prob >= threshold, else S. [S, ..., V] -> [...]."""
+    return exit_steps(ConfidenceExit(threshold, min_steps), logits=logits)
+
+
+def kl_exit_steps(logits, eps=5e-4, min_steps=1):
+    """Steps used per token: first t >= 2 with KL(p_t || p_{t-1}) <= eps (Huginn), else S."""
+    return exit_steps(KLExit(eps, min_steps), logits=logits)
+
+
+def hidden_change_exit_steps(hidden, eps=0.03, min_steps=1):
+    """Steps used per token: first t >= 2 with ||h_t - h_{t-1}|| / ||h_{t-1}|| <= eps, else S."""
+    return exit_steps(HiddenChangeExit(eps, min_steps), hidden=hidden)
+
+# %% [markdown]
+# ## C.7 Two stages in one call
 #
 # Chapter 5, section 5.8, describes the recipe; these are its functions: `train_stage1`,
 # `train_stage2` and `train_two_stage`, in `looplm/train.py` beside the Trainer.
@@ -87,7 +566,7 @@ def train_stage1(model, get_batch, config, beta=0.1, warm_steps=0, last_weight=0
     _require_gated(model)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _require_int("warm_steps", warm_steps, 0)
+    require_int("warm_steps", warm_steps, 0)
     if warm_steps > config.steps:
         raise ValueError(f"warm_steps={warm_steps} is more than the {config.steps} Stage I updates")
     trainer = Trainer(model, get_batch, config, loss_fn=AdaptiveLoss("stage1", beta=beta, last_weight=1.0),
@@ -110,7 +589,7 @@ def train_stage2(model, get_batch, config, k=50.0, gamma=0.005, evaluate=None):
 def stage2_config(config, stage2_steps, stage2_lr=1e-2):
     """Stage II's TrainConfig from the run's: stage2_steps updates, peak stage2_lr decaying to a
     tenth of it, a short warmup, and the next batch seed."""
-    _require_int("stage2_steps", stage2_steps, 1)
+    require_int("stage2_steps", stage2_steps, 1)
     return dataclasses.replace(config, steps=stage2_steps, lr=stage2_lr, min_lr=stage2_lr / 10,
                                warmup_steps=min(stage2_steps - 1, max(1, stage2_steps // 20)),
                                seed=config.seed + 1)
@@ -126,7 +605,7 @@ def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, ga
     _require_gated(model)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _require_int("stage2_steps", stage2_steps, 1)
+    require_int("stage2_steps", stage2_steps, 1)
     stage1_steps = config.steps - stage2_steps
     if stage1_steps < 1:
         raise ValueError(f"stage2_steps={stage2_steps} leaves no Stage I update out of "
@@ -244,7 +723,7 @@ def test_two_stage_recipe_freezes_the_model_in_stage_two():
         train_two_stage(model, _recipe_batches, config, stage2_steps=6)
     with pytest.raises(ValueError, match="warm_steps=9 is more than the 4 Stage I updates"):
         train_two_stage(model, _recipe_batches, config, stage2_steps=2, warm_steps=9)
-    with pytest.raises(ValueError, match="last_weight must be <= 1"):
+    with pytest.raises(ValueError, match=r"last_weight must be a finite number in \[0, 1\]"):
         train_two_stage(model, _recipe_batches, config, stage2_steps=2, last_weight=1.5)
 
 
@@ -289,7 +768,7 @@ run_tests(test_two_stage_recipe_freezes_the_model_in_stage_two, test_warm_steps_
           test_two_stage_command_line)
 
 # %% [markdown]
-# ## C.7 Stability checks
+# ## C.8 Stability checks
 #
 # A looped model can fail quietly: a state that grows step by step until it overflows, an exit
 # distribution that no longer sums to one because of a NaN in one gate, a loop that never
@@ -303,7 +782,7 @@ def check_exit_probs(exit_probs, tol=1e-4):
     """Raise ValueError unless exit_probs [S, ...] is finite, non-negative and sums to 1 over the
     steps within tol. Returns the largest |sum - 1|."""
     _require_steps("exit_probs", exit_probs, _NO_GATE)
-    tol = _require_number("tol", tol, low=0)
+    tol = require_number("tol", tol, low=0)
     if not torch.isfinite(exit_probs).all():
         bad = (~torch.isfinite(exit_probs)).nonzero()[0].tolist()
         raise ValueError(f"exit_probs holds NaN or inf, first at index {bad} (step {bad[0] + 1})")
@@ -416,7 +895,7 @@ def test_stability_checks():
 run_tests(test_stability_checks)
 
 # %% [markdown]
-# ## C.8 The stored experiment behind section 5.7
+# ## C.9 The stored experiment behind section 5.7
 #
 # `python -m looplm.results run exit-recipe` runs it (Appendix B); chapter 5 loads what it
 # stored.
@@ -427,8 +906,9 @@ import copy
 
 import torch
 
-from looplm.adaptive import (ConfidenceExit, FixedDepth, HiddenChangeExit, KLExit, QExit, exit_entropy, exit_steps,
-                             expected_depth, mean_steps, pick_exit_threshold, q_exit_steps, select_exit_logits)
+from looplm.adaptive import exit_entropy, expected_depth, q_exit_steps
+from looplm.exits import (ConfidenceExit, FixedDepth, HiddenChangeExit, KLExit, QExit, exit_steps,
+                          mean_steps, pick_exit_threshold, select_exit_logits)
 from looplm.backprop import make_loop_loss
 from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
 from looplm.model import LinearExitGate, LoopLM, LoopLMConfig
@@ -594,7 +1074,7 @@ EXIT_RECIPE = register(Experiment("exit-recipe", "05", "chapter 5: the baseline,
                                   _ch05_run, _ch05_prefix))
 
 # %% [markdown]
-# ## C.9 Tests of the gate, the losses and the rules
+# ## C.10 Tests of the gate, the losses and the rules
 #
 # The tests repeat the checks of chapter 5's sections 5.1 to 5.5 on fresh random inputs, and
 # pin the hand-computed values. They are exported to `tests/test_05a_appendix_adaptive.py`.
@@ -841,7 +1321,7 @@ def test_per_sequence_steps_and_select_exit_logits():
 run_tests(test_q_exit_steps_edge_cases, test_other_rules_match_loops, test_per_sequence_steps_and_select_exit_logits)
 
 # %% [markdown]
-# ## C.10 Bad input gets a clear error
+# ## C.11 Bad input gets a clear error
 #
 # Chapter 5's section 5.9 shows a few mistakes the gate's functions catch; this test holds them
 # all.
@@ -857,7 +1337,7 @@ def test_bad_input_gets_clear_errors():
     for q in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"q must be a number in \(0, 1\]"):
             q_exit_steps(out.gate, q)
-    with pytest.raises(ValueError, match="beta must be >= 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
         stage1_loss(out.step_losses, out.exit_probs, beta=-0.1)
     with pytest.raises(ValueError, match="must have the same shape"):
         stage1_loss(out.step_losses[:2], out.exit_probs, beta=0.1)

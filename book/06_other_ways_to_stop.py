@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.adaptive import (AdaptiveLoss, exit_distribution, expected_depth, mean_steps, q_exit_steps,
-                             select_exit_logits)
+from looplm.adaptive import AdaptiveLoss, exit_distribution, expected_depth, q_exit_steps
+from looplm.exits import mean_steps, select_exit_logits
 from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
 from looplm.model import LoopLM, LoopLMConfig
 from looplm.testing import run_tests
@@ -67,8 +67,9 @@ import math
 
 import torch
 
-from looplm.adaptive import (OBJECTIVES, Objective, _check_gate, _check_pair, _entropy, _NO_GATE, _require_int,
-                             _require_number, _require_steps, _token_mean, exit_distribution)
+from looplm.adaptive import (OBJECTIVES, Objective, _check_gate, _check_pair, _entropy, _NO_GATE,
+                             _require_steps, _token_mean, exit_distribution)
+from looplm.checks import require_int, require_number
 
 # %% [markdown]
 # The same task and model as chapter 5: the stack task, difficulties 1 to 5 in training and 6
@@ -118,7 +119,7 @@ def act_halting(gate, eps=0.01):
     n < N, R at n = N and 0 after, summing to 1.
     """
     _check_gate(gate)
-    eps = _require_number("eps", eps, low=0, high=1, high_open=True)
+    eps = require_number("eps", eps, low=0, high=1, high_open=True)
     halted = gate.cumsum(0) >= 1 - eps                                # (S, ...)
     halted[-1] = True
     n_halt = halted.long().argmax(0) + 1                              # N, from 1: (...)
@@ -134,7 +135,7 @@ def act_loss(step_losses, gate, tau=0.01, eps=0.01, mask=None):
     _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
     _check_gate(gate)
     _check_pair("step_losses", step_losses, "gate", gate)
-    tau = _require_number("tau", tau, low=0)
+    tau = require_number("tau", tau, low=0)
     weights, n_halt, remainder = act_halting(gate, eps)
     return _token_mean((weights * step_losses).sum(0) + tau * (n_halt + remainder), mask)
 
@@ -168,8 +169,8 @@ print("weights", [round(w, 4) for w in weights.tolist()], " N =", n_halt.item(),
 #| export
 def geometric_prior(n_steps, lambda_p):
     """PonderNet's geometric prior over S steps, truncated like exit_distribution: [S]."""
-    _require_int("n_steps", n_steps, 1)
-    lambda_p = _require_number("lambda_p", lambda_p, low=0, high=1, low_open=True)
+    require_int("n_steps", n_steps, 1)
+    lambda_p = require_number("lambda_p", lambda_p, low=0, high=1, low_open=True)
     return exit_distribution(torch.full((n_steps,), lambda_p, dtype=torch.float64)).float()
 
 
@@ -178,7 +179,7 @@ def pondernet_loss(step_losses, exit_probs, lambda_p=0.5, beta=0.01, mask=None):
     _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
     _require_steps("exit_probs", exit_probs, _NO_GATE)
     _check_pair("step_losses", step_losses, "exit_probs", exit_probs)
-    beta = _require_number("beta", beta, low=0)
+    beta = require_number("beta", beta, low=0)
     prior = geometric_prior(exit_probs.shape[0], lambda_p).to(exit_probs)
     prior = prior.view(-1, *[1] * (exit_probs.ndim - 1))               # (S, 1, ...)
     kl = (exit_probs * (exit_probs.clamp_min(1e-12).log() - prior.log())).sum(0)
@@ -221,7 +222,7 @@ def gumbel_exit_weights(exit_probs, tau=1.0, hard=True, generator=None):
     hard=True: one-hot in the forward pass, the soft sample's gradient in the backward pass.
     """
     _require_steps("exit_probs", exit_probs, _NO_GATE)
-    tau = _require_number("tau", tau, low=0, low_open=True)
+    tau = require_number("tau", tau, low=0, low_open=True)
     uniform = torch.rand(exit_probs.shape, generator=generator, dtype=exit_probs.dtype).to(exit_probs.device)
     gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-10)))
     soft = ((exit_probs.clamp_min(1e-12).log() + gumbel) / tau).softmax(0)   # (S, ...)
@@ -236,7 +237,7 @@ def gumbel_exit_loss(step_losses, exit_probs, tau=1.0, hard=True, beta=0.0, mask
     _require_steps("step_losses", step_losses, "model(idx, targets=...).step_losses")
     _require_steps("exit_probs", exit_probs, _NO_GATE)
     _check_pair("step_losses", step_losses, "exit_probs", exit_probs)
-    beta = _require_number("beta", beta, low=0)
+    beta = require_number("beta", beta, low=0)
     weights = gumbel_exit_weights(exit_probs, tau, hard, generator)
     return _token_mean((weights * step_losses).sum(0) - beta * _entropy(exit_probs), mask)
 
@@ -331,7 +332,8 @@ import copy
 
 import torch
 
-from looplm.adaptive import AdaptiveLoss, mean_steps, q_exit_steps, select_exit_logits
+from looplm.adaptive import AdaptiveLoss, q_exit_steps
+from looplm.exits import mean_steps, select_exit_logits
 from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
 from looplm.model import LoopLM, LoopLMConfig
 from looplm.objectives import act_halting
@@ -493,7 +495,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.adaptive import _require_int, _require_number
+from looplm.checks import require_int, require_number
 from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding
 from looplm.data import IGNORE_INDEX, TASK_VOCAB, Example, TaskBatch, answer_accuracy
 
@@ -508,9 +510,9 @@ def encode_answer_slots(examples, n_slots, vocab=TASK_VOCAB, seq_len=None):
     """
     if isinstance(examples, Example) or not examples or not all(isinstance(e, Example) for e in examples):
         raise ValueError("examples must be a non-empty list of Example")
-    _require_int("n_slots", n_slots, 1)
+    require_int("n_slots", n_slots, 1)
     needed = max(len(e.prompt) for e in examples) + n_slots
-    length = needed if seq_len is None else _require_int("seq_len", seq_len, needed)
+    length = needed if seq_len is None else require_int("seq_len", seq_len, needed)
     idx = torch.full((len(examples), length), vocab.pad_id, dtype=torch.long)        # (B, L)
     targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)    # (B, L)
     for row, example in enumerate(examples):
@@ -550,12 +552,12 @@ class RecursiveConfig:
     def __post_init__(self):
         for name, low in (("vocab_size", 1), ("d_model", 1), ("n_heads", 1), ("n_layers", 1),
                           ("n_latent", 1), ("n_cycles", 1), ("max_supervision", 1), ("max_seq_len", 1)):
-            _require_int(name, getattr(self, name), low)
+            require_int(name, getattr(self, name), low)
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"n_heads must divide d_model into heads of even size, got "
                              f"d_model={self.d_model}, n_heads={self.n_heads}")
-        _require_number("halt_weight", self.halt_weight, low=0)
-        _require_number("init_std", self.init_std, low=0, low_open=True)
+        require_number("halt_weight", self.halt_weight, low=0)
+        require_number("init_std", self.init_std, low=0, low_open=True)
         if self.norm_style not in NORM_STYLES:
             raise ValueError(f"norm_style must be one of {NORM_STYLES}, got {self.norm_style!r}")
 
@@ -661,8 +663,8 @@ def recursive_predict(model, idx, max_supervision=None, halt_threshold=0.5):
     A sample halts at the first supervision step with sigmoid(halt_logit) >= halt_threshold,
     else at max_supervision (default: the config's).
     """
-    n_max = model.config.max_supervision if max_supervision is None else _require_int("max_supervision", max_supervision, 1)
-    halt_threshold = _require_number("halt_threshold", halt_threshold, low=0, high=1)
+    n_max = model.config.max_supervision if max_supervision is None else require_int("max_supervision", max_supervision, 1)
+    halt_threshold = require_number("halt_threshold", halt_threshold, low=0, high=1)
     carry, chosen, steps = None, None, None
     with torch.no_grad():
         for step in range(1, n_max + 1):

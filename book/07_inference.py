@@ -49,8 +49,9 @@
 # 8. measurements on a trained model: cache bytes, speed, quality, steps per token;
 # 9. clear errors for bad input.
 #
-# The code goes to `looplm/generate.py`; the benchmark `python -m looplm.bench decode` is
-# added to `looplm/bench.py`.
+# The code goes to `looplm/generate/__init__.py` (`looplm.generate` is a package, whose
+# `__main__.py` is Appendix C's command line); the benchmark `python -m looplm.bench decode`
+# is added to `looplm/bench.py`.
 
 # %% tags=["hide-input"]
 import dataclasses
@@ -66,7 +67,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import looplm
-from looplm.adaptive import make_exit_rule
+from looplm.exits import make_exit_rule
 from looplm.data import TASK_VOCAB, make_splits, make_task
 from looplm.model import LoopLM, LoopLMConfig
 from looplm.testing import run_tests
@@ -87,7 +88,6 @@ print("torch", torch.__version__, "| looplm", looplm.__version__)
 #| export
 import argparse
 import math
-import pickle
 import re
 import sys
 import time
@@ -96,11 +96,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from looplm.adaptive import EXIT_RULES, ExitRule, StepView, exit_steps, make_exit_rule
+from looplm.exits import EXIT_RULES, ExitRule, StepView, exit_steps, make_exit_rule
 from looplm.data import TASK_VOCAB
-from looplm.model import (LoopLM, _check_generator, _physical_memory_bytes, _require_bool,
-                          _require_int)
-from looplm.train import CheckpointError, checkpoint_model, read_checkpoint, save_checkpoint
+from looplm.checks import require_bool, require_int, require_number
+from looplm.model import LoopLM, _check_generator, _physical_memory_bytes
 
 # %% [markdown]
 # ## 7.1 Why the loop breaks the naive KV cache
@@ -611,13 +610,11 @@ def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
     if not isinstance(model, LoopLM):
         raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
     c = model.config
-    _require_int("max_new_tokens", max_new_tokens, 0)
-    n_loops = c.n_loops if n_loops is None else _require_int("n_loops", n_loops, 1)
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-            or not temperature >= 0 or temperature == float("inf")):
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    require_int("max_new_tokens", max_new_tokens, 0)
+    n_loops = c.n_loops if n_loops is None else require_int("n_loops", n_loops, 1)
+    require_number("temperature", temperature, 0)                  # 0: greedy
     if top_k is not None:
-        _require_int("top_k", top_k, 1)
+        require_int("top_k", top_k, 1)
     if isinstance(pad_id, bool) or not (isinstance(pad_id, int) and 0 <= pad_id < c.vocab_size):
         raise ValueError(f"pad_id must be an int token id in [0, {c.vocab_size}), got {pad_id!r}")
     if stop_tokens is not None and not isinstance(stop_tokens, (list, tuple, set, frozenset)):
@@ -629,13 +626,9 @@ def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
             raise ValueError(f"stop_tokens must be token ids in [0, {c.vocab_size}), got {t!r}")
         stops.add(t)
     _check_generator(generator)
-    _require_bool("record", record)
+    require_bool("record", record)
     if isinstance(exit_rule, str):
-        try:
-            exit_rule = make_exit_rule(exit_rule)
-        except TypeError as e:
-            raise ValueError(f"exit rule {exit_rule!r} needs a threshold: pass "
-                             f"make_exit_rule({exit_rule!r}, threshold) instead of its name") from e
+        exit_rule = make_exit_rule(exit_rule)                      # at its default threshold
     if exit_rule is not None and not isinstance(exit_rule, ExitRule):
         raise TypeError(f"exit_rule must be None, an ExitRule or a name in EXIT_RULES, got {type(exit_rule).__name__}")
     if exit_rule is not None and "gates" in exit_rule.needs and model.exit_gate is None:
@@ -811,7 +804,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     idx: LongTensor [B, T] or a list of prompts (lists of ids or 1-D tensors) of any lengths,
     left-padded with pad_id. Defaults: greedy, the exact cache, every step (no early exit).
     cache: "exact", "last", "first", "average" or "mod-K" (decoded tokens only; the prompt is
-    always cached per step). exit_rule: None or an ExitRule (looplm.adaptive), per token; a
+    always cached per step). exit_rule: None, an ExitRule (looplm.exits) or a rule's name, per token; a
     token that exits at step e skips steps e+1..S, and its entries for those steps are copies
     of its step-e entries. stop_tokens: a list, tuple or set of ids that end a row (kept in the
     output). generator: a torch.Generator for every random draw (sampling, a random initial state).
@@ -882,18 +875,46 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
 # seen (the cache's log holds both).
 
 # %% tags=["remove-cell"]
-#| test
-import pytest
+#| export testing
 import torch
 
-from looplm.adaptive import make_exit_rule
 from looplm.model import LoopLM, LoopLMConfig
 
+# The model layouts decoding is tested on (chapter 7 and Appendix C): the default, one with a
+# prelude, two core blocks, a coda, additive injection and sandwich norms, and one with a coda,
+# concatenated injection, zero initial state, Huginn's norms and an exit gate.
 LAYOUTS = [
     dict(),
     dict(n_prelude=1, n_core=2, n_coda=1, injection="add", norm_style="sandwich"),
     dict(n_coda=1, injection="concat", init_state="zeros", norm_style="huginn", exit_gate=True),
 ]
+
+
+def small_model(seed=0, n_loops=3, **options):
+    """A tiny seeded LoopLM (vocabulary 23, width 32, 4 heads, 40 positions) for decoding tests."""
+    torch.manual_seed(seed)
+    return LoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=n_loops, max_seq_len=40, **options))
+
+
+def recompute_greedy(model, prompt, n_new, n_loops=None):
+    """The slow reference decoder: the full forward at every position, last step, argmax.
+    -> (new tokens [n_new], their logits [n_new, V])."""
+    seq, logits = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(n_new):
+            last = model(seq, n_loops=n_loops).logits[-1, 0, -1]               # (V,)
+            logits.append(last)
+            seq = torch.cat([seq, last.argmax().view(1, 1)], dim=1)
+    return seq[0, len(prompt):], torch.stack(logits)
+
+# %% tags=["remove-cell"]
+#| test
+import pytest
+import torch
+
+from looplm.exits import make_exit_rule
+from looplm.model import LoopLM, LoopLMConfig
+from looplm.testing import LAYOUTS, recompute_greedy, small_model
 
 
 @pytest.fixture(autouse=True)
@@ -903,22 +924,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def small_model(seed=0, n_loops=3, **options):
-    torch.manual_seed(seed)
-    return LoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=n_loops, max_seq_len=40, **options))
-
-
-def recompute_greedy(model, prompt, n_new, n_loops=None):
-    """The slow reference: the full forward at every position, last step, argmax."""
-    seq, logits = torch.tensor([prompt]), []
-    with torch.no_grad():
-        for _ in range(n_new):
-            last = model(seq, n_loops=n_loops).logits[-1, 0, -1]               # (V,)
-            logits.append(last)
-            seq = torch.cat([seq, last.argmax().view(1, 1)], dim=1)
-    return seq[0, len(prompt):], torch.stack(logits)
 
 
 def test_exact_cache_equals_full_recompute():
@@ -957,125 +962,9 @@ def test_cache_length_equals_tokens_seen():
 run_tests(test_exact_cache_equals_full_recompute, test_batched_equals_alone, test_cache_length_equals_tokens_seen)
 
 # %% [markdown]
-# More checks of the same kind run in the notebook and in `tests/` (hidden in the HTML book).
-# A subclass of `LoopLM` whose `encode`, `step` and `readout` each do something extra decodes
-# exactly as its own `forward` recomputes, because `generate` calls those methods rather than
-# a copy of them. An explicit `n_loops=k` equals recomputing with `model(idx, n_loops=k)`. A
-# model converted with `.double()` decodes in float64, within $10^{-12}$ of its forward, and
-# its exit rules see float64 logits and gates. With
-# `init_state="random"`, equally seeded generators give equal tokens, greedy or sampled, and
-# the global generator is not touched. A temperature of $10^{-300}$ decodes greedily. And a
-# stop token ends its row: the columns after it hold `pad_id` with step count 0.
-
-# %% tags=["remove-cell", "nbval-check-output"]
-#| test
-from looplm.adaptive import ExitRule
-
-
-class ShiftedLoopLM(LoopLM):
-    """A LoopLM whose encode, step and readout each do something its parent does not."""
-
-    def encode(self, idx, cos, sin, attend=None):
-        return 1.5 * super().encode(idx, cos, sin, attend)
-
-    def step(self, h, x0, cos, sin, attend=None):
-        return 0.8 * super().step(h, x0, cos, sin, attend) + 0.05
-
-    def readout(self, h, cos, sin, attend=None, last_only=False):
-        logits, z = super().readout(h, cos, sin, attend, last_only)
-        return 3.0 * logits, z
-
-
-def test_decoding_runs_the_models_own_step():
-    for options in LAYOUTS:
-        torch.manual_seed(0)
-        model = ShiftedLoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=3, max_seq_len=40,
-                                           **options))
-        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 8)
-        res = generate(model, [[1, 5, 7, 3, 9]], 8)
-        assert torch.equal(res.new_tokens[0], tokens), options
-        torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
-
-
-def test_explicit_n_loops_equals_recompute():
-    model = small_model(**LAYOUTS[1])
-    for k in (1, 2, 5):
-        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 6, n_loops=k)
-        res = generate(model, [[1, 5, 7, 3, 9]], 6, n_loops=k)
-        assert torch.equal(res.new_tokens[0], tokens) and (res.steps == k).all(), k
-        torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
-
-
-class DtypeProbe(ExitRule):
-    """A rule that never fires and records the dtypes of the logits and gates it is shown."""
-
-    name, needs, stop_above = "probe", ("logits", "gates"), True
-
-    def __init__(self):
-        super().__init__(2.0)
-        self.seen = set()
-
-    def score(self, view):
-        self.seen |= {view.logits.dtype, view.gates.dtype}
-        return torch.zeros(view.token_shape)
-
-
-def test_a_float64_model_decodes_in_float64():
-    for options in LAYOUTS:
-        model = small_model(**options).double()
-        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 8)
-        res = generate(model, [[1, 5, 7, 3, 9]], 8)
-        assert res.logits.dtype == logits.dtype == torch.float64
-        assert torch.equal(res.new_tokens[0], tokens), options
-        torch.testing.assert_close(res.logits[0], logits, atol=1e-12, rtol=0)
-    probe = DtypeProbe()                                     # what an exit rule sees: float64 too
-    generate(small_model(**LAYOUTS[2]).double(), [[1, 5, 7, 3, 9]], 4, exit_rule=probe)
-    assert probe.seen == {torch.float64}, probe.seen
-
-
-def test_the_generator_drives_every_random_draw():
-    model = small_model(injection="add", init_state="random")
-    prompts = [[1, 5, 7, 3, 9], [2, 2]]
-    for temperature in (0.0, 1.0):
-        before = torch.get_rng_state()
-        runs = [generate(model, prompts, 6, temperature=temperature, generator=torch.Generator().manual_seed(seed))
-                for seed in (7, 7, 8)]
-        assert torch.equal(torch.get_rng_state(), before), "the global generator was used"
-        assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].logits, runs[1].logits)
-        assert not torch.equal(runs[0].logits, runs[2].logits)             # the draws do matter
-
-
-def test_a_tiny_temperature_is_greedy():
-    model = small_model(**LAYOUTS[1])
-    prompts = [[1, 5, 7, 3, 9], [2, 2]]
-    greedy = generate(model, prompts, 6)
-    for temperature in (1e-300, 5e-324):
-        res = generate(model, prompts, 6, temperature=temperature, top_k=3, generator=torch.Generator().manual_seed(0))
-        assert torch.equal(res.tokens, greedy.tokens), temperature
-    logits = torch.tensor([[1e30, -1e30, 0.0], [0.0, 0.5, 0.25]])
-    assert choose_tokens(logits, 1e-300).tolist() == [0, 1]
-
-
-def test_a_stop_token_ends_its_row():
-    model = small_model(**LAYOUTS[1])
-    prompts, pad = [[1, 5, 7, 3, 9], [2, 2]], 22
-    free = generate(model, prompts, 8, pad_id=pad)
-    row0, row1 = free.new_tokens.tolist()
-    col = next(c for c in range(1, 8) if row0[c] not in row0[:c])      # the first new token not seen before
-    stop = row0[col]
-    res = generate(model, prompts, 8, stop_tokens=[stop], pad_id=pad)
-    assert res.new_tokens[0, :col + 1].tolist() == row0[:col + 1]
-    assert (res.new_tokens[0, col + 1:] == pad).all() and (res.steps[0, col + 1:] == 0).all()
-    assert (res.steps[0, :col + 1] == 3).all() and (res.logits[0, col + 1:] == 0).all()
-    assert res.sequences()[0] == prompts[0] + row0[:col + 1] and res.sequences()[0][-1] == stop
-    end = row1.index(stop) + 1 if stop in row1 else 8                   # the other row goes on to its own stop
-    assert res.new_tokens[1, :end].tolist() == row1[:end] and (res.steps[1, end:] == 0).all()
-    assert res.sequences()[1] == prompts[1] + row1[:end]
-
-
-run_tests(test_decoding_runs_the_models_own_step, test_explicit_n_loops_equals_recompute,
-          test_a_float64_model_decodes_in_float64, test_the_generator_drives_every_random_draw,
-          test_a_tiny_temperature_is_greedy, test_a_stop_token_ends_its_row)
+# Appendix C.15 holds the regression tests around these: decoding runs the model's own `step`
+# (a subclass that changes it decodes differently), an explicit `n_loops`, float64 models,
+# seeded random initial states, tiny temperatures and stop tokens.
 
 # %% [markdown]
 # The strategies next. Two identities pin them down: with $K = S$ slots, `"mod-K"` is the exact
@@ -1201,7 +1090,7 @@ run_tests(test_every_strategy_equals_a_reference_without_a_cache)
 
 # %% tags=["remove-cell"]
 #| test
-from looplm.adaptive import ExitRule, exit_steps, select_exit_logits
+from looplm.exits import ExitRule, exit_steps, select_exit_logits
 
 
 def _reference_attention(block, u, cos, sin, saved, key, exit_at, t):
@@ -1357,10 +1246,10 @@ run_tests(test_a_rule_that_never_fires_is_full_depth, test_each_token_is_the_rea
 # python -m looplm.generate --checkpoint stack.pt --prompt "K12-3=" --cache last --exit-rule q_exit --exit-threshold 0.5
 # ```
 #
-# Section 7.10 runs it on a trained model.
+# Section 7.9 runs it on a trained model.
 
 # %% [markdown]
-# ## 7.10 A trained model, and what each choice costs
+# ## 7.9 A trained model, and what each choice costs
 #
 # Everything so far ran on random weights, which is enough for equivalences but says nothing
 # about quality. We train the model of chapter 5: the stack task (difficulties 1 to 5), one
@@ -1426,11 +1315,13 @@ from looplm.bench import BENCHMARKS
 import math
 import statistics as _statistics
 
-from looplm.adaptive import make_exit_rule
-from looplm.data import TASK_VOCAB, decode_answer
-from looplm.generate import RULE_DEFAULTS, generate, load_model_flag
+from looplm.checkpoints import load_model_flag
+from looplm.data import TASK_VOCAB, TASKS, decode_answer, make_splits, make_task
+from looplm.exits import make_exit_rule
+from looplm.generate import generate
+from looplm.train import TrainConfig, task_batches, train_two_stage
 
-# (cache strategy, exit rule name or None): the rules use RULE_DEFAULTS' thresholds
+# (cache strategy, exit rule name or None): each rule at its default threshold
 DECODE_SETTINGS = (("exact", None), ("last", None), ("first", None), ("average", None), ("mod-2", None),
                    ("exact", "q_exit"), ("exact", "confidence"), ("exact", "kl"), ("exact", "hidden_change"),
                    ("exact", "fixed"), ("last", "q_exit"))
@@ -1439,8 +1330,7 @@ DECODE_SETTINGS = (("exact", None), ("last", None), ("first", None), ("average",
 def _decode_rule(name):
     if name is None:
         return None
-    threshold = RULE_DEFAULTS[name]
-    return make_exit_rule(name, int(threshold) if name == "fixed" else threshold)
+    return make_exit_rule(name)                                # at its default threshold
 
 
 def _decode(model, cache, rule, batch, max_new, vocab):
@@ -1582,8 +1472,6 @@ def _decode_arguments(parser):
 
 def _decode_model_from_args(args):
     """The checked flags of `bench decode`: -> (task, the loaded model or None). Raises before any work."""
-    from looplm.data import TASKS, make_task
-
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     for flag, value in (("--difficulty", args.difficulty), ("--n-test", args.n_test),
@@ -1612,9 +1500,6 @@ def _check_decode_context(args, model, examples):
 
 
 def _decode_command(args):
-    from looplm.data import make_splits
-    from looplm.train import TrainConfig, task_batches, train_two_stage
-
     task, model = _decode_model_from_args(args)
     torch.manual_seed(0)
     splits = make_splits(task, n_train=4000, n_test=args.n_test, max_difficulty=args.difficulty,
@@ -1646,7 +1531,7 @@ BENCHMARKS["decode"] = ("KV-cache strategies and per-token early exit while deco
 
 # %% tags=["timing"]
 start = time.perf_counter()
-decode_result = bench_decode(model, splits.test, batch_size=64, speed_examples=16, repeats=5)
+decode_result = bench_decode(model, splits.test, batch_size=64, speed_examples=8, repeats=3)
 print(format_decode_table(decode_result))
 bench_seconds = time.perf_counter() - start
 
@@ -1679,16 +1564,16 @@ display(Image(filename=plot_path))
 #   out of the batch. For a model this small those costs are a large part of a step, so the
 #   speedup should stay below the ideal; the rules that read the gate or the logits also pay
 #   for computing the gate and the rule's score at every step. In the stored run, Q-exit decoded
-#   1.49 times as fast as full depth at batch 1 and 1.50 times at batch 64 (ideal 1.41), KL
-#   and hidden-state change, which save little or no work, gave no gain beyond the noise
-#   (1.17 and 1.18 at batch 1), and fixed depth 2 ran 1.59 and 1.71 times as fast (ideal 2).
-#   These timings are one run's, and noisy: the five full-depth rows, which do nearly the
-#   same work, spread over 35% (220 to 298 tokens per second at batch 1), and several ratios
-#   come out above their own ideal, so at this scale only large differences mean something.
-#   The work skipped is real, as the settings that skip the most show (confidence, 1.64 steps
-#   per token, 2.59 and 1.88 times; fixed depth 2, 1.59 and 1.71 times); the fraction of it
-#   that turns into wall time grows with the model's width, where the block's matrix products
-#   dominate.
+#   0.95 times as fast as full depth at batch 1 and 0.71 times at batch 64 (ideal 1.41):
+#   slower, not faster. KL and hidden-state change, which save little or no work, moved
+#   within the noise (0.88 and 1.17 at batch 1), and fixed depth 2 ran 2.03 and 1.75 times as
+#   fast (ideal 2). These timings are one run's, and noisy: the five full-depth rows, which do
+#   nearly the same work, spread over 13% (242 to 274 tokens per second at batch 1), and fixed
+#   depth 2 came out above its own ideal at batch 1, so at this scale only large differences
+#   mean something. At batch 64, skipped work turned into wall time only where all rows exit
+#   together (fixed depth 2, 1.75 times; confidence, 1.64 steps per token, 0.82 times); at
+#   batch 1, where a row is alone, confidence and fixed depth 2 ran 1.68 and 2.03 times as
+#   fast.
 
 # %% [markdown]
 # ### Quality over three seeds
@@ -1788,7 +1673,7 @@ with tempfile.TemporaryDirectory() as folder:
     print("exit status:", generate_main(argv))
 
 # %% [markdown]
-# ## 7.11 Bad input gets a clear error
+# ## 7.10 Bad input gets a clear error
 #
 # Every argument is checked before any work is done, so a bad call leaves nothing behind: no
 # cache is built and the command line writes no file.
@@ -1807,7 +1692,7 @@ except ValueError as error:
 # %% [markdown]
 # ## Summary
 #
-# `looplm/generate.py`:
+# `looplm.generate`:
 #
 # | name | what it does |
 # |---|---|
@@ -1817,7 +1702,7 @@ except ValueError as error:
 # | `LoopKVCache`, `LayerCache` | one entry per (block, step) for every block that runs at that step; `length`, `nbytes()`, `fill_deeper(rows, exit_step)` (the deepest-state fill rule) |
 # | `choose_tokens(logits, temperature, top_k, generator)` | greedy, or tempered top-k sampling from max-shifted float64 logits (any temperature > 0 stays finite) |
 # | `save_model(path, model)`, `load_model(path, model=None)` | checkpoints with the loop's config and the looplm version, atomic; `CheckpointError` on a mismatch, on weights that do not fit (naming the tensors) and on a file holding objects unpickling would call |
-# | `main(argv)`, `RULE_DEFAULTS` | `python -m looplm.generate --checkpoint … --prompt …`; a bad flag: one `error:` line naming it, exit status 2 |
+# | `main(argv)` | `python -m looplm.generate --checkpoint … --prompt …`; a bad flag: one `error:` line naming it, exit status 2 |
 #
 # `looplm/bench.py` gains `bench_decode`, `format_decode_table`, `plot_decode`,
 # `DECODE_SETTINGS` and `python -m looplm.bench decode`.
@@ -1834,11 +1719,11 @@ except ValueError as error:
 # three seeds), as Ouro found. Early exit skipped real work: Q-exit at $q = 0.5$ ran about 3.1
 # loop steps per token instead of 4 and stayed within a point of full depth. How much of that
 # became speed is more than one run on a small model can say: in the stored run Q-exit decoded
-# 1.49 and 1.50 times as fast as full depth at batch 1 and 64, against an ideal of 1.41, and
-# fixed depth 2, where all rows exit together, ran 1.59 and 1.71 times as fast; timings of
-# rows doing the same work spread by a third. In principle a batch steps until its slowest
-# row has exited and pays fixed costs at every step, so mixed exits gain less than the steps
-# they skip.
+# 0.95 and 0.71 times as fast as full depth at batch 1 and 64, against an ideal of 1.41, while
+# fixed depth 2, where all rows exit together, ran 2.03 and 1.75 times as fast; timings of
+# rows doing the same work spread by 13%. A batch steps until its slowest row has exited and
+# pays fixed costs at every step, so mixed exits gain less than the steps they skip, and here
+# nothing.
 
 # %% [markdown]
 # ## Exercises

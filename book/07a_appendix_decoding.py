@@ -16,7 +16,8 @@
 #
 # Chapter 7 decodes models held in memory. This part of Appendix C saves a trained model with
 # the loop metadata a decoder needs, loads it back safely, and wraps chapter 7's `generate` in
-# a command line, `python -m looplm.generate`. Its cells extend chapter 7's `looplm/generate.py`.
+# a command line, `python -m looplm.generate`. Its cells build `looplm/checkpoints.py`'s
+# `save_model` and `load_model`, extend chapter 7's `looplm.generate` and write its `__main__.py`.
 
 # %% tags=["hide-input"]
 import argparse
@@ -33,12 +34,12 @@ from pathlib import Path
 import torch
 
 import looplm
-from looplm.adaptive import EXIT_RULES, make_exit_rule
+from looplm.exits import EXIT_RULES, make_exit_rule
 from looplm.data import TASK_VOCAB
 from looplm.generate import _check_cache_fits, cache_strategy, generate
 from looplm.model import LoopLM, LoopLMConfig
 from looplm.testing import run_tests
-from looplm.train import CheckpointError, checkpoint_model, read_checkpoint, save_checkpoint
+from looplm.checkpoints import CheckpointError, checkpoint_model, read_checkpoint, write_checkpoint
 
 torch.set_num_threads(1)
 _ = torch.manual_seed(0)
@@ -56,28 +57,19 @@ print("torch", torch.__version__, "| looplm", looplm.__version__)
 import pytest
 import torch
 
-from looplm.adaptive import make_exit_rule
+from looplm.exits import make_exit_rule
 from looplm.generate import generate
 from looplm.model import LoopLM, LoopLMConfig
-
-LAYOUTS = [
-    dict(),
-    dict(n_prelude=1, n_core=2, n_coda=1, injection="add", norm_style="sandwich"),
-    dict(n_coda=1, injection="concat", init_state="zeros", norm_style="huginn", exit_gate=True),
-]
-
-
-def small_model(seed=0, n_loops=3, **options):
-    torch.manual_seed(seed)
-    return LoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=n_loops, max_seq_len=40, **options))
+from looplm.testing import LAYOUTS, small_model
 
 # %% [markdown]
-# ## C.11 Checkpoints with loop metadata
+# ## C.12 Checkpoints with loop metadata
 #
 # A model on disk must come back with its loop: the number of steps, the injection, the gate.
 # Chapter 4's checkpoint format already stores the `LoopLMConfig` and the looplm version, and
 # writes atomically (a temporary file in the same folder, then `os.replace`). `save_model`
-# writes a model alone in that format; `load_model` reads a file written by `save_model` or by
+# writes a model alone in that format, in `looplm/checkpoints.py` beside it; `load_model`
+# reads a file written by `save_model` or by
 # `python -m looplm.train`. It refuses, with a `CheckpointError` (a `ValueError`): a file
 # that is not a looplm checkpoint, one written by a newer or an unknown looplm version, a
 # stored config this looplm cannot build, a `model=` whose config differs from the stored
@@ -87,22 +79,12 @@ def small_model(seed=0, n_loops=3, **options):
 # `torch.load(weights_only=True)` (chapter 4's reader) never does, and the error says so.
 
 # %%
-#| export
-class _ModelOnly:
-    """What save_checkpoint needs from a trainer, for a model without one."""
-
-    def __init__(self, model):
-        self.model, self.config = model, None
-
-    def state_dict(self):
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
-
-
+#| export checkpoints
 def save_model(path, model, extra=None):
     """Write `model` (a LoopLM), its config and the looplm version to `path`, atomically. -> path."""
     if not isinstance(model, LoopLM):
         raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
-    return save_checkpoint(path, _ModelOnly(model), extra=extra)
+    return write_checkpoint(path, model, extra=extra)
 
 
 def _unreadable(path, error):
@@ -185,7 +167,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from looplm.train import CheckpointError
+from looplm.checkpoints import CheckpointError
 
 
 def test_saved_model_loads_with_identical_logits():
@@ -275,12 +257,12 @@ def test_unusable_checkpoints_say_why():
 run_tests(test_unusable_checkpoints_say_why)
 
 # %% [markdown]
-# ## C.12 A command line
+# ## C.13 A command line
 #
 # `python -m looplm.generate --checkpoint PATH --prompt TEXT [--prompt TEXT ...]` loads a
 # model and completes the prompts, written in chapter 0's task vocabulary, until the end token
 # `.` or `--max-new-tokens`. `--cache` picks the strategy, `--exit-rule` and
-# `--exit-threshold` the rule (the thresholds default to `RULE_DEFAULTS`), and
+# `--exit-threshold` the rule (each rule's threshold defaults to its class's `default_threshold`), and
 # `--temperature`, `--top-k`, `--seed` sampling. It prints each completion with the steps
 # every new token used.
 #
@@ -293,8 +275,7 @@ run_tests(test_unusable_checkpoints_say_why)
 
 # %%
 #| export
-RULE_DEFAULTS = {"q_exit": 0.5, "confidence": 0.9, "kl": 5e-4, "hidden_change": 0.03, "fixed": 2}
-
+from looplm.checkpoints import load_model, load_model_flag, save_model   # the command line's, and for importers
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line, `error: ...`, with exit status 2."""
@@ -312,7 +293,7 @@ def _parser():
                    help="at most this many new tokens (default: as many as the model's context allows)")
     p.add_argument("--cache", default="exact", help="exact, last, first, average or mod-K (default exact)")
     p.add_argument("--exit-rule", default="none", choices=["none", *EXIT_RULES], help="per-token exit (default none)")
-    p.add_argument("--exit-threshold", type=float, default=None, help="the rule's threshold (default RULE_DEFAULTS)")
+    p.add_argument("--exit-threshold", type=float, default=None, help="the rule's threshold (default: the rule's own)")
     p.add_argument("--min-steps", type=int, default=1)
     p.add_argument("--n-loops", type=int, default=None, help="loop steps (default: the model's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -329,7 +310,7 @@ def _rule_from_args(args):
             raise ValueError(f"--exit-threshold {args.exit_threshold} has no rule to set: add --exit-rule "
                              f"({', '.join(EXIT_RULES)})")
         return None
-    threshold = RULE_DEFAULTS[args.exit_rule] if args.exit_threshold is None else args.exit_threshold
+    threshold = EXIT_RULES[args.exit_rule].default_threshold if args.exit_threshold is None else args.exit_threshold
     if not math.isfinite(threshold):
         raise ValueError(f"--exit-threshold must be a finite number, got {threshold}")
     if args.exit_rule == "fixed":
@@ -425,13 +406,21 @@ def main(argv=None):
         print(f"{text} -> {completion}   steps per token {[s for _, s in kept]}")
     return 0
 
+# %% [markdown]
+# `python -m looplm.generate` runs the package's `looplm/generate/__main__.py`, which is this
+# cell (`looplm-generate`, the console command `pip install` puts on the path, calls `main`
+# directly). The decoder itself lives in `looplm/generate/__init__.py`, which `import looplm`
+# loads for `looplm.generate`, so a command line kept in it would run a module already imported.
+
 # %%
-#| export
-if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
-    sys.exit(main())
+#| export generate.__main__
+from looplm.generate import main
+
+if __name__ == "__main__" and "get_ipython" not in globals():
+    raise SystemExit(main())
 
 # %% [markdown]
-# ## C.13 Bad input gets a clear error
+# ## C.14 Bad input gets a clear error
 #
 # Every argument of `generate` and every flag of the command line is checked before any work is
 # done, so a bad call leaves nothing behind: no cache is built and the command writes no file.
@@ -457,7 +446,7 @@ def test_bad_input_gets_clear_errors():
         (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0"),
         (dict(cache="lastest"), ValueError, "unknown cache strategy 'lastest'"),
         (dict(cache="mod-0"), ValueError, "unknown cache strategy 'mod-0'"),
-        (dict(exit_rule="q_exit"), ValueError, "needs a threshold"),
+        (dict(exit_rule="q_exit"), ValueError, "built without one"),
         (dict(exit_rule="sometimes"), ValueError, "unknown exit rule 'sometimes'"),
         (dict(exit_rule=make_exit_rule("q_exit", 0.5)), ValueError, "built without"),
         (dict(temperature=-1.0), ValueError, "temperature must be"),
@@ -652,10 +641,138 @@ run_tests(test_silent_results_become_errors, test_command_line_flags, test_bench
           test_bench_decode_without_decoded_tokens)
 
 # %% [markdown]
+# ## C.15 Regression tests of decoding
+#
+# Chapter 7 checks that cached decoding equals recomputing everything; these tests pin the
+# cases around it. A subclass of `LoopLM` whose `encode`, `step` and `readout` each do something extra decodes
+# exactly as its own `forward` recomputes, because `generate` calls those methods rather than
+# a copy of them. An explicit `n_loops=k` equals recomputing with `model(idx, n_loops=k)`. A
+# model converted with `.double()` decodes in float64, within $10^{-12}$ of its forward, and
+# its exit rules see float64 logits and gates. With
+# `init_state="random"`, equally seeded generators give equal tokens, greedy or sampled, and
+# the global generator is not touched. A temperature of $10^{-300}$ decodes greedily. And a
+# stop token ends its row: the columns after it hold `pad_id` with step count 0.
+
+# %% tags=["remove-cell", "nbval-check-output"]
+#| test
+import torch
+
+from looplm.exits import ExitRule, make_exit_rule
+from looplm.generate import choose_tokens, generate
+from looplm.model import LoopLM
+from looplm.testing import LAYOUTS, recompute_greedy, small_model
+
+
+class ShiftedLoopLM(LoopLM):
+    """A LoopLM whose encode, step and readout each do something its parent does not."""
+
+    def encode(self, idx, cos, sin, attend=None):
+        return 1.5 * super().encode(idx, cos, sin, attend)
+
+    def step(self, h, x0, cos, sin, attend=None):
+        return 0.8 * super().step(h, x0, cos, sin, attend) + 0.05
+
+    def readout(self, h, cos, sin, attend=None, last_only=False):
+        logits, z = super().readout(h, cos, sin, attend, last_only)
+        return 3.0 * logits, z
+
+
+def test_decoding_runs_the_models_own_step():
+    for options in LAYOUTS:
+        torch.manual_seed(0)
+        model = ShiftedLoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=3, max_seq_len=40,
+                                           **options))
+        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 8)
+        res = generate(model, [[1, 5, 7, 3, 9]], 8)
+        assert torch.equal(res.new_tokens[0], tokens), options
+        torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
+
+
+def test_explicit_n_loops_equals_recompute():
+    model = small_model(**LAYOUTS[1])
+    for k in (1, 2, 5):
+        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 6, n_loops=k)
+        res = generate(model, [[1, 5, 7, 3, 9]], 6, n_loops=k)
+        assert torch.equal(res.new_tokens[0], tokens) and (res.steps == k).all(), k
+        torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
+
+
+class DtypeProbe(ExitRule):
+    """A rule that never fires and records the dtypes of the logits and gates it is shown."""
+
+    name, needs, stop_above = "probe", ("logits", "gates"), True
+
+    def __init__(self):
+        super().__init__(2.0)
+        self.seen = set()
+
+    def score(self, view):
+        self.seen |= {view.logits.dtype, view.gates.dtype}
+        return torch.zeros(view.token_shape)
+
+
+def test_a_float64_model_decodes_in_float64():
+    for options in LAYOUTS:
+        model = small_model(**options).double()
+        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 8)
+        res = generate(model, [[1, 5, 7, 3, 9]], 8)
+        assert res.logits.dtype == logits.dtype == torch.float64
+        assert torch.equal(res.new_tokens[0], tokens), options
+        torch.testing.assert_close(res.logits[0], logits, atol=1e-12, rtol=0)
+    probe = DtypeProbe()                                     # what an exit rule sees: float64 too
+    generate(small_model(**LAYOUTS[2]).double(), [[1, 5, 7, 3, 9]], 4, exit_rule=probe)
+    assert probe.seen == {torch.float64}, probe.seen
+
+
+def test_the_generator_drives_every_random_draw():
+    model = small_model(injection="add", init_state="random")
+    prompts = [[1, 5, 7, 3, 9], [2, 2]]
+    for temperature in (0.0, 1.0):
+        before = torch.get_rng_state()
+        runs = [generate(model, prompts, 6, temperature=temperature, generator=torch.Generator().manual_seed(seed))
+                for seed in (7, 7, 8)]
+        assert torch.equal(torch.get_rng_state(), before), "the global generator was used"
+        assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].logits, runs[1].logits)
+        assert not torch.equal(runs[0].logits, runs[2].logits)             # the draws do matter
+
+
+def test_a_tiny_temperature_is_greedy():
+    model = small_model(**LAYOUTS[1])
+    prompts = [[1, 5, 7, 3, 9], [2, 2]]
+    greedy = generate(model, prompts, 6)
+    for temperature in (1e-300, 5e-324):
+        res = generate(model, prompts, 6, temperature=temperature, top_k=3, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(res.tokens, greedy.tokens), temperature
+    logits = torch.tensor([[1e30, -1e30, 0.0], [0.0, 0.5, 0.25]])
+    assert choose_tokens(logits, 1e-300).tolist() == [0, 1]
+
+
+def test_a_stop_token_ends_its_row():
+    model = small_model(**LAYOUTS[1])
+    prompts, pad = [[1, 5, 7, 3, 9], [2, 2]], 22
+    free = generate(model, prompts, 8, pad_id=pad)
+    row0, row1 = free.new_tokens.tolist()
+    col = next(c for c in range(1, 8) if row0[c] not in row0[:c])      # the first new token not seen before
+    stop = row0[col]
+    res = generate(model, prompts, 8, stop_tokens=[stop], pad_id=pad)
+    assert res.new_tokens[0, :col + 1].tolist() == row0[:col + 1]
+    assert (res.new_tokens[0, col + 1:] == pad).all() and (res.steps[0, col + 1:] == 0).all()
+    assert (res.steps[0, :col + 1] == 3).all() and (res.logits[0, col + 1:] == 0).all()
+    assert res.sequences()[0] == prompts[0] + row0[:col + 1] and res.sequences()[0][-1] == stop
+    end = row1.index(stop) + 1 if stop in row1 else 8                   # the other row goes on to its own stop
+    assert res.new_tokens[1, :end].tolist() == row1[:end] and (res.steps[1, end:] == 0).all()
+    assert res.sequences()[1] == prompts[1] + row1[:end]
+
+
+run_tests(test_decoding_runs_the_models_own_step, test_explicit_n_loops_equals_recompute,
+          test_a_float64_model_decodes_in_float64, test_the_generator_drives_every_random_draw,
+          test_a_tiny_temperature_is_greedy, test_a_stop_token_ends_its_row)
+
+# %% [markdown]
 # ## Summary
 #
-# `looplm/generate.py` gains `save_model(path, model, extra=None)` and
+# `looplm/checkpoints.py` gains `save_model(path, model, extra=None)` and
 # `load_model(path, model=None, map_location="cpu")` (a `CheckpointError` for foreign, newer,
-# broken or code-running files, naming mismatched tensors), and the command line
-# `python -m looplm.generate` (`main(argv)`), whose bad flags each end in one `error:` line and
-# exit status 2.
+# broken or code-running files, naming mismatched tensors), and `looplm.generate` the command
+# line `python -m looplm.generate`, or `looplm-generate` (`main(argv)`), whose bad flags each
+# end in one `error:` line and exit status 2.

@@ -51,6 +51,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from looplm.checks import require_bool, require_int
+
 SOURCE_VARIABLE = "LOOPLM_EXERCISE_SOURCE"  # "reader" (default) or "solutions"
 SOURCES = ("reader", "solutions")
 DEFAULT_TIMEOUT = 60.0  # seconds each exercise's tests may run
@@ -236,10 +238,8 @@ def run_exercise_tests(exercises, source="reader", timeout=DEFAULT_TIMEOUT, jobs
     timeout = _check_timeout(timeout)
     if jobs is None:
         jobs = min(4, os.cpu_count() or 1)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    if not isinstance(isolate, bool):
-        raise ValueError(f"isolate must be True or False, got {isolate!r}")
+    require_int("jobs", jobs, 1)
+    require_bool("isolate", isolate)
     if not exercises:
         return []
     exercises = list(exercises)

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+import looplm
 from looplm import __version__
 
 # %% [markdown]
@@ -100,21 +101,17 @@ def register(experiment):
 
 
 def registered():
-    """Every registered experiment, the chapters' included: name -> Experiment."""
-    import looplm.experiments  # noqa: F401  (the chapters' experiments register themselves)
-    import looplm.results as package
-
-    # the package module's registry, and this module's when it is not that one (it runs as
-    # `python -m looplm.results`, or it is the appendix's notebook)
-    return {**package.EXPERIMENTS, **EXPERIMENTS}
+    """Every registered experiment: name -> Experiment. The chapters' experiments register
+    themselves when looplm.experiments is imported (python -m looplm.results imports it)."""
+    return dict(EXPERIMENTS)
 
 
 def experiment(name):
     """The registered Experiment called `name`."""
-    everything = registered()
-    if name not in everything:
-        raise ValueError(f"unknown experiment {name!r}; registered: {', '.join(sorted(everything))}")
-    return everything[name]
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; registered: {', '.join(sorted(EXPERIMENTS)) or 'none'} "
+                         f"(import looplm.experiments to register the book's)")
+    return EXPERIMENTS[name]
 
 # %% [markdown]
 # ## The results file
@@ -141,8 +138,6 @@ def results_dir():
     """Where results files live: $LOOPLM_RESULTS, else book/results/ of this checkout."""
     if os.environ.get("LOOPLM_RESULTS"):
         return Path(os.environ["LOOPLM_RESULTS"])
-    import looplm
-
     return Path(looplm.__file__).resolve().parents[1] / "book" / "results"
 
 
@@ -369,8 +364,18 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
-    sys.exit(main())
+# %% [markdown]
+# `python -m looplm.results` runs the package's `__main__.py`, this cell: it imports
+# `looplm.experiments`, whose cells (in the chapters) register the book's experiments, and
+# runs `main`.
+
+# %%
+#| export results.__main__
+import looplm.experiments  # noqa: F401  (registers the chapters' experiments)
+from looplm.results import main
+
+if __name__ == "__main__" and "get_ipython" not in globals():
+    raise SystemExit(main())
 
 # %% [markdown]
 # ## Tests
@@ -472,6 +477,9 @@ _ = EXPERIMENTS.pop("toy-appendix", None)
 # The registered experiments, and for each the stored file's command, seeds and machine:
 
 # %% tags=["nbval-check-output"]
-for name, exp in sorted(registered().items()):
+import looplm.experiments  # noqa: F401  (registers the chapters' experiments in the package's registry)
+import looplm.results
+
+for name, exp in sorted(looplm.results.registered().items()):
     payload = load_results(name)
     print(f"{name:22s} chapter {exp.chapter}  {payload['command']}")

@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 
 import looplm
 from looplm.experiments import CH03_MODELS, CH03_SPLITS, CH04_SPLITS, CH05_SPLITS, CH06_OBJECTIVES, CH07_SPLITS
-from looplm.generate import RULE_DEFAULTS
+from looplm.exits import EXIT_RULES
 from looplm.results import load_results, per_seed, registered, results_dir, summary
 from looplm.train import TrainConfig
 
@@ -74,7 +74,7 @@ SECTIONS = {  # experiment -> (sections of its chapter that report it, its setup
         f"{splits_text(CH04_SPLITS)}; one width-64, 4-head block looped 4 times, trained for 600 steps of "
         f"batch 32 at depth 4, or at a depth drawn per batch with mean 4"),
     "exit-recipe": (
-        "5.3, 5.4, 5.7 (run defined in C.8)",
+        "5.3, 5.4, 5.7 (run defined in C.9)",
         f"{splits_text(CH05_SPLITS)}, {CH05_SPLITS['n_val']} validation programs to choose the exit threshold; "
         f"one width-64, 4-head block looped 4 times, 600 steps of batch 32 per model, then 200 steps of "
         f"Stage II (the gate alone) for the gated ones"),
@@ -85,7 +85,7 @@ SECTIONS = {  # experiment -> (sections of its chapter that report it, its setup
             f"{name} with {', '.join(f'{k}={v}' for k, v in options.items())}"
             for name, (_, options) in CH06_OBJECTIVES.items())),
     "cache-strategies": (
-        "7.10",
+        "7.9",
         f"{splits_text(CH07_SPLITS)}; one width-64, 4-head block looped 4 times with an exit gate, trained "
         f"with chapter 5's recipe (700 steps of Stage I, 200 of Stage II), then greedy decoding of the "
         f"{CH07_SPLITS['n_test']} test prompts under every cache and exit rule"),
@@ -234,7 +234,7 @@ HEADLINE["other-objectives"] = [(row[0], row[1]) for row in rows]
 #
 # When the gated model generates its answers token by token, what does each way of sharing
 # the KV cache between loop steps, and each rule for stopping a token early, cost in accuracy,
-# and how many steps does each token use? {doc}`07_inference`, section 7.10.
+# and how many steps does each token use? {doc}`07_inference`, section 7.9.
 # Accuracy is exact match of the greedily decoded answer; each rule runs at the package's
 # default threshold; the last column is one batch's cache (64 prompts), the same in every seed.
 
@@ -247,7 +247,7 @@ for i, first in enumerate(by_seed[0]):
     setting = [seed_rows[i] for seed_rows in by_seed]
     assert all((r["cache"], r["rule"]) == (first["cache"], first["rule"]) for r in setting)
     kib = {r["kib"] for r in setting}
-    rows.append([first["cache"], first["rule"], str(RULE_DEFAULTS.get(first["rule"], "—")),
+    rows.append([first["cache"], first["rule"], str(EXIT_RULES[first["rule"]].default_threshold if first["rule"] in EXIT_RULES else "—"),
                  [r["accuracy"] for r in setting], [r["steps"] for r in setting],
                  f"{kib.pop():,.0f}" if len(kib) == 1 else [r["kib"] for r in setting]])
 show([("cache", None), ("exit rule", None), ("threshold", None), ("accuracy", 3), ("steps per token", 2),

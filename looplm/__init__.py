@@ -8,35 +8,30 @@ public names of the book's API; the submodules hold the rest:
     looplm.block    RMSNorm, rotary embeddings, attention, SwiGLU, Block (chapter 1)
     looplm.model    GPT, LoopLM, their configs, injections, the exit gate (chapters 2, 3, 5)
     looplm.diagnostics  hidden-state norms and step-to-step change        (chapter 3)
-    looplm.train    the trainer, checkpoints, `python -m looplm.train`   (chapters 3-5)
+    looplm.checks   argument checks every module uses                    (chapter 0)
+    looplm.checkpoints  the checkpoint file: atomic writes, checked reads (appendix C)
+    looplm.train    the trainer, `python -m looplm.train`                (chapters 3-5)
     looplm.backprop per-step losses, truncation, checkpointing, depth     (chapter 4)
     looplm.bench    `python -m looplm.bench`                             (chapter 4)
-    looplm.adaptive exit distribution, the two stages, exit rules        (chapter 5)
+    looplm.adaptive exit distribution, the two stages' losses            (chapter 5)
+    looplm.exits    exit rules for inference: Q-exit, confidence, KL, ...  (chapter 5)
     looplm.objectives  ACT, PonderNet and Gumbel objectives for the gate (chapter 6)
     looplm.refine   TRM-style recursive refinement with a halting head   (chapter 6)
     looplm.generate KV-cached decoding, cache strategies, early exit     (chapter 7)
+                    (a package: `python -m looplm.generate` runs its __main__)
     looplm.experiments, looplm.results  multi-seed stored results        (chapters 3-7, appendix B)
     looplm.grade    the exercise grader                                  (appendix A)
 """
 
 __version__ = "0.1.0"
 
-import warnings  # noqa: E402
-
-# `python -m looplm.train` (or .generate, .bench) first imports this package, which imports
-# those modules for the names below, and runpy then warns that the module it is about to run as
-# __main__ is already imported. The command lines are written for that: each main() uses only
-# the objects of its own copy of the module and the package's shared ones, so the warning says
-# nothing useful here. It is silenced for looplm's own modules only.
-warnings.filterwarnings("ignore", message=r"'looplm\.\w+' found in sys\.modules after import of package "
-                        r"'looplm'", category=RuntimeWarning)
-
 from looplm.model import GPT, GPTConfig, LoopLM, LoopLMConfig, LoopOutput  # noqa: E402
 from looplm.adaptive import exit_distribution, q_exit_steps, stage1_loss, stage2_gate_loss  # noqa: E402
 import looplm.objectives  # noqa: E402,F401  (registers ACT, PonderNet and Gumbel in adaptive.OBJECTIVES)
 # the function generate, bound after the submodule of the same name is imported, so the package
 # attribute stays the function however the submodule is imported later
-from looplm.generate import GenerationResult, generate, load_model, save_model  # noqa: E402
+from looplm.generate import GenerationResult, generate  # noqa: E402
+from looplm.checkpoints import load_model, save_model  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "LoopLM", "LoopLMConfig", "LoopOutput", "exit_distribution", "q_exit_steps",
            "stage1_loss", "stage2_gate_loss", "generate", "GenerationResult", "save_model", "load_model",

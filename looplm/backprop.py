@@ -1,20 +1,17 @@
-# Generated from book/04_backprop_through_the_loop.py: edit the chapter, then run `make export`.
+# Generated from book/04_backprop_through_the_loop.py, book/04a_appendix_engineering.py: edit the chapter, then run `make export`.
 # fmt: off
 __all__ = ['STEP_WEIGHTS', 'step_weights', 'weighted_step_loss', 'saved_tensor_bytes', 'loop_forward', 'scale_core_grads', 'sample_depth', 'hidden_norm_penalty', 'step_consistency', 'LoopLoss', 'make_loop_loss']
 # fmt: on
 
-# --- book/04_backprop_through_the_loop.py, cell 6 ---
 import math
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as _activation_checkpoint
 
+from looplm.checks import require_bool, require_int, require_number
 from looplm.data import IGNORE_INDEX
-from looplm.model import (LoopOutput, _check_targets, _check_token_ids, _require_bool, _require_int,
-                          token_losses)
+from looplm.model import LoopLM
 
-# --- book/04_backprop_through_the_loop.py, cell 14 ---
+# --- book/04_backprop_through_the_loop.py:161 (cell 14) ---
 STEP_WEIGHTS = ("last", "uniform", "linear")
 
 
@@ -23,7 +20,7 @@ def step_weights(scheme, n_steps):
 
     "last": (0, ..., 0, 1); "uniform": all equal; "linear": proportional to t = 1..S.
     """
-    _require_int("n_steps", n_steps, 1)
+    require_int("n_steps", n_steps, 1)
     if scheme == "last":
         weights = torch.zeros(n_steps)
         weights[-1] = 1.0
@@ -37,7 +34,7 @@ def step_weights(scheme, n_steps):
                          f"non-negative numbers, got {scheme!r}")
     return weights / weights.sum()
 
-# --- book/04_backprop_through_the_loop.py, cell 16 ---
+# --- book/04_backprop_through_the_loop.py:190 (cell 16) ---
 def _normalised_weights(weights, n_steps, device):
     """A scheme name or explicit weights -> normalised float32 weights [S] on `device`."""
     if isinstance(weights, str):
@@ -78,7 +75,7 @@ def weighted_step_loss(step_losses, targets, weights="last"):
     w = _normalised_weights(weights, step_losses.shape[0], step_losses.device)
     return (w * per_step).sum()
 
-# --- book/04_backprop_through_the_loop.py, cell 38 ---
+# --- book/04_backprop_through_the_loop.py:517 (cell 38) ---
 def saved_tensor_bytes(fn, exclude=()):
     """Run fn(); return (bytes autograd saved for backward while it ran, fn's result).
 
@@ -98,84 +95,17 @@ def saved_tensor_bytes(fn, exclude=()):
         result = fn()
     return sum(sizes.values()), result
 
-# --- book/04_backprop_through_the_loop.py, cell 48 ---
-def _check_grad_steps(grad_steps, n_loops):
-    if grad_steps is None:
-        return
-    _require_int("grad_steps", grad_steps, 1)
-    if grad_steps > n_loops:
-        raise ValueError(f"grad_steps must be <= n_loops: {n_loops} steps run, so at most {n_loops} "
-                         f"can get gradients; got grad_steps={grad_steps}")
-
-
-def _step_and_readout(model, h, x0, cos, sin, read):
-    """One loop step, then (if read) its readout: -> (h_t, logits_t or None, gate_t or None)."""
-    h = model.step(h, x0, cos, sin)                                 # (B, T, D)
-    if not read:
-        return h, None, None
-    logits, z = model.readout(h, cos, sin)                          # (B, T, V), (B, T, D)
-    gate = model.exit_gate(z) if model.exit_gate is not None else None   # (B, T)
-    return h, logits, gate
-
-# --- book/04_backprop_through_the_loop.py, cell 50 ---
+# --- book/04_backprop_through_the_loop.py:617 (cell 50) ---
 def loop_forward(model, idx, targets=None, n_loops=None, grad_steps=None, checkpoint=False,
                  return_hidden=False, readout="all"):
-    """Run a LoopLM for training: model(idx, targets, n_loops, return_hidden) with two extra knobs.
+    """model(idx, targets, n_loops=, grad_steps=, checkpoint=, return_hidden=, readout=): LoopLM.forward
+    with its training options. -> LoopOutput."""
+    if not isinstance(model, LoopLM):
+        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
+    return model(idx, targets, n_loops=n_loops, grad_steps=grad_steps, checkpoint=checkpoint,
+                 return_hidden=return_hidden, readout=readout)
 
-    grad_steps=k: only the last k of the S steps get gradients (truncated backpropagation, as
-    Huginn): steps 1..S-k run under torch.no_grad(), their readouts are returned detached.
-    checkpoint=True: each step with gradients runs inside torch.utils.checkpoint (non-reentrant),
-    saving only its inputs and recomputing the rest during backward. Exact gradients.
-    readout="last": read out the last step only (logits [1, B, T, V], step_losses [1, B, T]).
-    Forward values equal model(idx, targets=...) exactly. -> LoopOutput.
-    """
-    c = model.config
-    _check_token_ids("idx", idx, c.vocab_size, c.max_seq_len)
-    if targets is not None:
-        _check_targets(targets, idx, c.vocab_size)
-    n_loops = c.n_loops if n_loops is None else n_loops
-    _require_int("n_loops", n_loops, 1)
-    _check_grad_steps(grad_steps, n_loops)
-    _require_bool("checkpoint", checkpoint)
-    _require_bool("return_hidden", return_hidden)
-    if readout not in ("all", "last"):
-        raise ValueError(f"readout must be 'all' or 'last', got {readout!r}")
-    if readout == "last" and model.exit_gate is not None:
-        raise ValueError("readout='last' cannot be used with an exit gate: the gate needs every step's readout")
-    first_grad_step = 0 if grad_steps is None else n_loops - grad_steps
-
-    cos, sin = model.rope(idx.shape[1])                             # (T, hs/2) each
-    x0 = model.encode(idx, cos, sin)                                # (B, T, D)
-    h = model.init_state(x0)                                        # h_0: (B, T, D)
-    logits, gates, hidden = [], [], []
-    for t in range(n_loops):
-        read = readout == "all" or t == n_loops - 1
-        if t < first_grad_step:
-            with torch.no_grad():
-                h, step_logits, gate = _step_and_readout(model, h, x0, cos, sin, read)
-        elif checkpoint and torch.is_grad_enabled():
-            h, step_logits, gate = _activation_checkpoint(_step_and_readout, model, h, x0, cos, sin,
-                                                          read, use_reentrant=False)
-        else:
-            h, step_logits, gate = _step_and_readout(model, h, x0, cos, sin, read)
-        if read:
-            logits.append(step_logits)
-            gates.append(gate)
-        if return_hidden:
-            hidden.append(h)
-
-    out = LoopOutput(logits=torch.stack(logits))                    # (S, B, T, V); S = 1 for "last"
-    if model.exit_gate is not None:
-        out.gate = torch.stack(gates)                               # (S, B, T)
-        out.exit_probs = model.exit_gate.exit_probs(out.gate)
-    if return_hidden:
-        out.hidden = torch.stack(hidden)                            # (S, B, T, D)
-    if targets is not None:
-        out.step_losses = token_losses(out.logits, targets)         # (S, B, T)
-        out.loss = out.step_losses[-1].sum() / (targets != IGNORE_INDEX).sum()
-    return out
-
-# --- book/04_backprop_through_the_loop.py, cell 82 ---
+# --- book/04_backprop_through_the_loop.py:1055 (cell 82) ---
 def scale_core_grads(model, factor):
     """Multiply the .grad of every core parameter by `factor` (e.g. 1 / n_loops), in place."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
@@ -184,7 +114,7 @@ def scale_core_grads(model, factor):
         if p.grad is not None:
             p.grad.mul_(factor)
 
-# --- book/04_backprop_through_the_loop.py, cell 88 ---
+# --- book/04_backprop_through_the_loop.py:1130 (cell 88) ---
 def sample_depth(mean_steps, sigma=0.5, generator=None):
     """A step count r = Poisson(exp(tau)) + 1, tau ~ Normal(log(mean_steps) - sigma^2 / 2, sigma).
 
@@ -201,7 +131,7 @@ def sample_depth(mean_steps, sigma=0.5, generator=None):
     tau = math.log(mean_steps) - sigma**2 / 2 + sigma * torch.randn((), generator=generator, dtype=torch.float64)
     return int(torch.poisson(tau.exp(), generator=generator).item()) + 1
 
-# --- book/04_backprop_through_the_loop.py, cell 98 ---
+# --- book/04_backprop_through_the_loop.py:1243 (cell 98) ---
 def hidden_norm_penalty(hidden):
     """Mean over steps t = 2..S and positions of (log rms(h_t) - log rms(h_{t-1}))^2.
 
@@ -230,7 +160,7 @@ def step_consistency(logits, targets):
     kl = (teacher.exp() * (teacher - log_p[:-1])).sum(dim=-1)          # (S-1, M)
     return kl.mean()
 
-# --- book/04_backprop_through_the_loop.py, cell 104 ---
+# --- book/04a_appendix_engineering.py:802 (cell 36) ---
 _named_step_weights, _draw_depth = step_weights, sample_depth   # LoopLoss's arguments shadow these names
 
 
@@ -250,7 +180,7 @@ class LoopLoss:
 
     loss = weighted_step_loss(step_losses, targets, step_weights)
            + norm_penalty * hidden_norm_penalty(hidden) + consistency * step_consistency(logits)
-    run by loop_forward at depth S = model.config.n_loops, or S ~ sample_depth(sample_depth,
+    run by model.forward at depth S = model.config.n_loops, or S ~ sample_depth(sample_depth,
     sigma) per call (own generator, seeded by `seed`; state_dict()/load_state_dict() save it).
     grad_steps=k: backprop through the last min(k, S) steps; checkpoint: per-step checkpointing;
     scale_core_grad: the core's gradient is scaled by 1 / (steps with gradient).
@@ -266,16 +196,14 @@ class LoopLoss:
         else:
             step_weights = _normalised_weights(step_weights, len(step_weights), "cpu")  # checks them
         if grad_steps is not None:
-            _require_int("grad_steps", grad_steps, 1)
-        _require_bool("checkpoint", checkpoint)
-        _require_bool("scale_core_grad", scale_core_grad)
+            require_int("grad_steps", grad_steps, 1)
+        require_bool("checkpoint", checkpoint)
+        require_bool("scale_core_grad", scale_core_grad)
         if sample_depth is not None:
             _draw_depth(sample_depth, sigma, torch.Generator())            # validates both
-        for name, value in (("norm_penalty", norm_penalty), ("consistency", consistency)):
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or value < 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        _require_int("seed", seed, 0)
+        require_number("norm_penalty", norm_penalty, 0)
+        require_number("consistency", consistency, 0)
+        require_int("seed", seed, 0)
         self.step_weights, self.grad_steps, self.checkpoint = step_weights, grad_steps, checkpoint
         self.sample_depth, self.sigma, self.seed = sample_depth, sigma, seed
         self.norm_penalty, self.consistency = float(norm_penalty), float(consistency)
@@ -294,9 +222,8 @@ class LoopLoss:
         grad_steps = None if self.grad_steps is None else min(self.grad_steps, n_loops)
         last_only = (isinstance(self.step_weights, str) and self.step_weights == "last"
                      and self.consistency == 0 and model.exit_gate is None)
-        out = loop_forward(model, idx, targets, n_loops=n_loops, grad_steps=grad_steps,
-                           checkpoint=self.checkpoint, return_hidden=self.norm_penalty > 0,
-                           readout="last" if last_only else "all")
+        out = model(idx, targets, n_loops=n_loops, grad_steps=grad_steps, checkpoint=self.checkpoint,
+                    return_hidden=self.norm_penalty > 0, readout="last" if last_only else "all")
         weights = "last" if last_only else self.step_weights
         loss = weighted_step_loss(out.step_losses, targets, weights)
         metrics = {"ce": loss.item(), "last_step_loss": out.loss.item(), "depth": n_loops}   # Trainer adds "loss"

@@ -3,9 +3,10 @@
 __all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'decode_quality', 'bench_decode', 'format_decode_table', 'plot_decode']
 # fmt: on
 
-# --- book/04a_appendix_engineering.py, cell 86 ---
 import argparse
+import math
 import statistics
+import statistics as _statistics
 import sys
 import time
 from pathlib import Path
@@ -15,10 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from looplm.backprop import make_loop_loss
-from looplm.model import LoopLM, LoopLMConfig, _require_int
-from looplm.train import default_loss
+from looplm.checkpoints import load_model_flag
+from looplm.checks import require_int
+from looplm.data import TASKS, TASK_VOCAB, decode_answer, make_splits, make_task
+from looplm.exits import make_exit_rule
+from looplm.generate import generate
+from looplm.model import LoopLM, LoopLMConfig
+from looplm.train import TrainConfig, default_loss, task_batches, train_two_stage
 
-
+# --- book/04a_appendix_engineering.py:2358 (cell 91) ---
 class _Norm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -71,7 +77,7 @@ class MinimalLoopedLM(nn.Module):
             h = self.block(h, cos, sin)
         return F.linear(self.norm(h), self.embed.weight)            # (B, T, V), tied head
 
-# --- book/04a_appendix_engineering.py, cell 88 ---
+# --- book/04a_appendix_engineering.py:2433 (cell 93) ---
 def minimal_from_looplm(model):
     """A MinimalLoopedLM holding a LoopLM's weights (one pre-norm core block, tied head, no
     prelude, coda, injection or gate): same logits as model(idx).logits[-1]."""
@@ -93,7 +99,7 @@ def minimal_from_looplm(model):
             mine.weight.copy_(theirs.weight)
     return minimal.to(next(model.parameters()).device)
 
-# --- book/04a_appendix_engineering.py, cell 90 ---
+# --- book/04a_appendix_engineering.py:2463 (cell 95) ---
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -117,7 +123,7 @@ def bench_train(d_model=128, n_heads=4, n_loops=4, batch_size=16, seq_len=64, vo
     "max_logit_difference" (identical weights, last-step logits) and "settings".
     """
     for name, value in (("steps", steps), ("repeats", repeats), ("batch_size", batch_size), ("seq_len", seq_len)):
-        _require_int(name, value, 1)
+        require_int(name, value, 1)
     torch.manual_seed(seed)
     config = LoopLMConfig(vocab_size, d_model, n_heads, n_loops=n_loops, max_seq_len=seq_len)
     models = {name: LoopLM(config).to(device) for name in ("default", "lean")}
@@ -159,7 +165,7 @@ def bench_train(d_model=128, n_heads=4, n_loops=4, batch_size=16, seq_len=64, vo
                     device=str(device), threads=torch.get_num_threads())
     return {"rows": rows, "max_logit_difference": difference, "settings": settings}
 
-# --- book/04a_appendix_engineering.py, cell 92 ---
+# --- book/04a_appendix_engineering.py:2534 (cell 97) ---
 def format_train_table(result):
     s = result["settings"]
     lines = [f"training throughput: d_model {s['d_model']}, {s['n_heads']} heads, {s['n_loops']} loops, "
@@ -189,7 +195,7 @@ def plot_train(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/04a_appendix_engineering.py, cell 94 ---
+# --- book/04a_appendix_engineering.py:2576 (cell 99) ---
 def _train_arguments(parser):
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed turn (default 10)")
     parser.add_argument("--repeats", type=int, default=7, help="timed turns per model (default 7)")
@@ -256,15 +262,8 @@ def main(argv=None):
         print(f"python -m looplm.bench: stopped: {e}", file=sys.stderr)
         return 1
 
-# --- book/07_inference.py, cell 53 ---
-import math
-import statistics as _statistics
-
-from looplm.adaptive import make_exit_rule
-from looplm.data import TASK_VOCAB, decode_answer
-from looplm.generate import RULE_DEFAULTS, generate, load_model_flag
-
-# (cache strategy, exit rule name or None): the rules use RULE_DEFAULTS' thresholds
+# --- book/07_inference.py:1315 (cell 53) ---
+# (cache strategy, exit rule name or None): each rule at its default threshold
 DECODE_SETTINGS = (("exact", None), ("last", None), ("first", None), ("average", None), ("mod-2", None),
                    ("exact", "q_exit"), ("exact", "confidence"), ("exact", "kl"), ("exact", "hidden_change"),
                    ("exact", "fixed"), ("last", "q_exit"))
@@ -273,8 +272,7 @@ DECODE_SETTINGS = (("exact", None), ("last", None), ("first", None), ("average",
 def _decode_rule(name):
     if name is None:
         return None
-    threshold = RULE_DEFAULTS[name]
-    return make_exit_rule(name, int(threshold) if name == "fixed" else threshold)
+    return make_exit_rule(name)                                # at its default threshold
 
 
 def _decode(model, cache, rule, batch, max_new, vocab):
@@ -391,7 +389,7 @@ def plot_decode(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/07_inference.py, cell 55 ---
+# --- book/07_inference.py:1461 (cell 55) ---
 def _decode_arguments(parser):
     parser.add_argument("--checkpoint", default=None, help="a saved model (default: train a small one first)")
     parser.add_argument("--task", default="stack", help="the chapter 0 task of the held-out examples (default stack)")
@@ -406,8 +404,6 @@ def _decode_arguments(parser):
 
 def _decode_model_from_args(args):
     """The checked flags of `bench decode`: -> (task, the loaded model or None). Raises before any work."""
-    from looplm.data import TASKS, make_task
-
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     for flag, value in (("--difficulty", args.difficulty), ("--n-test", args.n_test),
@@ -436,9 +432,6 @@ def _check_decode_context(args, model, examples):
 
 
 def _decode_command(args):
-    from looplm.data import make_splits
-    from looplm.train import TrainConfig, task_batches, train_two_stage
-
     task, model = _decode_model_from_args(args)
     torch.manual_seed(0)
     splits = make_splits(task, n_train=4000, n_test=args.n_test, max_difficulty=args.difficulty,
@@ -465,7 +458,7 @@ def _decode_command(args):
 BENCHMARKS["decode"] = ("KV-cache strategies and per-token early exit while decoding", _decode_arguments,
                         _decode_command)
 
-# --- book/04a_appendix_engineering.py, cell 95 ---
+# --- book/04a_appendix_engineering.py:2644 (cell 100) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.bench`. The export places this cell last in looplm/bench.py, after the
     # benchmarks later chapters register.

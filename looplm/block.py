@@ -3,20 +3,15 @@
 __all__ = ['RMSNorm', 'rope_angles', 'apply_rope', 'RotaryEmbedding', 'causal_mask', 'attention_reference', 'CausalSelfAttention', 'default_d_hidden', 'SwiGLU', 'NORM_STYLES', 'Block', 'block_param_count']
 # fmt: on
 
-# --- book/01_weight_tied_block.py, cell 5 ---
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# --- book/01_weight_tied_block.py, cell 7 ---
-def _check_positive_int(name, value):
-    """Raise ValueError unless `value` is a positive int (a bool is not accepted)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+from looplm.checks import require_int, require_number
 
-
+# --- book/01_weight_tied_block.py:92 (cell 7) ---
 def _check_floating(x, name="x"):
     """Raise TypeError unless `x` is a floating-point tensor."""
     if not isinstance(x, torch.Tensor):
@@ -32,7 +27,7 @@ def _check_hidden(x, d_model, name="x"):
     if x.ndim != 3 or x.shape[-1] != d_model:
         raise ValueError(f"{name} must have shape [B, T, d_model={d_model}], got {list(x.shape)}")
 
-# --- book/01_weight_tied_block.py, cell 19 ---
+# --- book/01_weight_tied_block.py:189 (cell 19) ---
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the last dimension (arXiv 1910.07467).
 
@@ -43,14 +38,13 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        _check_positive_int("dim", dim)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
-        self.dim, self.eps = dim, float(eps)
+        require_int("dim", dim, 1)
+        self.dim, self.eps = dim, require_number("eps", eps, 0, low_open=True)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        _check_floating(x)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            _check_floating(x)
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension dim={self.dim}, "
                              f"got shape {list(x.shape)}")
@@ -61,7 +55,7 @@ class RMSNorm(nn.Module):
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"
 
-# --- book/01_weight_tied_block.py, cell 30 ---
+# --- book/01_weight_tied_block.py:325 (cell 30) ---
 def rope_angles(head_dim, max_seq_len, base=10000.0, dtype=torch.float32, device=None):
     """Cosine and sine tables for rotary position embeddings (RoFormer, arXiv 2104.09864).
 
@@ -69,18 +63,17 @@ def rope_angles(head_dim, max_seq_len, base=10000.0, dtype=torch.float32, device
     Returns (cos, sin), each of shape [max_seq_len, head_dim // 2] in `dtype` (float32 by
     default). The angles are computed in float64 so that large positions keep their precision.
     """
-    _check_positive_int("head_dim", head_dim)
-    _check_positive_int("max_seq_len", max_seq_len)
+    require_int("head_dim", head_dim, 1)
+    require_int("max_seq_len", max_seq_len, 1)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
-        raise ValueError(f"base must be a number > 1, got {base!r}")
+    require_number("base", base, 1, low_open=True)
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     positions = torch.arange(max_seq_len, dtype=torch.float64, device=device)           # (T,)
     angles = torch.outer(positions, inv_freq)                                           # (T, hs/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
-# --- book/01_weight_tied_block.py, cell 39 ---
+# --- book/01_weight_tied_block.py:391 (cell 39) ---
 def _check_rope_tables(x, cos, sin):
     """Raise unless cos and sin are [T, head_dim // 2] (or [B, T, head_dim // 2], one table per
     row) for x [B, n_heads, T, head_dim]."""
@@ -104,7 +97,15 @@ def _check_rope_tables(x, cos, sin):
             raise ValueError(f"{name} has {table.shape[0]} rows but x has T={T}: pass the rows for "
                              f"x's positions, e.g. {name}[start:start + T]")
 
-# --- book/01_weight_tied_block.py, cell 41 ---
+
+def _rope_tables_fit(x, cos, sin):
+    """The cheap test apply_rope runs on every call; _check_rope_tables explains a failure."""
+    return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim == 4
+            and isinstance(cos, torch.Tensor) and cos.ndim in (2, 3) and sin.shape == cos.shape
+            and cos.shape[-2] == x.shape[-2] and 2 * cos.shape[-1] == x.shape[-1]
+            and (cos.ndim == 2 or cos.shape[0] == x.shape[0]))
+
+# --- book/01_weight_tied_block.py:428 (cell 41) ---
 def apply_rope(x, cos, sin):
     """Rotate each pair (x[..., i], x[..., i + head_dim/2]) by its angle ("rotate half" layout).
 
@@ -113,7 +114,8 @@ def apply_rope(x, cos, sin):
     the earlier positions. When the rows of a batch sit at different positions, pass one table
     per row, [B, T, head_dim // 2]. Returns a tensor of x's shape and dtype.
     """
-    _check_rope_tables(x, cos, sin)
+    if not _rope_tables_fit(x, cos, sin):
+        _check_rope_tables(x, cos, sin)                # raises, saying what is wrong
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]          # (B, nh, T, hs/2) each
     if cos.ndim == 3:                              # one table per row: (B, 1, T, hs/2)
@@ -121,7 +123,7 @@ def apply_rope(x, cos, sin):
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)    # broadcast over B (unless per row) and nh
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
-# --- book/01_weight_tied_block.py, cell 59 ---
+# --- book/01_weight_tied_block.py:595 (cell 59) ---
 class RotaryEmbedding(nn.Module):
     """The rope tables for positions 0 .. max_seq_len - 1, as non-persistent buffers.
 
@@ -146,9 +148,8 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, seq_len, start=0):
-        _check_positive_int("seq_len", seq_len)
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be a non-negative int, got {start!r}")
+        require_int("seq_len", seq_len, 1)
+        require_int("start", start, 0)
         if start + seq_len > self.max_seq_len:
             raise ValueError(f"positions {start}..{start + seq_len - 1} do not fit the rope tables "
                              f"(max_seq_len={self.max_seq_len}): the sequence is too long")
@@ -157,21 +158,21 @@ class RotaryEmbedding(nn.Module):
     def extra_repr(self):
         return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, base={self.base:g}"
 
-# --- book/01_weight_tied_block.py, cell 68 ---
+# --- book/01_weight_tied_block.py:692 (cell 68) ---
 def causal_mask(t_q, t_k, device=None, dtype=torch.float32):
     """Additive causal mask [t_q, t_k]: 0 where query i may see key j, -inf elsewhere.
 
     The t_q queries are the last t_q of the t_k positions (t_q <= t_k), so query i sees keys
     j <= i + (t_k - t_q). With t_q == t_k this is the usual lower-triangular mask.
     """
-    _check_positive_int("t_q", t_q)
-    _check_positive_int("t_k", t_k)
+    require_int("t_q", t_q, 1)
+    require_int("t_k", t_k, 1)
     if t_q > t_k:
         raise ValueError(f"t_q={t_q} queries need at least as many keys, got t_k={t_k}")
     mask = torch.full((t_q, t_k), float("-inf"), device=device, dtype=dtype)
     return mask.triu(diagonal=t_k - t_q + 1)
 
-# --- book/01_weight_tied_block.py, cell 72 ---
+# --- book/01_weight_tied_block.py:721 (cell 72) ---
 def attention_reference(q, k, v, causal=True):
     """softmax(q kᵀ / sqrt(hs) + mask) v, written out. For checking, not for speed.
 
@@ -183,17 +184,17 @@ def attention_reference(q, k, v, causal=True):
         scores = scores + causal_mask(q.shape[-2], k.shape[-2], q.device, scores.dtype)
     return scores.softmax(dim=-1) @ v                            # (B, nh, Tq, hs)
 
-# --- book/01_weight_tied_block.py, cell 82 ---
+# --- book/01_weight_tied_block.py:783 (cell 82) ---
 def _check_heads(d_model, n_heads):
-    _check_positive_int("d_model", d_model)
-    _check_positive_int("n_heads", n_heads)
+    require_int("d_model", d_model, 1)
+    require_int("n_heads", n_heads, 1)
     if d_model % n_heads:
         raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
     if (d_model // n_heads) % 2:
         raise ValueError(f"head_dim = d_model // n_heads = {d_model // n_heads} must be even for "
                          f"rotary embeddings (d_model={d_model}, n_heads={n_heads})")
 
-# --- book/01_weight_tied_block.py, cell 84 ---
+# --- book/01_weight_tied_block.py:797 (cell 84) ---
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary embeddings and no biases.
 
@@ -224,7 +225,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, attend=None):
         """attend(q, k, v) -> [B, nh, T, hs] replaces the causal attention op (a KV cache passes
         one, chapter 7); by default it is scaled_dot_product_attention(is_causal=True)."""
-        _check_hidden(x, self.d_model)
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model or not x.is_floating_point():
+            _check_hidden(x, self.d_model)             # says what is wrong
         q, k, v = self.project_qkv(x, cos, sin)
         if attend is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
@@ -232,18 +234,18 @@ class CausalSelfAttention(nn.Module):
             y = attend(q, k, v)
         return self.project_out(y)
 
-# --- book/01_weight_tied_block.py, cell 104 ---
+# --- book/01_weight_tied_block.py:983 (cell 104) ---
 def default_d_hidden(d_model, multiple_of=8):
     """The default SwiGLU hidden size: 8/3 * d_model rounded up to a multiple of `multiple_of`.
 
     Three d x (8d/3) matrices hold 8 d² parameters, as many as a classic 4d-wide two-matrix MLP
     (arXiv 2002.05202).
     """
-    _check_positive_int("d_model", d_model)
-    _check_positive_int("multiple_of", multiple_of)
+    require_int("d_model", d_model, 1)
+    require_int("multiple_of", multiple_of, 1)
     return multiple_of * -(-8 * d_model // (3 * multiple_of))  # integer ceiling division
 
-# --- book/01_weight_tied_block.py, cell 107 ---
+# --- book/01_weight_tied_block.py:1003 (cell 107) ---
 class SwiGLU(nn.Module):
     """Gated MLP without biases: W_down(silu(W_gate x) * W_up x) (arXiv 2002.05202).
 
@@ -253,8 +255,8 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model, d_hidden=None):
         super().__init__()
         d_hidden = default_d_hidden(d_model) if d_hidden is None else d_hidden
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("d_hidden", d_hidden)
+        require_int("d_model", d_model, 1)
+        require_int("d_hidden", d_hidden, 1)
         self.gate = nn.Linear(d_model, d_hidden, bias=False)
         self.up = nn.Linear(d_model, d_hidden, bias=False)
         self.down = nn.Linear(d_hidden, d_model, bias=False)
@@ -262,7 +264,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))  # (..., d_hidden) -> (..., d_model)
 
-# --- book/01_weight_tied_block.py, cell 116 ---
+# --- book/01_weight_tied_block.py:1071 (cell 116) ---
 NORM_STYLES = ("pre", "sandwich", "huginn")
 
 
@@ -270,13 +272,13 @@ def _check_block_args(d_model, n_heads, d_hidden, norm_style):
     """Validate Block's arguments; return d_hidden with its default filled in."""
     _check_heads(d_model, n_heads)
     d_hidden = default_d_hidden(d_model) if d_hidden is None else d_hidden
-    _check_positive_int("d_hidden", d_hidden)
+    require_int("d_hidden", d_hidden, 1)
     if not isinstance(norm_style, str) or norm_style not in NORM_STYLES:
         allowed = ", ".join(repr(s) for s in NORM_STYLES)
         raise ValueError(f"norm_style must be one of {allowed}; got {norm_style!r}")
     return d_hidden
 
-# --- book/01_weight_tied_block.py, cell 118 ---
+# --- book/01_weight_tied_block.py:1090 (cell 118) ---
 class Block(nn.Module):
     """A transformer block: causal self-attention and a SwiGLU MLP with residual adds.
 
@@ -300,7 +302,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, attend=None):
         """attend: passed to the attention (None: causal attention over x itself)."""
-        _check_hidden(x, self.d_model)
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model or not x.is_floating_point():
+            _check_hidden(x, self.d_model)             # says what is wrong
         if self.norm_style == "pre":
             n1, n2 = self.norms
             x = x + self.attn(n1(x), cos, sin, attend)
@@ -315,7 +318,7 @@ class Block(nn.Module):
             x = n4(x + self.mlp(n3(x)))
         return x
 
-# --- book/01_weight_tied_block.py, cell 143 ---
+# --- book/01_weight_tied_block.py:1326 (cell 143) ---
 def block_param_count(d_model, n_heads, d_hidden=None, norm_style="pre"):
     """Parameters of Block(d_model, n_heads, d_hidden, norm_style), from the formula.
 

@@ -3,7 +3,6 @@
 __all__ = ['CharVocab', 'TASK_VOCAB', 'Example', 'Task', 'AdditionTask', 'ParenthesesTask', 'SortingTask', 'StackTask', 'TASKS', 'make_task', 'TaskSplits', 'make_splits', 'IGNORE_INDEX', 'TaskBatch', 'encode_examples', 'decode_answer', 'ExactMatch', 'exact_match', 'answer_accuracy', 'load_corpus', 'CompactTokenizer', 'train_val_split', 'text_batches']
 # fmt: on
 
-# --- book/00_tasks_and_tokens.py, cell 10 ---
 import dataclasses
 import importlib.resources
 import inspect
@@ -14,16 +13,9 @@ from typing import NamedTuple, Sequence
 import tiktoken
 import torch
 
-# --- book/00_tasks_and_tokens.py, cell 12 ---
-def _check_int(value, name, low=None):
-    """`value` must be a Python int (not a bool) and at least `low`; the error names `name`."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
-    return value
+from looplm.checks import require_bool, require_int
 
-# --- book/00_tasks_and_tokens.py, cell 14 ---
+# --- book/00_tasks_and_tokens.py:242 (cell 14) ---
 def _token_list(ids, name="ids"):
     """A list of Python ints from a list, tuple or 1-D integer tensor of token ids."""
     if isinstance(ids, torch.Tensor):
@@ -33,9 +25,9 @@ def _token_list(ids, name="ids"):
         return ids.tolist()
     if isinstance(ids, str) or not isinstance(ids, Sequence):
         raise TypeError(f"{name} must be a list of token ids, got {type(ids).__name__}")
-    return [_check_int(i, f"{name}[{k}]") for k, i in enumerate(ids)]
+    return [require_int(f"{name}[{k}]", i) for k, i in enumerate(ids)]
 
-# --- book/00_tasks_and_tokens.py, cell 17 ---
+# --- book/00_tasks_and_tokens.py:267 (cell 17) ---
 class CharVocab:
     """A character-level vocabulary: every token is one character of `chars`."""
 
@@ -73,10 +65,10 @@ class CharVocab:
     def __repr__(self):
         return f"CharVocab({self.chars!r}, pad={self.chars[self.pad_id]!r}, eos={self.chars[self.eos_id]!r})"
 
-# --- book/00_tasks_and_tokens.py, cell 19 ---
+# --- book/00_tasks_and_tokens.py:310 (cell 19) ---
 TASK_VOCAB = CharVocab("_." + "0123456789" + "+-=()" + "TF" + "APSK")
 
-# --- book/00_tasks_and_tokens.py, cell 24 ---
+# --- book/00_tasks_and_tokens.py:362 (cell 24) ---
 @dataclass(frozen=True)
 class Example:
     """One problem: the prompt a model reads, the answer it must produce, and its difficulty."""
@@ -85,7 +77,7 @@ class Example:
     answer: str  # e.g. "46" (the end-of-answer token is added when batching)
     difficulty: int
 
-# --- book/00_tasks_and_tokens.py, cell 28 ---
+# --- book/00_tasks_and_tokens.py:396 (cell 28) ---
 def _check_seed(seed):
     if isinstance(seed, bool) or not isinstance(seed, (int, str)):
         raise TypeError(f"seed must be an int or a str, got {seed!r}")
@@ -103,7 +95,7 @@ def _prompt_body(task, prompt: str, allowed: str) -> str:
         raise ValueError(f"{task.name} prompt {prompt!r} contains {bad}; allowed: {allowed!r}")
     return prompt[1:-1]
 
-# --- book/00_tasks_and_tokens.py, cell 30 ---
+# --- book/00_tasks_and_tokens.py:421 (cell 30) ---
 class Task:
     """A family of (prompt, answer) problems whose size is set by an integer `difficulty` >= 1."""
 
@@ -123,7 +115,7 @@ class Task:
         raise NotImplementedError
 
     def example(self, difficulty: int, rng: random.Random) -> Example:
-        _check_int(difficulty, "difficulty", low=1)
+        require_int("difficulty", difficulty, 1)
         if not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
         prompt = self.generate(difficulty, rng)
@@ -131,15 +123,15 @@ class Task:
 
     def sample(self, n: int, difficulty: int, seed=0) -> list[Example]:
         """`n` examples of exactly this difficulty, reproducible from `seed` (an int or a str)."""
-        _check_int(n, "n", low=0)
-        _check_int(difficulty, "difficulty", low=1)
+        require_int("n", n, 0)
+        require_int("difficulty", difficulty, 1)
         rng = random.Random(_check_seed(seed))
         return [self.example(difficulty, rng) for _ in range(n)]
 
     def __repr__(self):
         return f"{type(self).__name__}()"
 
-# --- book/00_tasks_and_tokens.py, cell 32 ---
+# --- book/00_tasks_and_tokens.py:481 (cell 32) ---
 class AdditionTask(Task):
     """`A<a>+<b>=` -> the digits of a + b, where a and b have exactly `difficulty` digits.
 
@@ -150,9 +142,7 @@ class AdditionTask(Task):
     letter = "A"
 
     def __init__(self, reverse_answer: bool = False):
-        if not isinstance(reverse_answer, bool):
-            raise TypeError(f"reverse_answer must be a bool, got {reverse_answer!r}")
-        self.reverse_answer = reverse_answer
+        self.reverse_answer = require_bool("reverse_answer", reverse_answer)
 
     def generate(self, difficulty, rng):
         low = 10 ** (difficulty - 1) if difficulty > 1 else 0  # no leading zeros
@@ -175,12 +165,12 @@ class AdditionTask(Task):
         return least_significant_first if self.reverse_answer else least_significant_first[::-1]
 
     def max_seq_len(self, difficulty):
-        return 3 * _check_int(difficulty, "difficulty", low=1) + 4  # "A" a "+" b "=" sum "." minus one
+        return 3 * require_int("difficulty", difficulty, 1) + 4  # "A" a "+" b "=" sum "." minus one
 
     def __repr__(self):
         return f"AdditionTask(reverse_answer={self.reverse_answer})"
 
-# --- book/00_tasks_and_tokens.py, cell 37 ---
+# --- book/00_tasks_and_tokens.py:563 (cell 37) ---
 def _balanced(parentheses) -> bool:
     depth = 0
     for char in parentheses:
@@ -208,9 +198,9 @@ class ParenthesesTask(Task):
         return "T" if _balanced(_prompt_body(self, prompt, "()")) else "F"
 
     def max_seq_len(self, difficulty):
-        return 2 * _check_int(difficulty, "difficulty", low=1) + 3
+        return 2 * require_int("difficulty", difficulty, 1) + 3
 
-# --- book/00_tasks_and_tokens.py, cell 42 ---
+# --- book/00_tasks_and_tokens.py:630 (cell 42) ---
 class SortingTask(Task):
     """`S<digits>=` -> the `difficulty` digits in ascending order."""
 
@@ -227,9 +217,9 @@ class SortingTask(Task):
         return "".join(str(value) * count for value, count in enumerate(counts))
 
     def max_seq_len(self, difficulty):
-        return 2 * _check_int(difficulty, "difficulty", low=1) + 2
+        return 2 * require_int("difficulty", difficulty, 1) + 2
 
-# --- book/00_tasks_and_tokens.py, cell 47 ---
+# --- book/00_tasks_and_tokens.py:685 (cell 47) ---
 class StackTask(Task):
     """`K<ops>=` -> the final stack, bottom to top; a digit op pushes it, `-` pops the top."""
 
@@ -259,9 +249,9 @@ class StackTask(Task):
         return "".join(stack)
 
     def max_seq_len(self, difficulty):
-        return 2 * _check_int(difficulty, "difficulty", low=1) + 2
+        return 2 * require_int("difficulty", difficulty, 1) + 2
 
-# --- book/00_tasks_and_tokens.py, cell 52 ---
+# --- book/00_tasks_and_tokens.py:758 (cell 52) ---
 TASKS = {"addition": AdditionTask, "parentheses": ParenthesesTask,
          "sorting": SortingTask, "stack": StackTask}
 
@@ -277,7 +267,7 @@ def make_task(name: str, **options) -> Task:
         raise ValueError(f"task {name!r} {takes}; got {', '.join(unknown)}")
     return TASKS[name](**options)
 
-# --- book/00_tasks_and_tokens.py, cell 61 ---
+# --- book/00_tasks_and_tokens.py:870 (cell 61) ---
 @dataclass
 class TaskSplits:
     """Training examples, an in-distribution test set and an out-of-distribution test set."""
@@ -287,7 +277,7 @@ class TaskSplits:
     ood: list[Example]  # difficulties max_difficulty+1..ood_max_difficulty
     val: list[Example] = dataclasses.field(default_factory=list)  # like test, no prompt of train or test
 
-# --- book/00_tasks_and_tokens.py, cell 63 ---
+# --- book/00_tasks_and_tokens.py:893 (cell 63) ---
 def _draw(task, n, difficulties, rng, exclude, unique, split):
     """`n` examples at difficulties drawn uniformly from `difficulties`, avoiding `exclude`."""
     examples, taken = [], set(exclude)
@@ -306,7 +296,7 @@ def _draw(task, n, difficulties, rng, exclude, unique, split):
                      f"{difficulties[0]}..{difficulties[-1]} that are new; lower n_test or "
                      f"raise the difficulties")
 
-# --- book/00_tasks_and_tokens.py, cell 65 ---
+# --- book/00_tasks_and_tokens.py:918 (cell 65) ---
 def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
                 ood_max_difficulty: int, seed=0, n_val: int = 0) -> TaskSplits:
     """Train and test on difficulties 1..max_difficulty, and an OOD test set above it.
@@ -318,11 +308,11 @@ def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
     task = make_task(task) if isinstance(task, str) else task
     if not isinstance(task, Task):
         raise TypeError(f"task must be a task name or a Task, got {type(task).__name__}")
-    _check_int(n_train, "n_train", low=1)
-    _check_int(n_test, "n_test", low=0)
-    _check_int(max_difficulty, "max_difficulty", low=1)
-    _check_int(ood_max_difficulty, "ood_max_difficulty", low=max_difficulty + 1)
-    _check_int(n_val, "n_val", low=0)
+    require_int("n_train", n_train, 1)
+    require_int("n_test", n_test, 0)
+    require_int("max_difficulty", max_difficulty, 1)
+    require_int("ood_max_difficulty", ood_max_difficulty, max_difficulty + 1)
+    require_int("n_val", n_val, 0)
     _check_seed(seed)
 
     def rng(split):
@@ -339,7 +329,7 @@ def make_splits(task, n_train: int, n_test: int, max_difficulty: int,
                     unique=True, split="val")
     return TaskSplits(train, test, ood, val)
 
-# --- book/00_tasks_and_tokens.py, cell 73 ---
+# --- book/00_tasks_and_tokens.py:1014 (cell 72) ---
 IGNORE_INDEX = -100  # the target value F.cross_entropy skips (its default ignore_index)
 
 
@@ -359,7 +349,7 @@ class TaskBatch:
     def to(self, device) -> "TaskBatch":
         return TaskBatch(self.idx.to(device), self.targets.to(device), self.difficulty.to(device))
 
-# --- book/00_tasks_and_tokens.py, cell 75 ---
+# --- book/00_tasks_and_tokens.py:1040 (cell 74) ---
 def encode_examples(examples: Sequence[Example], vocab: CharVocab = TASK_VOCAB,
                     seq_len: int | None = None) -> TaskBatch:
     """Batch examples for next-token training where only the answer (and its end) is learned."""
@@ -372,7 +362,7 @@ def encode_examples(examples: Sequence[Example], vocab: CharVocab = TASK_VOCAB,
         sequences.append(vocab.encode(example.prompt + example.answer) + [vocab.eos_id])
         prompt_lengths.append(len(example.prompt))
     needed = max(len(tokens) - 1 for tokens in sequences)
-    if seq_len is not None and _check_int(seq_len, "seq_len", low=1) < needed:
+    if seq_len is not None and require_int("seq_len", seq_len, 1) < needed:
         k = max(range(len(sequences)), key=lambda i: len(sequences[i]))
         raise ValueError(f"seq_len={seq_len} is too short: examples[{k}] "
                          f"({examples[k].prompt + examples[k].answer!r}) needs {needed} positions")
@@ -387,14 +377,14 @@ def encode_examples(examples: Sequence[Example], vocab: CharVocab = TASK_VOCAB,
     difficulty = torch.tensor([example.difficulty for example in examples])  # [B]
     return TaskBatch(idx, targets, difficulty)
 
-# --- book/00_tasks_and_tokens.py, cell 83 ---
+# --- book/00_tasks_and_tokens.py:1155 (cell 82) ---
 def decode_answer(ids, vocab: CharVocab = TASK_VOCAB) -> str:
     """The answer in predicted token ids: everything before the first end (or pad) token."""
     text = vocab.decode(ids)
     ends = [text.index(mark) for mark in (vocab.chars[vocab.eos_id], vocab.chars[vocab.pad_id]) if mark in text]
     return text[: min(ends)] if ends else text
 
-# --- book/00_tasks_and_tokens.py, cell 86 ---
+# --- book/00_tasks_and_tokens.py:1171 (cell 85) ---
 class ExactMatch(NamedTuple):
     correct: list[bool]  # one per example
     accuracy: float  # the fraction correct
@@ -419,7 +409,7 @@ def exact_match(predictions, examples: Sequence[Example], vocab: CharVocab = TAS
     correct = [answer == example.answer for answer, example in zip(answers, examples)]
     return ExactMatch(correct, sum(correct) / len(correct))
 
-# --- book/00_tasks_and_tokens.py, cell 94 ---
+# --- book/00_tasks_and_tokens.py:1272 (cell 93) ---
 def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Teacher-forced exact match: [..., B, T, V] logits, [B, T] targets -> [..., B] bools.
 
@@ -448,18 +438,18 @@ def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     predicted = logits.argmax(dim=-1)  # [..., B, T]
     return ((predicted == targets) | ~answer).all(dim=-1)  # [..., B]
 
-# --- book/00_tasks_and_tokens.py, cell 102 ---
+# --- book/00_tasks_and_tokens.py:1352 (cell 100) ---
 def load_corpus() -> str:
     """The Shakespeare excerpt shipped with the package (about 110,000 characters)."""
     resource = importlib.resources.files("looplm") / "assets" / "tiny_shakespeare.txt"
     return resource.read_text(encoding="utf-8")
 
-# --- book/00_tasks_and_tokens.py, cell 107 ---
+# --- book/00_tasks_and_tokens.py:1404 (cell 105) ---
 def _single_byte_ids(encoding) -> list[int]:
     """The ids of the 256 single-byte tokens of a tiktoken encoding, in byte order."""
     return [encoding.encode_single_token(bytes([b])) for b in range(256)]
 
-# --- book/00_tasks_and_tokens.py, cell 110 ---
+# --- book/00_tasks_and_tokens.py:1418 (cell 108) ---
 class CompactTokenizer:
     """A tiktoken encoding cut down to the ids a corpus uses, plus all 256 single-byte tokens.
 
@@ -508,7 +498,7 @@ class CompactTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one dense id stands for."""
-        _check_int(token_id, "token_id")
+        require_int("token_id", token_id)
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} is out of range [0, {self.vocab_size})")
         return self.encoding.decode_single_token_bytes(self.base_ids[token_id])
@@ -523,7 +513,7 @@ class CompactTokenizer:
     def __repr__(self):
         return f"CompactTokenizer(base={self.base!r}, vocab_size={self.vocab_size})"
 
-# --- book/00_tasks_and_tokens.py, cell 121 ---
+# --- book/00_tasks_and_tokens.py:1547 (cell 118) ---
 def _check_token_tensor(tokens):
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 1 or tokens.is_floating_point() \
             or tokens.dtype == torch.bool:
@@ -539,13 +529,13 @@ def train_val_split(tokens: torch.Tensor, val_fraction: float = 0.1):
     n_train = len(tokens) - max(1, round(val_fraction * len(tokens)))
     return tokens[:n_train], tokens[n_train:]
 
-# --- book/00_tasks_and_tokens.py, cell 124 ---
+# --- book/00_tasks_and_tokens.py:1573 (cell 121) ---
 def text_batches(tokens: torch.Tensor, batch_size: int, seq_len: int,
                  generator: torch.Generator | None = None):
     """Random windows of a token stream [N] -> (idx [B, T], targets [B, T]), targets shifted by one."""
     _check_token_tensor(tokens)
-    _check_int(batch_size, "batch_size", low=1)
-    _check_int(seq_len, "seq_len", low=1)
+    require_int("batch_size", batch_size, 1)
+    require_int("seq_len", seq_len, 1)
     if seq_len >= len(tokens):
         raise ValueError(f"seq_len={seq_len} needs a token stream longer than {seq_len}, got {len(tokens)} tokens")
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)  # [B]

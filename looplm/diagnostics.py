@@ -3,10 +3,9 @@
 __all__ = ['hidden_norms', 'step_changes']
 # fmt: on
 
-# --- book/03_fixed_loops.py, cell 49 ---
 import torch
 
-
+# --- book/03_fixed_loops.py:637 (cell 49) ---
 def _check_hidden_states(hidden, min_steps=1):
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.ndim != 4:
         raise ValueError(f"hidden must be a floating-point tensor [S, B, T, D] (out.hidden of "

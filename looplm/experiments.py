@@ -3,16 +3,25 @@
 __all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH04_SPLITS', 'FIXED_VS_RANDOM_DEPTH', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_OBJECTIVES', 'OTHER_OBJECTIVES', 'CH07_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT']
 # fmt: on
 
-# --- book/03_fixed_loops.py, cell 75 ---
+import copy
+import dataclasses
+
 import torch
 
-from looplm.data import TASK_VOCAB, encode_examples, make_splits
+from looplm.adaptive import AdaptiveLoss, exit_entropy, expected_depth, q_exit_steps
+from looplm.backprop import make_loop_loss
+from looplm.bench import DECODE_SETTINGS, decode_quality
+from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
 from looplm.diagnostics import hidden_norms, step_changes
-from looplm.model import LoopLM, LoopLMConfig
+from looplm.exits import (ConfidenceExit, FixedDepth, HiddenChangeExit, KLExit, QExit, exit_steps, mean_steps,
+                          pick_exit_threshold, select_exit_logits)
+from looplm.model import LinearExitGate, LoopLM, LoopLMConfig
+from looplm.objectives import act_halting
 from looplm.results import Experiment, register
-from looplm.train import TrainConfig, Trainer, task_accuracy, task_batches
+from looplm.train import (TrainConfig, Trainer, stage2_config, task_accuracy, task_batches, train_stage1,
+                          train_stage2, train_two_stage)
 
-# --- book/03_fixed_loops.py, cell 76 ---
+# --- book/03_fixed_loops.py:971 (cell 76) ---
 CH03_SPLITS = dict(task="stack", n_train=5000, n_test=500, max_difficulty=6, ood_max_difficulty=9, seed=0)
 CH03_MODELS = {  # name -> the LoopLMConfig changes of a width-64, 4-head model
     "looped 1 block × 4": dict(n_core=1, n_loops=4),
@@ -66,15 +75,7 @@ def _ch03_prefix(seed, n_steps):
 LOOPED_VS_STACKED = register(Experiment("looped-vs-stacked", "03", "chapter 3: looped vs stacked models, and injection and norm "
                     "placement, on the stack task", _ch03_run, _ch03_prefix))
 
-# --- book/04_backprop_through_the_loop.py, cell 113 ---
-import torch
-
-from looplm.backprop import make_loop_loss
-from looplm.data import TASK_VOCAB, make_splits, make_task
-from looplm.model import LoopLM, LoopLMConfig
-from looplm.results import Experiment, register
-from looplm.train import TrainConfig, Trainer, task_accuracy, task_batches
-
+# --- book/04_backprop_through_the_loop.py:1361 (cell 111) ---
 CH04_SPLITS = dict(task="stack", n_train=5000, n_test=500, max_difficulty=4, ood_max_difficulty=5, seed=0)
 CH04_STEPS, CH04_MAX_LOOPS = 600, 16
 
@@ -112,20 +113,7 @@ FIXED_VS_RANDOM_DEPTH = register(Experiment(
     "fixed-vs-random-depth", "04", "chapter 4: fixed against randomized training depth, accuracy at 1 to 16 steps",
     _ch04_run, _ch04_prefix))
 
-# --- book/05a_appendix_adaptive.py, cell 18 ---
-import copy
-
-import torch
-
-from looplm.adaptive import (ConfidenceExit, FixedDepth, HiddenChangeExit, KLExit, QExit, exit_entropy, exit_steps,
-                             expected_depth, mean_steps, pick_exit_threshold, q_exit_steps, select_exit_logits)
-from looplm.backprop import make_loop_loss
-from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
-from looplm.model import LinearExitGate, LoopLM, LoopLMConfig
-from looplm.results import Experiment, register
-from looplm.train import TrainConfig, Trainer, stage2_config, task_batches, train_stage1, train_stage2
-
-# --- book/05a_appendix_adaptive.py, cell 19 ---
+# --- book/05a_appendix_adaptive.py:920 (cell 37) ---
 CH05_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0, n_val=300)
 CH05_BUDGETS = (1.5, 2.0, 2.5, 4.0)   # mean steps per answer token; 4.0 = any
 
@@ -282,18 +270,7 @@ EXIT_RECIPE = register(Experiment("exit-recipe", "05", "chapter 5: the baseline,
                                   "its step weights alone, and the recipe; exit rules, depth and budgets",
                                   _ch05_run, _ch05_prefix))
 
-# --- book/06_other_ways_to_stop.py, cell 25 ---
-import copy
-
-import torch
-
-from looplm.adaptive import AdaptiveLoss, mean_steps, q_exit_steps, select_exit_logits
-from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
-from looplm.model import LoopLM, LoopLMConfig
-from looplm.objectives import act_halting
-from looplm.results import Experiment, register
-from looplm.train import TrainConfig, Trainer, task_batches, train_stage1
-
+# --- book/06_other_ways_to_stop.py:331 (cell 25) ---
 CH06_OBJECTIVES = {"Stage I (control)": ("stage1", dict(beta=0.1)), "ACT": ("act", dict(tau=0.01)),
                    "PonderNet": ("pondernet", dict(lambda_p=0.5, beta=0.01)), "Gumbel": ("gumbel", dict(tau=1.0))}
 
@@ -341,18 +318,7 @@ def _ch06_prefix(seed, n_steps):
 OTHER_OBJECTIVES = register(Experiment("other-objectives", "06", "chapter 6: Stage I, ACT, PonderNet and Gumbel "
                                        "fine-tunes of one Stage I model", _ch06_run, _ch06_prefix))
 
-# --- book/07_inference.py, cell 61 ---
-import dataclasses
-
-import torch
-
-from looplm.adaptive import AdaptiveLoss
-from looplm.bench import DECODE_SETTINGS, decode_quality
-from looplm.data import TASK_VOCAB, make_splits, make_task
-from looplm.model import LoopLM, LoopLMConfig
-from looplm.results import Experiment, register
-from looplm.train import TrainConfig, Trainer, task_accuracy, task_batches, train_two_stage
-
+# --- book/07_inference.py:1589 (cell 61) ---
 CH07_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0)
 
 

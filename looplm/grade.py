@@ -3,7 +3,6 @@
 __all__ = ['SOURCE_VARIABLE', 'SOURCES', 'DEFAULT_TIMEOUT', 'load_exercise', 'exercise_module', 'Exercise', 'find_root', 'find_exercises', 'GradedTest', 'run_exercise_tests', 'GradeReport', 'grade', 'main']
 # fmt: on
 
-# --- book/90_appendix_grader.py, cell 1 ---
 import argparse
 import ast
 import importlib.util
@@ -21,11 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from looplm.checks import require_bool, require_int
+
+# --- book/90_appendix_grader.py:37 (cell 1) ---
 SOURCE_VARIABLE = "LOOPLM_EXERCISE_SOURCE"  # "reader" (default) or "solutions"
 SOURCES = ("reader", "solutions")
 DEFAULT_TIMEOUT = 60.0  # seconds each exercise's tests may run
 
-# --- book/90_appendix_grader.py, cell 3 ---
+# --- book/90_appendix_grader.py:78 (cell 3) ---
 def load_exercise(test_file, source=None):
     """The module a graded test checks: the reader's version or the reference solution.
 
@@ -55,7 +57,7 @@ def exercise_module(test_file, source="reader"):
         return test_path.parent.parent / "solutions" / chapter / f"{name}.py"
     return test_path.parent / f"{name}.py"
 
-# --- book/90_appendix_grader.py, cell 5 ---
+# --- book/90_appendix_grader.py:119 (cell 5) ---
 @dataclass
 class Exercise:
     """One exercise: its number ("1.1"), title, the module a reader edits and its graded tests.
@@ -123,7 +125,7 @@ def _exercise(module, tests):
                                       "named from its file")
     return Exercise(number, slug[0].upper() + slug[1:], module, tests, warning)
 
-# --- book/90_appendix_grader.py, cell 10 ---
+# --- book/90_appendix_grader.py:216 (cell 10) ---
 @dataclass
 class GradedTest:
     """One graded test: its exercise, name, whether it passed, and the first line of the failure."""
@@ -149,10 +151,8 @@ def run_exercise_tests(exercises, source="reader", timeout=DEFAULT_TIMEOUT, jobs
     timeout = _check_timeout(timeout)
     if jobs is None:
         jobs = min(4, os.cpu_count() or 1)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    if not isinstance(isolate, bool):
-        raise ValueError(f"isolate must be True or False, got {isolate!r}")
+    require_int("jobs", jobs, 1)
+    require_bool("isolate", isolate)
     if not exercises:
         return []
     exercises = list(exercises)
@@ -339,7 +339,7 @@ def _test_names(tests):
                       and item.name.startswith("test")]
     return names or [Path(tests).name]
 
-# --- book/90_appendix_grader.py, cell 12 ---
+# --- book/90_appendix_grader.py:438 (cell 12) ---
 @dataclass
 class GradeReport:
     """What `grade` found: the exercises graded and the outcome of each of their tests."""
@@ -394,7 +394,7 @@ def grade(chapter=None, solutions=False, root=None, show=True, timeout=DEFAULT_T
         print(report.table())
     return report
 
-# --- book/90_appendix_grader.py, cell 17 ---
+# --- book/90_appendix_grader.py:515 (cell 17) ---
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m looplm.grade",
                                      description="Grade the book's exercises.")

@@ -3,7 +3,6 @@
 __all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate']
 # fmt: on
 
-# --- book/02_one_step_is_a_gpt.py, cell 8 ---
 import math
 import os
 from dataclasses import dataclass
@@ -11,49 +10,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding, block_param_count, default_d_hidden
+from looplm.checks import require_bool, require_choice, require_int, require_number
 from looplm.data import IGNORE_INDEX
 
-# --- book/02_one_step_is_a_gpt.py, cell 11 ---
-def _require_int(name, value, low, high=None):
-    """`value` if it is an int in [low, high] (a bool does not count as an int here), else ValueError."""
-    if (isinstance(value, bool) or not isinstance(value, int) or value < low
-            or (high is not None and value > high)):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
-    return value
-
-
-def _require_number(name, value, above):
-    """`value` if it is a finite number > above, else ValueError."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or not value > above):
-        raise ValueError(f"{name} must be a finite number > {above}, got {value!r}")
-    return value
-
-
-def _require_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _require_choice(name, value, allowed):
-    if not isinstance(value, str) or value not in allowed:
-        names = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"{name} must be one of {names}; got {value!r}")
-    return value
-
-# --- book/02_one_step_is_a_gpt.py, cell 13 ---
+# --- book/02_one_step_is_a_gpt.py:113 (cell 11) ---
 MAX_VOCAB_SIZE = 2**31 - 1   # token ids may arrive as int32 tensors
 
 
 def _validate_common(cfg):
     """The checks GPTConfig and LoopLMConfig share."""
-    _require_int("vocab_size", cfg.vocab_size, 1, MAX_VOCAB_SIZE)
-    _require_int("d_model", cfg.d_model, 1)
-    _require_int("n_heads", cfg.n_heads, 1)
+    require_int("vocab_size", cfg.vocab_size, 1, MAX_VOCAB_SIZE)
+    require_int("d_model", cfg.d_model, 1)
+    require_int("n_heads", cfg.n_heads, 1)
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"n_heads must divide d_model, got n_heads={cfg.n_heads} "
                          f"and d_model={cfg.d_model}")
@@ -61,15 +32,15 @@ def _validate_common(cfg):
         raise ValueError(f"head_dim = d_model // n_heads = {cfg.d_model // cfg.n_heads} must be "
                          f"even for rotary embeddings (d_model={cfg.d_model}, n_heads={cfg.n_heads})")
     if cfg.d_hidden is not None:
-        _require_int("d_hidden", cfg.d_hidden, 1)
-    _require_int("max_seq_len", cfg.max_seq_len, 1)
-    _require_choice("norm_style", cfg.norm_style, NORM_STYLES)
-    _require_bool("tie_embeddings", cfg.tie_embeddings)
-    _require_number("rope_base", cfg.rope_base, 1)
-    _require_number("eps", cfg.eps, 0)
-    _require_number("init_std", cfg.init_std, 0)
+        require_int("d_hidden", cfg.d_hidden, 1)
+    require_int("max_seq_len", cfg.max_seq_len, 1)
+    require_choice("norm_style", cfg.norm_style, NORM_STYLES)
+    require_bool("tie_embeddings", cfg.tie_embeddings)
+    require_number("rope_base", cfg.rope_base, 1, low_open=True)
+    require_number("eps", cfg.eps, 0, low_open=True)
+    require_number("init_std", cfg.init_std, 0, low_open=True)
 
-# --- book/02_one_step_is_a_gpt.py, cell 15 ---
+# --- book/02_one_step_is_a_gpt.py:145 (cell 13) ---
 def _physical_memory_bytes():
     """Total RAM of this machine, or None where the OS does not say (then nothing is checked)."""
     try:
@@ -93,7 +64,7 @@ def _check_fits_in_memory(cfg, n_blocks, available=None):
                          f"and rope tables need {needed / 2**30:,.1f} GiB, and this machine has "
                          f"{available / 2**30:,.1f} GiB of memory; use a smaller {field}")
 
-# --- book/02_one_step_is_a_gpt.py, cell 17 ---
+# --- book/02_one_step_is_a_gpt.py:180 (cell 15) ---
 @dataclass(frozen=True)
 class GPTConfig:
     """A standard decoder-only transformer: embedding, n_layers distinct blocks, norm, head.
@@ -116,13 +87,13 @@ class GPTConfig:
 
     def __post_init__(self):
         _validate_common(self)
-        _require_int("n_layers", self.n_layers, 1)
+        require_int("n_layers", self.n_layers, 1)
 
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
 
-# --- book/02_one_step_is_a_gpt.py, cell 23 ---
+# --- book/02_one_step_is_a_gpt.py:248 (cell 21) ---
 def _check_token_ids(name, ids, vocab_size, max_seq_len):
     """Raise unless `ids` is an integer [B, T] tensor, T <= max_seq_len, ids in [0, vocab_size)."""
     if not isinstance(ids, torch.Tensor):
@@ -133,12 +104,14 @@ def _check_token_ids(name, ids, vocab_size, max_seq_len):
         raise ValueError(f"{name} must have shape [B, T] with B, T >= 1, got {list(ids.shape)}")
     if ids.shape[1] > max_seq_len:
         raise ValueError(f"{name} has T={ids.shape[1]} positions but max_seq_len={max_seq_len}")
+    if ids.device.type != "cpu":
+        return          # reading values would make the host wait for the GPU; the embedding checks them there
     low, high = ids.min().item(), ids.max().item()
     if low < 0 or high >= vocab_size:
         raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): "
                          f"min {low}, max {high}")
 
-# --- book/02_one_step_is_a_gpt.py, cell 25 ---
+# --- book/02_one_step_is_a_gpt.py:272 (cell 23) ---
 def _init_weights(modules, std):
     """Normal(0, std) for every Linear and Embedding weight inside `modules`; norm gains stay 1."""
     for module in modules:
@@ -146,7 +119,7 @@ def _init_weights(modules, std):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
 
-# --- book/02_one_step_is_a_gpt.py, cell 27 ---
+# --- book/02_one_step_is_a_gpt.py:285 (cell 25) ---
 class GPT(nn.Module):
     """A standard causal LM: embed -> n_layers distinct Blocks -> RMSNorm -> LM head.
 
@@ -179,7 +152,7 @@ class GPT(nn.Module):
             h = block(h, cos, sin)               # (B, T, D)
         return self.lm_head(self.norm(h))        # (B, T, V)
 
-# --- book/02_one_step_is_a_gpt.py, cell 45 ---
+# --- book/02_one_step_is_a_gpt.py:445 (cell 43) ---
 class NoInjection(nn.Module):
     """injection="none": the core sees only its previous output, inject(h, x0) = h (Ouro)."""
 
@@ -199,14 +172,14 @@ class EmbeddingInit(nn.Module):
     def forward(self, x0, generator=None):
         return x0
 
-# --- book/02_one_step_is_a_gpt.py, cell 48 ---
+# --- book/02_one_step_is_a_gpt.py:482 (cell 46) ---
 INJECTIONS = {"none": NoInjection}          # chapter 3 adds "add" and "concat"
 INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random"
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
 
-# --- book/02_one_step_is_a_gpt.py, cell 53 ---
+# --- book/02_one_step_is_a_gpt.py:513 (cell 51) ---
 def _validate_exit_gate(cfg):
-    _require_bool("exit_gate", cfg.exit_gate)
+    require_bool("exit_gate", cfg.exit_gate)
     if not isinstance(cfg.gate_head, str):
         raise ValueError(f"gate_head must be a str naming an entry of EXIT_GATES, got {cfg.gate_head!r}")
     if not cfg.exit_gate:
@@ -214,9 +187,9 @@ def _validate_exit_gate(cfg):
     if not EXIT_GATES:
         raise ValueError("exit_gate=True, but no exit gate is available yet: EXIT_GATES is empty "
                          "until chapter 5 (adaptive depth) registers one; use exit_gate=False")
-    _require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
+    require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
-# --- book/02_one_step_is_a_gpt.py, cell 55 ---
+# --- book/02_one_step_is_a_gpt.py:529 (cell 53) ---
 @dataclass(frozen=True)
 class LoopLMConfig:
     """A looped LM: embed -> prelude (once) -> core (n_loops times, shared weights) -> readout.
@@ -247,12 +220,12 @@ class LoopLMConfig:
 
     def __post_init__(self):
         _validate_common(self)
-        _require_int("n_prelude", self.n_prelude, 0)
-        _require_int("n_core", self.n_core, 1)
-        _require_int("n_coda", self.n_coda, 0)
-        _require_int("n_loops", self.n_loops, 1)
-        _require_choice("injection", self.injection, tuple(INJECTIONS))
-        _require_choice("init_state", self.init_state, tuple(INIT_STATES))
+        require_int("n_prelude", self.n_prelude, 0)
+        require_int("n_core", self.n_core, 1)
+        require_int("n_coda", self.n_coda, 0)
+        require_int("n_loops", self.n_loops, 1)
+        require_choice("injection", self.injection, tuple(INJECTIONS))
+        require_choice("init_state", self.init_state, tuple(INIT_STATES))
         _validate_exit_gate(self)
 
     @property
@@ -262,10 +235,10 @@ class LoopLMConfig:
     def effective_depth(self, n_loops=None):
         """Blocks on the path to the last readout: n_prelude + n_core * n_loops + n_coda."""
         n_loops = self.n_loops if n_loops is None else n_loops
-        _require_int("n_loops", n_loops, 1)
+        require_int("n_loops", n_loops, 1)
         return self.n_prelude + self.n_core * n_loops + self.n_coda
 
-# --- book/02_one_step_is_a_gpt.py, cell 59 ---
+# --- book/02_one_step_is_a_gpt.py:605 (cell 57) ---
 @dataclass
 class LoopOutput:
     """What LoopLM.forward returns. S is the number of loop steps that ran."""
@@ -277,7 +250,7 @@ class LoopOutput:
     loss: torch.Tensor | None = None         # scalar: mean of step_losses[-1] over learned tokens
     hidden: torch.Tensor | None = None       # [S, B, T, D] loop states h_1..h_S (return_hidden)
 
-# --- book/02_one_step_is_a_gpt.py, cell 62 ---
+# --- book/02_one_step_is_a_gpt.py:639 (cell 60) ---
 def token_losses(logits, targets):
     """Per-token cross-entropy: logits [..., B, T, V], targets [B, T] -> [..., B, T].
 
@@ -291,7 +264,7 @@ def token_losses(logits, targets):
                              ignore_index=IGNORE_INDEX, reduction="none")
     return losses.view(targets.shape)                         # (..., B, T)
 
-# --- book/02_one_step_is_a_gpt.py, cell 64 ---
+# --- book/02_one_step_is_a_gpt.py:659 (cell 62) ---
 def _check_targets(targets, idx, vocab_size):
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
@@ -300,6 +273,8 @@ def _check_targets(targets, idx, vocab_size):
     if targets.shape != idx.shape:
         raise ValueError(f"targets must have the shape of idx {list(idx.shape)}, "
                          f"got {list(targets.shape)}")
+    if targets.device.type != "cpu":
+        return          # as for idx: no host-device sync; cross_entropy checks the ids on the GPU
     learned = targets != IGNORE_INDEX
     if not learned.any():
         raise ValueError(f"targets has no position to learn: every entry is IGNORE_INDEX={IGNORE_INDEX}")
@@ -308,7 +283,16 @@ def _check_targets(targets, idx, vocab_size):
         raise ValueError(f"targets holds ids outside [0, vocab_size={vocab_size}) other than "
                          f"IGNORE_INDEX={IGNORE_INDEX}, e.g. {targets[bad][0].item()}")
 
-# --- book/02_one_step_is_a_gpt.py, cell 70 ---
+# --- book/02_one_step_is_a_gpt.py:802 (cell 68) ---
+def _check_grad_steps(grad_steps, n_loops):
+    """grad_steps if it is an int in [1, n_loops]: how many of the last steps get gradients."""
+    require_int("grad_steps", grad_steps, 1)
+    if grad_steps > n_loops:
+        raise ValueError(f"grad_steps must be <= n_loops: {n_loops} steps run, so at most {n_loops} "
+                         f"can get gradients; got grad_steps={grad_steps}")
+    return grad_steps
+
+
 def _check_generator(generator):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -324,7 +308,7 @@ def _check_state0(state0, x0):
         raise ValueError(f"state0 must have shape [B, T, d_model] = {list(x0.shape)}, got {list(state0.shape)}")
     return state0.to(device=x0.device, dtype=x0.dtype)
 
-# --- book/02_one_step_is_a_gpt.py, cell 71 ---
+# --- book/02_one_step_is_a_gpt.py:828 (cell 69) ---
 class LoopLM(nn.Module):
     """A looped (weight-tied) causal LM with a readout after every loop step.
 
@@ -386,15 +370,29 @@ class LoopLM(nn.Module):
         z = self.norm(h[:, -1:] if last_only else h)
         return self.lm_head(z), z
 
-    def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None):
+    def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None,
+                grad_steps=None, checkpoint=False, readout="all"):
         """state0: an explicit h_0 [B, T, D] instead of init_state's; generator: a torch.Generator
-        for every random draw of this forward (a random initial state)."""
+        for every random draw of this forward (a random initial state).
+
+        Three options serve training (chapter 4); none changes a forward value. grad_steps=k:
+        only the last k steps get gradients (truncated backpropagation), the earlier ones run
+        under no_grad and their readouts come back detached. checkpoint=True: each step with
+        gradients is recomputed during backward instead of storing its activations.
+        readout="last": read out the last step only (logits [1, B, T, V]); not with a gate.
+        """
         c = self.config
         _check_token_ids("idx", idx, c.vocab_size, c.max_seq_len)
         if targets is not None:
             _check_targets(targets, idx, c.vocab_size)
-        n_loops = c.n_loops if n_loops is None else _require_int("n_loops", n_loops, 1)
-        _require_bool("return_hidden", return_hidden)
+        n_loops = c.n_loops if n_loops is None else require_int("n_loops", n_loops, 1)
+        first_grad_step = 0 if grad_steps is None else n_loops - _check_grad_steps(grad_steps, n_loops)
+        require_bool("checkpoint", checkpoint)
+        require_bool("return_hidden", return_hidden)
+        if readout not in ("all", "last"):
+            raise ValueError(f"readout must be 'all' or 'last', got {readout!r}")
+        if readout == "last" and self.exit_gate is not None:
+            raise ValueError("readout='last' cannot be used with an exit gate: the gate needs every step's readout")
         _check_generator(generator)
 
         cos, sin = self.rope(idx.shape[1])                    # (T, hs/2) each
@@ -404,20 +402,38 @@ class LoopLM(nn.Module):
         else:
             h = _check_state0(state0, x0)
         logits, gates, hidden = [], [], []
-        for _ in range(n_loops):
-            h = self.step(h, x0, cos, sin)                    # h_t: (B, T, D)
-            step_logits, z = self.readout(h, cos, sin)        # (B, T, V), (B, T, D)
-            logits.append(step_logits)
-            if self.exit_gate is not None:
-                gates.append(self.exit_gate(z))               # (B, T)
+        for t in range(n_loops):
+            read = readout == "all" or t == n_loops - 1
+            if t < first_grad_step:                           # truncated: no graph, nothing saved
+                with torch.no_grad():
+                    h, step_logits, gate = self._step_and_read(h, x0, cos, sin, read)
+            elif checkpoint and torch.is_grad_enabled():      # inputs saved, the rest recomputed
+                h, step_logits, gate = activation_checkpoint(self._step_and_read, h, x0, cos, sin, read,
+                                                             use_reentrant=False)
+            else:
+                h, step_logits, gate = self._step_and_read(h, x0, cos, sin, read)
+            if read:
+                logits.append(step_logits)                    # (B, T, V)
+                gates.append(gate)                            # (B, T), or None without a gate
             if return_hidden:
                 hidden.append(h)
+        return self._output(logits, gates, hidden, targets)
 
+    def _step_and_read(self, h, x0, cos, sin, read=True):
+        """One loop step, then (if read) its readout: -> (h_t, logits_t or None, gate_t or None)."""
+        h = self.step(h, x0, cos, sin)                        # h_t: (B, T, D)
+        if not read:
+            return h, None, None
+        logits, z = self.readout(h, cos, sin)                 # (B, T, V), (B, T, D)
+        return h, logits, None if self.exit_gate is None else self.exit_gate(z)
+
+    def _output(self, logits, gates, hidden, targets=None):
+        """The output record from the per-step lists (the one place a LoopOutput is built)."""
         out = LoopOutput(logits=torch.stack(logits))          # (S, B, T, V)
-        if gates:
+        if self.exit_gate is not None:
             out.gate = torch.stack(gates)                     # (S, B, T)
             out.exit_probs = self.exit_gate.exit_probs(out.gate)
-        if return_hidden:
+        if hidden:
             out.hidden = torch.stack(hidden)                  # (S, B, T, D)
         if targets is not None:
             out.step_losses = token_losses(out.logits, targets)           # (S, B, T)
@@ -448,7 +464,7 @@ class LoopLM(nn.Module):
         model.load_state_dict(state)  # strict: every weight is matched by name, or this raises
         return model
 
-# --- book/02_one_step_is_a_gpt.py, cell 110 ---
+# --- book/02_one_step_is_a_gpt.py:1420 (cell 108) ---
 def gpt_param_count(config):
     """Parameters of GPT(config): V d (x2 if untied) + n_layers * block + d (final norm)."""
     c = config
@@ -470,15 +486,7 @@ def looplm_param_count(config):
     n_extension = sum(p.numel() for m in extensions for p in m.parameters())
     return embeddings + (c.n_prelude + c.n_core + c.n_coda) * block + c.d_model + n_extension
 
-# --- book/03_fixed_loops.py, cell 16 ---
-import math
-
-import torch
-from torch import nn
-
-from looplm.block import RMSNorm
-
-
+# --- book/03_fixed_loops.py:175 (cell 16) ---
 class AddInjection(nn.Module):
     """injection="add": inject(h, x0) = h + RMSNorm(x0), with the norm's own learned gain.
 
@@ -493,7 +501,7 @@ class AddInjection(nn.Module):
     def forward(self, h, x0):
         return h + self.norm(x0)                              # (B, T, D)
 
-# --- book/03_fixed_loops.py, cell 19 ---
+# --- book/03_fixed_loops.py:217 (cell 19) ---
 class ConcatInjection(nn.Module):
     """injection="concat": inject(h, x0) = adapter([h; x0]), a Linear(2 d -> d) (Huginn).
 
@@ -510,10 +518,10 @@ class ConcatInjection(nn.Module):
     def forward(self, h, x0):
         return self.adapter(torch.cat([h, x0], dim=-1))      # (B, T, 2D) -> (B, T, D)
 
-# --- book/03_fixed_loops.py, cell 21 ---
+# --- book/03_fixed_loops.py:239 (cell 21) ---
 INJECTIONS.update({"add": AddInjection, "concat": ConcatInjection})
 
-# --- book/03_fixed_loops.py, cell 33 ---
+# --- book/03_fixed_loops.py:397 (cell 33) ---
 def _require_injection(config, init_state):
     """init_state `init_state` drops x0, so the loop must get it back through an injection."""
     if config.injection == "none":
@@ -522,7 +530,7 @@ def _require_injection(config, init_state):
                          f"injection='none' never adds it, so the model could not see its tokens; "
                          f"use an injection ({others}) or init_state='embedding'")
 
-# --- book/03_fixed_loops.py, cell 35 ---
+# --- book/03_fixed_loops.py:410 (cell 35) ---
 class ZerosInit(nn.Module):
     """init_state="zeros": h_0 = 0 (Yang et al., arXiv 2311.12424). Needs an injection."""
 
@@ -533,7 +541,7 @@ class ZerosInit(nn.Module):
     def forward(self, x0, generator=None):
         return torch.zeros_like(x0)                           # (B, T, D)
 
-# --- book/03_fixed_loops.py, cell 37 ---
+# --- book/03_fixed_loops.py:438 (cell 37) ---
 class RandomInit(nn.Module):
     """init_state="random": h_0 ~ Normal(0, 2/5) truncated at ±3σ, a fresh draw per forward (Huginn).
 
@@ -556,15 +564,15 @@ class RandomInit(nn.Module):
                               generator=generator)
         return h0.to(device=x0.device, dtype=x0.dtype)        # (B, T, D)
 
-# --- book/03_fixed_loops.py, cell 38 ---
+# --- book/03_fixed_loops.py:462 (cell 38) ---
 INIT_STATES.update({"zeros": ZerosInit, "random": RandomInit})
 
-# --- book/05_learning_when_to_stop.py, cell 9 ---
+# --- book/05_learning_when_to_stop.py:133 (cell 9) ---
 class LinearExitGate(nn.Module):
     """Ouro's exit gate: λ_t = sigmoid(Linear(d_model, 1)(z_t)), one value per token per step.
 
     z_t is the normed state the LM head reads. forward(z [B, T, D]) -> λ [B, T] in (0, 1),
-    float32 (float64 for a float64 model). exit_probs(gate [S, B, T]) -> p(t | x) [S, B, T] (looplm.adaptive.exit_distribution).
+    float32 (float64 for a float64 model). exit_probs(gate [S, B, T]) -> p(t | x) [S, B, T] (as looplm.adaptive.exit_distribution).
     """
 
     def __init__(self, config):
@@ -578,8 +586,14 @@ class LinearExitGate(nn.Module):
         return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32))).squeeze(-1)   # (B, T)
 
     def exit_probs(self, gate):
-        from looplm.adaptive import exit_distribution        # adaptive.py imports nothing from here
-        return exit_distribution(gate)
+        return _exit_distribution(gate)                      # the model's own gate needs no checks
 
 
 EXIT_GATES["linear"] = LinearExitGate
+
+# --- book/05_learning_when_to_stop.py:253 (cell 18) ---
+def _exit_distribution(gate):
+    """exit_distribution without the input checks (for gates a model computed itself)."""
+    survive = torch.cumprod(1 - gate[:-1], dim=0)               # S_1 .. S_{S-1}: (S-1, ...)
+    reach = torch.cat([torch.ones_like(gate[:1]), survive])      # S_0 .. S_{S-1}: (S, ...)
+    return torch.cat([gate[:-1] * reach[:-1], reach[-1:]])        # (S, ...)

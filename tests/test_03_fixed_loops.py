@@ -1,10 +1,11 @@
 # Generated from book/03_fixed_loops.py: edit the chapter, then run `make export`.
-from looplm.model import (  # noqa: F401
-    AddInjection,
-    ConcatInjection,
-    ZerosInit,
-    RandomInit,
-)
+
+import math
+
+import pytest
+import torch
+
+from looplm.block import RMSNorm
 from looplm.diagnostics import (  # noqa: F401
     hidden_norms,
     step_changes,
@@ -14,17 +15,16 @@ from looplm.experiments import (  # noqa: F401
     CH03_MODELS,
     LOOPED_VS_STACKED,
 )
-
-# --- book/03_fixed_loops.py, cell 30 ---
-import math
-
-import pytest
-import torch
-
-from looplm.block import RMSNorm
+from looplm.model import (  # noqa: F401
+    AddInjection,
+    ConcatInjection,
+    ZerosInit,
+    RandomInit,
+)
 from looplm.model import INIT_STATES, INJECTIONS, LoopLM, LoopLMConfig, looplm_param_count
+from looplm.results import check_prefix
 
-
+# --- book/03_fixed_loops.py:311 (cell 30) ---
 def _random_gains(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_injection_parameters_and_init():
         base = looplm_param_count(LoopLMConfig(vocab_size=30, d_model=32, n_heads=4))
         assert looplm_param_count(cfg) == base + extra == sum(p.numel() for p in LoopLM(cfg).parameters())
 
-# --- book/03_fixed_loops.py, cell 47 ---
+# --- book/03_fixed_loops.py:539 (cell 47) ---
 def _normal_cdf(z):
     return 0.5 * (1 + math.erf(z / math.sqrt(2)))
 
@@ -151,7 +151,7 @@ def test_state_without_input_is_refused():
     assert set(INIT_STATES) >= {"embedding", "zeros", "random"}
     assert set(INJECTIONS) >= {"none", "add", "concat"}
 
-# --- book/03_fixed_loops.py, cell 53 ---
+# --- book/03_fixed_loops.py:694 (cell 53) ---
 def test_diagnostics_match_an_explicit_loop():
     torch.manual_seed(0)
     model = LoopLM(LoopLMConfig(vocab_size=30, d_model=32, n_heads=4, n_loops=4, injection="concat",
@@ -180,10 +180,7 @@ def test_diagnostics_errors():
     with pytest.raises(ValueError, match="hidden has S=1 steps; at least 2 needed"):
         step_changes(torch.zeros(1, 3, 4, 5))
 
-# --- book/03_fixed_loops.py, cell 80 ---
-from looplm.results import check_prefix
-
-
+# --- book/03_fixed_loops.py:1041 (cell 80) ---
 def test_stored_results_match_a_live_prefix():
     difference, _ = check_prefix("looped-vs-stacked")
     assert difference <= 1e-3

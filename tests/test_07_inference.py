@@ -1,4 +1,20 @@
 # Generated from book/07_inference.py: edit the chapter, then run `make export`.
+
+import pytest
+import torch
+
+from looplm.bench import (  # noqa: F401
+    DECODE_SETTINGS,
+    decode_quality,
+    bench_decode,
+    format_decode_table,
+    plot_decode,
+)
+from looplm.exits import ExitRule, exit_steps, make_exit_rule, select_exit_logits
+from looplm.experiments import (  # noqa: F401
+    CH07_SPLITS,
+    CACHE_STRATEGIES_EXPERIMENT,
+)
 from looplm.generate import (  # noqa: F401
     CacheStrategy,
     CACHE_STRATEGIES,
@@ -9,32 +25,14 @@ from looplm.generate import (  # noqa: F401
     choose_tokens,
     generate,
 )
-from looplm.bench import (  # noqa: F401
-    DECODE_SETTINGS,
-    decode_quality,
-    bench_decode,
-    format_decode_table,
-    plot_decode,
-)
-from looplm.experiments import (  # noqa: F401
-    CH07_SPLITS,
-    CACHE_STRATEGIES_EXPERIMENT,
-)
-
-# --- book/07_inference.py, cell 35 ---
-import pytest
-import torch
-
-from looplm.adaptive import make_exit_rule
 from looplm.model import LoopLM, LoopLMConfig
+from looplm.testing import (  # noqa: F401
+    LAYOUTS,
+    small_model,
+    recompute_greedy,
+)
 
-LAYOUTS = [
-    dict(),
-    dict(n_prelude=1, n_core=2, n_coda=1, injection="add", norm_style="sandwich"),
-    dict(n_coda=1, injection="concat", init_state="zeros", norm_style="huginn", exit_gate=True),
-]
-
-
+# --- book/07_inference.py:912 (cell 36) ---
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread, and a busy machine makes two threads much slower."""
@@ -42,22 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def small_model(seed=0, n_loops=3, **options):
-    torch.manual_seed(seed)
-    return LoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=n_loops, max_seq_len=40, **options))
-
-
-def recompute_greedy(model, prompt, n_new, n_loops=None):
-    """The slow reference: the full forward at every position, last step, argmax."""
-    seq, logits = torch.tensor([prompt]), []
-    with torch.no_grad():
-        for _ in range(n_new):
-            last = model(seq, n_loops=n_loops).logits[-1, 0, -1]               # (V,)
-            logits.append(last)
-            seq = torch.cat([seq, last.argmax().view(1, 1)], dim=1)
-    return seq[0, len(prompt):], torch.stack(logits)
 
 
 def test_exact_cache_equals_full_recompute():
@@ -92,111 +74,7 @@ def test_cache_length_equals_tokens_seen():
         assert len(log) == 6 * (1 + 3 * (2 + 1))                   # per token: prelude + S x (core + coda)
         assert all(keys == seen for *_, keys, seen in log)
 
-# --- book/07_inference.py, cell 37 ---
-from looplm.adaptive import ExitRule
-
-
-class ShiftedLoopLM(LoopLM):
-    """A LoopLM whose encode, step and readout each do something its parent does not."""
-
-    def encode(self, idx, cos, sin, attend=None):
-        return 1.5 * super().encode(idx, cos, sin, attend)
-
-    def step(self, h, x0, cos, sin, attend=None):
-        return 0.8 * super().step(h, x0, cos, sin, attend) + 0.05
-
-    def readout(self, h, cos, sin, attend=None, last_only=False):
-        logits, z = super().readout(h, cos, sin, attend, last_only)
-        return 3.0 * logits, z
-
-
-def test_decoding_runs_the_models_own_step():
-    for options in LAYOUTS:
-        torch.manual_seed(0)
-        model = ShiftedLoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=3, max_seq_len=40,
-                                           **options))
-        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 8)
-        res = generate(model, [[1, 5, 7, 3, 9]], 8)
-        assert torch.equal(res.new_tokens[0], tokens), options
-        torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
-
-
-def test_explicit_n_loops_equals_recompute():
-    model = small_model(**LAYOUTS[1])
-    for k in (1, 2, 5):
-        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 6, n_loops=k)
-        res = generate(model, [[1, 5, 7, 3, 9]], 6, n_loops=k)
-        assert torch.equal(res.new_tokens[0], tokens) and (res.steps == k).all(), k
-        torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
-
-
-class DtypeProbe(ExitRule):
-    """A rule that never fires and records the dtypes of the logits and gates it is shown."""
-
-    name, needs, stop_above = "probe", ("logits", "gates"), True
-
-    def __init__(self):
-        super().__init__(2.0)
-        self.seen = set()
-
-    def score(self, view):
-        self.seen |= {view.logits.dtype, view.gates.dtype}
-        return torch.zeros(view.token_shape)
-
-
-def test_a_float64_model_decodes_in_float64():
-    for options in LAYOUTS:
-        model = small_model(**options).double()
-        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 8)
-        res = generate(model, [[1, 5, 7, 3, 9]], 8)
-        assert res.logits.dtype == logits.dtype == torch.float64
-        assert torch.equal(res.new_tokens[0], tokens), options
-        torch.testing.assert_close(res.logits[0], logits, atol=1e-12, rtol=0)
-    probe = DtypeProbe()                                     # what an exit rule sees: float64 too
-    generate(small_model(**LAYOUTS[2]).double(), [[1, 5, 7, 3, 9]], 4, exit_rule=probe)
-    assert probe.seen == {torch.float64}, probe.seen
-
-
-def test_the_generator_drives_every_random_draw():
-    model = small_model(injection="add", init_state="random")
-    prompts = [[1, 5, 7, 3, 9], [2, 2]]
-    for temperature in (0.0, 1.0):
-        before = torch.get_rng_state()
-        runs = [generate(model, prompts, 6, temperature=temperature, generator=torch.Generator().manual_seed(seed))
-                for seed in (7, 7, 8)]
-        assert torch.equal(torch.get_rng_state(), before), "the global generator was used"
-        assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].logits, runs[1].logits)
-        assert not torch.equal(runs[0].logits, runs[2].logits)             # the draws do matter
-
-
-def test_a_tiny_temperature_is_greedy():
-    model = small_model(**LAYOUTS[1])
-    prompts = [[1, 5, 7, 3, 9], [2, 2]]
-    greedy = generate(model, prompts, 6)
-    for temperature in (1e-300, 5e-324):
-        res = generate(model, prompts, 6, temperature=temperature, top_k=3, generator=torch.Generator().manual_seed(0))
-        assert torch.equal(res.tokens, greedy.tokens), temperature
-    logits = torch.tensor([[1e30, -1e30, 0.0], [0.0, 0.5, 0.25]])
-    assert choose_tokens(logits, 1e-300).tolist() == [0, 1]
-
-
-def test_a_stop_token_ends_its_row():
-    model = small_model(**LAYOUTS[1])
-    prompts, pad = [[1, 5, 7, 3, 9], [2, 2]], 22
-    free = generate(model, prompts, 8, pad_id=pad)
-    row0, row1 = free.new_tokens.tolist()
-    col = next(c for c in range(1, 8) if row0[c] not in row0[:c])      # the first new token not seen before
-    stop = row0[col]
-    res = generate(model, prompts, 8, stop_tokens=[stop], pad_id=pad)
-    assert res.new_tokens[0, :col + 1].tolist() == row0[:col + 1]
-    assert (res.new_tokens[0, col + 1:] == pad).all() and (res.steps[0, col + 1:] == 0).all()
-    assert (res.steps[0, :col + 1] == 3).all() and (res.logits[0, col + 1:] == 0).all()
-    assert res.sequences()[0] == prompts[0] + row0[:col + 1] and res.sequences()[0][-1] == stop
-    end = row1.index(stop) + 1 if stop in row1 else 8                   # the other row goes on to its own stop
-    assert res.new_tokens[1, :end].tolist() == row1[:end] and (res.steps[1, end:] == 0).all()
-    assert res.sequences()[1] == prompts[1] + row1[:end]
-
-# --- book/07_inference.py, cell 39 ---
+# --- book/07_inference.py:978 (cell 39) ---
 def test_strategy_identities_and_bytes():
     model = small_model(**LAYOUTS[1])                       # 1 prelude, 2 core, 1 coda block, S = 3
     prompt = [[1, 5, 7, 3, 9]]
@@ -216,7 +94,7 @@ def test_strategy_identities_and_bytes():
         expected = position * (1 * (5 + 7) + (2 + 1) * (3 * 5 + slots * 7))
         assert res.cache_bytes == expected, name
 
-# --- book/07_inference.py, cell 41 ---
+# --- book/07_inference.py:1012 (cell 41) ---
 def reference_shared_decode(model, prompt, n_new, strategy):
     """Greedy decoding under a cache strategy, without a cache: one position at a time, with every
     position's (k, v) of every block and step kept as computed when it was the newest position."""
@@ -271,10 +149,7 @@ def test_every_strategy_equals_a_reference_without_a_cache():
         assert torch.equal(res.new_tokens[0], tokens), strategy
         torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
 
-# --- book/07_inference.py, cell 43 ---
-from looplm.adaptive import ExitRule, exit_steps, select_exit_logits
-
-
+# --- book/07_inference.py:1093 (cell 43) ---
 def _reference_attention(block, u, cos, sin, saved, key, exit_at, t):
     q, k, v = block.attn.project_qkv(u, cos, sin)                           # (1, nh, T, hs)
     for j, e in enumerate(exit_at):
@@ -345,7 +220,7 @@ class ParityExit(ExitRule):
     def score(self, view):
         return (view.logits.argmax(-1) % 2 == 0).float()
 
-# --- book/07_inference.py, cell 44 ---
+# --- book/07_inference.py:1168 (cell 44) ---
 def test_a_rule_that_never_fires_is_full_depth():
     for options in LAYOUTS:
         model = small_model(n_loops=4, **options)

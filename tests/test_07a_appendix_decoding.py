@@ -1,39 +1,32 @@
 # Generated from book/07a_appendix_decoding.py: edit the chapter, then run `make export`.
-from looplm.generate import (  # noqa: F401
-    save_model,
-    load_model,
-    load_model_flag,
-    RULE_DEFAULTS,
-    main,
-)
 
-# --- book/07a_appendix_decoding.py, cell 4 ---
-import pytest
-import torch
-
-from looplm.adaptive import make_exit_rule
-from looplm.generate import generate
-from looplm.model import LoopLM, LoopLMConfig
-
-LAYOUTS = [
-    dict(),
-    dict(n_prelude=1, n_core=2, n_coda=1, injection="add", norm_style="sandwich"),
-    dict(n_coda=1, injection="concat", init_state="zeros", norm_style="huginn", exit_gate=True),
-]
-
-
-def small_model(seed=0, n_loops=3, **options):
-    torch.manual_seed(seed)
-    return LoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=n_loops, max_seq_len=40, **options))
-
-# --- book/07a_appendix_decoding.py, cell 7 ---
+import contextlib
+import io
+import math
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-from looplm.train import CheckpointError
+import pytest
+import torch
 
+from looplm.checkpoints import (  # noqa: F401
+    save_model,
+    load_model,
+    load_model_flag,
+)
+from looplm.checkpoints import CheckpointError
+from looplm.exits import ExitRule, make_exit_rule
+from looplm.generate import (  # noqa: F401
+    main,
+)
+from looplm.generate import choose_tokens, generate
+from looplm.model import LoopLM, LoopLMConfig, _physical_memory_bytes
+from looplm.testing import LAYOUTS, recompute_greedy, small_model
 
+# --- book/07a_appendix_decoding.py:166 (cell 7) ---
 def test_saved_model_loads_with_identical_logits():
     model = small_model(**LAYOUTS[2])
     idx = torch.tensor([[1, 5, 7, 3, 9, 2]])
@@ -73,10 +66,7 @@ def test_bad_checkpoints_are_refused():
             save_model(Path(folder) / "nan.pt", bad)
         assert sorted(os.listdir(folder)) == before                 # nothing written
 
-# --- book/07a_appendix_decoding.py, cell 8 ---
-import io
-
-
+# --- book/07a_appendix_decoding.py:217 (cell 8) ---
 class _Hostile:
     """Unpickling this object would call io.open(marker, "w"): a stand-in for a pickle that runs code."""
 
@@ -113,13 +103,7 @@ def test_unusable_checkpoints_say_why():
         with pytest.raises(CheckpointError, match="not a readable looplm checkpoint: the file is damaged"):
             load_model(folder / "junk.pt")
 
-# --- book/07a_appendix_decoding.py, cell 13 ---
-import contextlib
-import io
-import subprocess
-import sys
-
-
+# --- book/07a_appendix_decoding.py:431 (cell 14) ---
 def test_bad_input_gets_clear_errors():
     model = small_model()
     good = [[1, 2, 3]]
@@ -132,7 +116,7 @@ def test_bad_input_gets_clear_errors():
         (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0"),
         (dict(cache="lastest"), ValueError, "unknown cache strategy 'lastest'"),
         (dict(cache="mod-0"), ValueError, "unknown cache strategy 'mod-0'"),
-        (dict(exit_rule="q_exit"), ValueError, "needs a threshold"),
+        (dict(exit_rule="q_exit"), ValueError, "built without one"),
         (dict(exit_rule="sometimes"), ValueError, "unknown exit rule 'sometimes'"),
         (dict(exit_rule=make_exit_rule("q_exit", 0.5)), ValueError, "built without"),
         (dict(temperature=-1.0), ValueError, "temperature must be"),
@@ -170,14 +154,7 @@ def test_command_line():
             assert status == 2 and message in err.getvalue(), err.getvalue()
         assert os.listdir(folder) == ["m.pt"]
 
-# --- book/07a_appendix_decoding.py, cell 15 ---
-import contextlib
-import io
-import math
-
-from looplm.model import _physical_memory_bytes
-
-
+# --- book/07a_appendix_decoding.py:498 (cell 16) ---
 def test_silent_results_become_errors():
     model = small_model()
     good = [[1, 2, 3]]
@@ -311,3 +288,104 @@ def test_bench_decode_without_decoded_tokens():
                           speed_examples=1, repeats=1)
     assert all(math.isnan(r["tok_s_1"]) and math.isnan(r["speedup_2"]) for r in result["rows"])
     assert "nan: no token was decoded after the first one" in format_decode_table(result)
+
+# --- book/07a_appendix_decoding.py:658 (cell 18) ---
+class ShiftedLoopLM(LoopLM):
+    """A LoopLM whose encode, step and readout each do something its parent does not."""
+
+    def encode(self, idx, cos, sin, attend=None):
+        return 1.5 * super().encode(idx, cos, sin, attend)
+
+    def step(self, h, x0, cos, sin, attend=None):
+        return 0.8 * super().step(h, x0, cos, sin, attend) + 0.05
+
+    def readout(self, h, cos, sin, attend=None, last_only=False):
+        logits, z = super().readout(h, cos, sin, attend, last_only)
+        return 3.0 * logits, z
+
+
+def test_decoding_runs_the_models_own_step():
+    for options in LAYOUTS:
+        torch.manual_seed(0)
+        model = ShiftedLoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=3, max_seq_len=40,
+                                           **options))
+        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 8)
+        res = generate(model, [[1, 5, 7, 3, 9]], 8)
+        assert torch.equal(res.new_tokens[0], tokens), options
+        torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
+
+
+def test_explicit_n_loops_equals_recompute():
+    model = small_model(**LAYOUTS[1])
+    for k in (1, 2, 5):
+        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 6, n_loops=k)
+        res = generate(model, [[1, 5, 7, 3, 9]], 6, n_loops=k)
+        assert torch.equal(res.new_tokens[0], tokens) and (res.steps == k).all(), k
+        torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
+
+
+class DtypeProbe(ExitRule):
+    """A rule that never fires and records the dtypes of the logits and gates it is shown."""
+
+    name, needs, stop_above = "probe", ("logits", "gates"), True
+
+    def __init__(self):
+        super().__init__(2.0)
+        self.seen = set()
+
+    def score(self, view):
+        self.seen |= {view.logits.dtype, view.gates.dtype}
+        return torch.zeros(view.token_shape)
+
+
+def test_a_float64_model_decodes_in_float64():
+    for options in LAYOUTS:
+        model = small_model(**options).double()
+        tokens, logits = recompute_greedy(model, [1, 5, 7, 3, 9], 8)
+        res = generate(model, [[1, 5, 7, 3, 9]], 8)
+        assert res.logits.dtype == logits.dtype == torch.float64
+        assert torch.equal(res.new_tokens[0], tokens), options
+        torch.testing.assert_close(res.logits[0], logits, atol=1e-12, rtol=0)
+    probe = DtypeProbe()                                     # what an exit rule sees: float64 too
+    generate(small_model(**LAYOUTS[2]).double(), [[1, 5, 7, 3, 9]], 4, exit_rule=probe)
+    assert probe.seen == {torch.float64}, probe.seen
+
+
+def test_the_generator_drives_every_random_draw():
+    model = small_model(injection="add", init_state="random")
+    prompts = [[1, 5, 7, 3, 9], [2, 2]]
+    for temperature in (0.0, 1.0):
+        before = torch.get_rng_state()
+        runs = [generate(model, prompts, 6, temperature=temperature, generator=torch.Generator().manual_seed(seed))
+                for seed in (7, 7, 8)]
+        assert torch.equal(torch.get_rng_state(), before), "the global generator was used"
+        assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].logits, runs[1].logits)
+        assert not torch.equal(runs[0].logits, runs[2].logits)             # the draws do matter
+
+
+def test_a_tiny_temperature_is_greedy():
+    model = small_model(**LAYOUTS[1])
+    prompts = [[1, 5, 7, 3, 9], [2, 2]]
+    greedy = generate(model, prompts, 6)
+    for temperature in (1e-300, 5e-324):
+        res = generate(model, prompts, 6, temperature=temperature, top_k=3, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(res.tokens, greedy.tokens), temperature
+    logits = torch.tensor([[1e30, -1e30, 0.0], [0.0, 0.5, 0.25]])
+    assert choose_tokens(logits, 1e-300).tolist() == [0, 1]
+
+
+def test_a_stop_token_ends_its_row():
+    model = small_model(**LAYOUTS[1])
+    prompts, pad = [[1, 5, 7, 3, 9], [2, 2]], 22
+    free = generate(model, prompts, 8, pad_id=pad)
+    row0, row1 = free.new_tokens.tolist()
+    col = next(c for c in range(1, 8) if row0[c] not in row0[:c])      # the first new token not seen before
+    stop = row0[col]
+    res = generate(model, prompts, 8, stop_tokens=[stop], pad_id=pad)
+    assert res.new_tokens[0, :col + 1].tolist() == row0[:col + 1]
+    assert (res.new_tokens[0, col + 1:] == pad).all() and (res.steps[0, col + 1:] == 0).all()
+    assert (res.steps[0, :col + 1] == 3).all() and (res.logits[0, col + 1:] == 0).all()
+    assert res.sequences()[0] == prompts[0] + row0[:col + 1] and res.sequences()[0][-1] == stop
+    end = row1.index(stop) + 1 if stop in row1 else 8                   # the other row goes on to its own stop
+    assert res.new_tokens[1, :end].tolist() == row1[:end] and (res.steps[1, end:] == 0).all()
+    assert res.sequences()[1] == prompts[1] + row1[:end]

@@ -1,4 +1,16 @@
 # Generated from book/90_appendix_grader.py: edit the chapter, then run `make export`.
+
+import contextlib
+import io
+import os
+import re
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
 from looplm.grade import (  # noqa: F401
     SOURCE_VARIABLE,
     SOURCES,
@@ -14,17 +26,9 @@ from looplm.grade import (  # noqa: F401
     grade,
     main,
 )
-
-# --- book/90_appendix_grader.py, cell 19 ---
-import tempfile
-import textwrap
-from pathlib import Path
-
-import pytest
-
 from looplm.testing import run_tests
 
-
+# --- book/90_appendix_grader.py:572 (cell 19) ---
 def _toy_book(folder, solved):
     ch = Path(folder) / "exercises" / "ch07"
     ch.mkdir(parents=True)
@@ -70,13 +74,7 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match="source must be one of"):
             load_exercise(root / "exercises" / "ch07" / "test_ex1_double.py", source="mine")
 
-# --- book/90_appendix_grader.py, cell 20 ---
-import contextlib
-import io
-import os
-import re
-import time
-
+# --- book/90_appendix_grader.py:631 (cell 20) ---
 # Toy graded tests load their module straight from its file (not through looplm, whose import
 # takes seconds), so that each exercise's process is quick next to the time limits used here.
 LOAD_MODULE = textwrap.dedent("""

@@ -1,4 +1,11 @@
 # Generated from book/91_appendix_results.py: edit the chapter, then run `make export`.
+
+import json
+from pathlib import Path
+
+import pytest
+
+from looplm import __version__
 from looplm.results import (  # noqa: F401
     EXPERIMENTS,
     PREFIX_RTOL,
@@ -18,15 +25,7 @@ from looplm.results import (  # noqa: F401
     main,
 )
 
-# --- book/91_appendix_results.py, cell 16 ---
-import json
-from pathlib import Path
-
-import pytest
-
-from looplm import __version__
-
-
+# --- book/91_appendix_results.py:391 (cell 18) ---
 def _toy_run(seed):
     losses = [1.0 / (step + 1 + seed) for step in range(30)]
     return {"prefix": losses[:5], "final": losses[-1]}

@@ -246,3 +246,14 @@ def test_the_run_counter_counts(tmp_path):
     cell = '<div class="cell docutils container"><div class="cell_input">x = 1</div><p>out</p></div>'
     page = f"<article><p>text</p>{cell}{cell}<h2>next</h2>{cell}{cell}{cell}<p>more</p>{cell}</article>"
     assert longest_code_run(BeautifulSoup(page, "html.parser").article) == (3, "x = 1 out")
+
+
+def test_idea_chapters_stay_short():
+    # an idea chapter (book/NN_slug.py, not an appendix part NNa_ and not 90+) reads as an
+    # argument: its source, hidden cells included, stays near 1,800 lines; engineering and
+    # test batteries go to the appendix parts
+    lengths = {p.name: len(p.read_text(encoding="utf-8").splitlines())
+               for p in sorted(BOOK.glob("[0-8][0-9]_*.py"))}
+    assert lengths, "no chapters found"
+    too_long = {name: n for name, n in lengths.items() if n > 1950}
+    assert not too_long, f"chapters over 1,950 lines (target about 1,800): {too_long}"

@@ -10,11 +10,11 @@ S = n_loops and k = grad_steps:
 - Steps S-k+1..S run with autograd as usual.
 - Raise ValueError unless grad_steps is an int with 1 <= grad_steps <= n_loops.
 
-Build it from the model's own parts, the ones section 4.4's runner is built from, so that
+Build it from the model's own parts, the ones `LoopLM.forward` is built from, so that
 whatever the config puts behind them (a prelude, a coda, an injection) keeps working.
 
-The values must equal `model(idx, n_loops=n_loops).logits`. Do not call
-`looplm.backprop.loop_forward`: the point is to write it. Grade it with
+The values must equal `model(idx, n_loops=n_loops).logits`. Do not pass `grad_steps=` to
+the model: the point is to write it. Grade it with
 `python -m looplm.grade ch04`, or run `pytest exercises/ch04/test_ex1_truncated_backprop.py`.
 """
 

@@ -35,5 +35,5 @@ import torch
 
 def extra_step_bytes(config, batch, seq_len, grad_steps=None, checkpoint=False, readout="all",
                      dtype=torch.float32):
-    """Bytes one more loop step adds to what autograd saves for backward in loop_forward."""
+    """Bytes one more loop step adds to what autograd saves for backward in model(idx, targets, ...)."""
     raise NotImplementedError("Exercise 4.3: write extra_step_bytes")

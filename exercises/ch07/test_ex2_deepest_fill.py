@@ -44,7 +44,7 @@ def test_bad_exit_steps_are_refused():
 
 
 def test_agrees_with_the_decoding_cache():
-    from looplm.adaptive import ExitRule
+    from looplm.exits import ExitRule
     from looplm.generate import generate
     from looplm.model import LoopLM, LoopLMConfig
 

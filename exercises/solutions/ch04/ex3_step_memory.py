@@ -8,7 +8,7 @@ import torch
 
 def extra_step_bytes(config, batch, seq_len, grad_steps=None, checkpoint=False, readout="all",
                      dtype=torch.float32):
-    """Bytes one more loop step adds to what autograd saves for backward in loop_forward."""
+    """Bytes one more loop step adds to what autograd saves for backward in model(idx, targets, ...)."""
     if config.exit_gate:
         raise ValueError("a config with an exit gate saves the gate's bookkeeping too; use exit_gate=False")
     if readout not in ("all", "last"):

@@ -3,7 +3,6 @@
 __all__ = ['EXPERIMENTS', 'PREFIX_RTOL', 'Experiment', 'register', 'registered', 'experiment', 'results_dir', 'machine', 'write_results', 'run_experiment', 'load_results', 'Summary', 'summary', 'per_seed', 'check_prefix', 'main']
 # fmt: on
 
-# --- book/91_appendix_results.py, cell 1 ---
 import argparse
 import json
 import math
@@ -18,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+import looplm
 from looplm import __version__
 
-# --- book/91_appendix_results.py, cell 3 ---
+# --- book/91_appendix_results.py:71 (cell 3) ---
 EXPERIMENTS = {}          # name -> Experiment; the chapters register theirs in looplm.experiments
 PREFIX_RTOL = 1e-3        # tolerance of the prefix check on another machine than the one that stored
 
@@ -54,29 +54,23 @@ def register(experiment):
 
 
 def registered():
-    """Every registered experiment, the chapters' included: name -> Experiment."""
-    import looplm.experiments  # noqa: F401  (the chapters' experiments register themselves)
-    import looplm.results as package
-
-    # the package module's registry, and this module's when it is not that one (it runs as
-    # `python -m looplm.results`, or it is the appendix's notebook)
-    return {**package.EXPERIMENTS, **EXPERIMENTS}
+    """Every registered experiment: name -> Experiment. The chapters' experiments register
+    themselves when looplm.experiments is imported (python -m looplm.results imports it)."""
+    return dict(EXPERIMENTS)
 
 
 def experiment(name):
     """The registered Experiment called `name`."""
-    everything = registered()
-    if name not in everything:
-        raise ValueError(f"unknown experiment {name!r}; registered: {', '.join(sorted(everything))}")
-    return everything[name]
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; registered: {', '.join(sorted(EXPERIMENTS)) or 'none'} "
+                         f"(import looplm.experiments to register the book's)")
+    return EXPERIMENTS[name]
 
-# --- book/91_appendix_results.py, cell 5 ---
+# --- book/91_appendix_results.py:137 (cell 5) ---
 def results_dir():
     """Where results files live: $LOOPLM_RESULTS, else book/results/ of this checkout."""
     if os.environ.get("LOOPLM_RESULTS"):
         return Path(os.environ["LOOPLM_RESULTS"])
-    import looplm
-
     return Path(looplm.__file__).resolve().parents[1] / "book" / "results"
 
 
@@ -129,7 +123,7 @@ def write_results(path, payload):
         raise
     return path
 
-# --- book/91_appendix_results.py, cell 7 ---
+# --- book/91_appendix_results.py:198 (cell 7) ---
 def run_experiment(name, seeds=None, out_dir=None):
     """Run experiment `name` for each seed (default its own) and store the results. -> the file."""
     exp = experiment(name)
@@ -170,7 +164,7 @@ def load_results(name, folder=None):
         raise ValueError(f"{path} lacks {missing}: not a results file")
     return payload
 
-# --- book/91_appendix_results.py, cell 9 ---
+# --- book/91_appendix_results.py:247 (cell 9) ---
 @dataclass(frozen=True)
 class Summary:
     """Mean, standard deviation (n - 1), lowest and highest of a few per-seed values."""
@@ -213,7 +207,7 @@ def per_seed(payload, *keys):
         out.append(value)
     return out
 
-# --- book/91_appendix_results.py, cell 11 ---
+# --- book/91_appendix_results.py:301 (cell 11) ---
 def check_prefix(name, seed=None, folder=None):
     """Re-run the first steps of one stored seed. -> (max relative difference, same machine?).
 
@@ -239,7 +233,7 @@ def check_prefix(name, seed=None, folder=None):
                              f"if the code changed on purpose, run `{payload['command']}`")
     return difference, same
 
-# --- book/91_appendix_results.py, cell 13 ---
+# --- book/91_appendix_results.py:334 (cell 13) ---
 def main(argv=None):
     """python -m looplm.results {list,run,check}. Returns an exit status."""
     parser = argparse.ArgumentParser(prog="python -m looplm.results",
@@ -271,7 +265,3 @@ def main(argv=None):
         print(f"python -m looplm.results: mismatch: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
-    sys.exit(main())

@@ -1,12 +1,10 @@
 # Generated from book/07_inference.py, book/07a_appendix_decoding.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['CacheStrategy', 'CACHE_STRATEGIES', 'cache_strategy', 'LayerCache', 'LoopKVCache', 'GenerationResult', 'choose_tokens', 'generate', 'save_model', 'load_model', 'load_model_flag', 'RULE_DEFAULTS', 'main']
+__all__ = ['CacheStrategy', 'CACHE_STRATEGIES', 'cache_strategy', 'LayerCache', 'LoopKVCache', 'GenerationResult', 'choose_tokens', 'generate', 'main']
 # fmt: on
 
-# --- book/07_inference.py, cell 6 ---
 import argparse
 import math
-import pickle
 import re
 import sys
 import time
@@ -15,13 +13,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from looplm.adaptive import EXIT_RULES, ExitRule, StepView, exit_steps, make_exit_rule
+from looplm.checkpoints import load_model, load_model_flag, save_model   # the command line's, and for importers
+from looplm.checks import require_bool, require_int, require_number
 from looplm.data import TASK_VOCAB
-from looplm.model import (LoopLM, _check_generator, _physical_memory_bytes, _require_bool,
-                          _require_int)
-from looplm.train import CheckpointError, checkpoint_model, read_checkpoint, save_checkpoint
+from looplm.exits import EXIT_RULES, ExitRule, StepView, exit_steps, make_exit_rule
+from looplm.model import LoopLM, _check_generator, _physical_memory_bytes
 
-# --- book/07_inference.py, cell 12 ---
+# --- book/07_inference.py:201 (cell 12) ---
 @dataclass(frozen=True)
 class CacheStrategy:
     """How the decoded tokens' keys and values are stored; the prompt is always exact.
@@ -62,7 +60,7 @@ def cache_strategy(name):
     raise ValueError(f"unknown cache strategy {name!r}; valid: 'exact', 'last', 'first', 'average', "
                      f"or 'mod-K' with K >= 1 slots (e.g. 'mod-2')")
 
-# --- book/07_inference.py, cell 14 ---
+# --- book/07_inference.py:255 (cell 14) ---
 class LayerCache:
     """Keys and values of one block: prompt part [C, B, nh, Tp, hs], decoded part [K, B, nh, N, hs]."""
 
@@ -181,7 +179,7 @@ class LoopKVCache:
                 layer.new_k[target, rows, :, n] = layer.new_k[source, rows, :, n]
                 layer.new_v[target, rows, :, n] = layer.new_v[source, rows, :, n]
 
-# --- book/07_inference.py, cell 21 ---
+# --- book/07_inference.py:516 (cell 21) ---
 @dataclass
 class GenerationResult:
     """What generate() returns. new = max_new_tokens columns (pad_id, step 0 after a stop)."""
@@ -210,7 +208,7 @@ class GenerationResult:
             out.append(prompt.tolist() + new.tolist())
         return out
 
-# --- book/07_inference.py, cell 23 ---
+# --- book/07_inference.py:555 (cell 23) ---
 def _prompt_batch(idx, vocab_size, pad_id, max_new_tokens, max_seq_len):
     """-> (padded [B, Tp] LongTensor, lengths [B]) from a [B, T] tensor or a list of sequences."""
     if isinstance(idx, torch.Tensor):
@@ -269,13 +267,11 @@ def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
     if not isinstance(model, LoopLM):
         raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
     c = model.config
-    _require_int("max_new_tokens", max_new_tokens, 0)
-    n_loops = c.n_loops if n_loops is None else _require_int("n_loops", n_loops, 1)
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-            or not temperature >= 0 or temperature == float("inf")):
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    require_int("max_new_tokens", max_new_tokens, 0)
+    n_loops = c.n_loops if n_loops is None else require_int("n_loops", n_loops, 1)
+    require_number("temperature", temperature, 0)                  # 0: greedy
     if top_k is not None:
-        _require_int("top_k", top_k, 1)
+        require_int("top_k", top_k, 1)
     if isinstance(pad_id, bool) or not (isinstance(pad_id, int) and 0 <= pad_id < c.vocab_size):
         raise ValueError(f"pad_id must be an int token id in [0, {c.vocab_size}), got {pad_id!r}")
     if stop_tokens is not None and not isinstance(stop_tokens, (list, tuple, set, frozenset)):
@@ -287,13 +283,9 @@ def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
             raise ValueError(f"stop_tokens must be token ids in [0, {c.vocab_size}), got {t!r}")
         stops.add(t)
     _check_generator(generator)
-    _require_bool("record", record)
+    require_bool("record", record)
     if isinstance(exit_rule, str):
-        try:
-            exit_rule = make_exit_rule(exit_rule)
-        except TypeError as e:
-            raise ValueError(f"exit rule {exit_rule!r} needs a threshold: pass "
-                             f"make_exit_rule({exit_rule!r}, threshold) instead of its name") from e
+        exit_rule = make_exit_rule(exit_rule)                      # at its default threshold
     if exit_rule is not None and not isinstance(exit_rule, ExitRule):
         raise TypeError(f"exit_rule must be None, an ExitRule or a name in EXIT_RULES, got {type(exit_rule).__name__}")
     if exit_rule is not None and "gates" in exit_rule.needs and model.exit_gate is None:
@@ -316,7 +308,7 @@ def _check_cache_fits(model, strategy, batch, prompt_len, n_new, n_steps, device
                          f"this machine has {available / 2**30:,.1f} GiB of memory; use fewer loop steps "
                          f"(n_loops), a shorter generation or a sharing cache strategy")
 
-# --- book/07_inference.py, cell 25 ---
+# --- book/07_inference.py:666 (cell 25) ---
 def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     """logits [R, V] -> token ids [R]: argmax if temperature == 0, else a tempered top-k draw."""
     if temperature == 0:
@@ -329,7 +321,7 @@ def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     probs = scaled.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-# --- book/07_inference.py, cell 27 ---
+# --- book/07_inference.py:690 (cell 27) ---
 def _logits_dtype(model):
     """The precision of generate's logits: the model's, at least float32."""
     return torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -352,7 +344,7 @@ def _prefill(model, cache, prompt, positions, n_steps, generator=None):
             gates.append(model.exit_gate(z)[:, 0])
     return torch.stack(logits), (torch.stack(gates) if gates else None), torch.stack(hidden)
 
-# --- book/07_inference.py, cell 31 ---
+# --- book/07_inference.py:745 (cell 31) ---
 def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, generator=None):
     """Run one new token per row; -> (logits [R, V] at each token's exit step, steps [R] from 1).
 
@@ -401,7 +393,7 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, gener
         prev_logits, prev_hidden = logits, state
     return out_logits, out_steps
 
-# --- book/07_inference.py, cell 33 ---
+# --- book/07_inference.py:799 (cell 33) ---
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_tokens=None, cache="exact",
              exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False):
@@ -410,7 +402,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     idx: LongTensor [B, T] or a list of prompts (lists of ids or 1-D tensors) of any lengths,
     left-padded with pad_id. Defaults: greedy, the exact cache, every step (no early exit).
     cache: "exact", "last", "first", "average" or "mod-K" (decoded tokens only; the prompt is
-    always cached per step). exit_rule: None or an ExitRule (looplm.adaptive), per token; a
+    always cached per step). exit_rule: None, an ExitRule (looplm.exits) or a rule's name, per token; a
     token that exits at step e skips steps e+1..S, and its entries for those steps are copies
     of its step-e entries. stop_tokens: a list, tuple or set of ids that end a row (kept in the
     output). generator: a torch.Generator for every random draw (sampling, a random initial state).
@@ -466,102 +458,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     return GenerationResult(torch.cat([prompt, tokens], dim=1), steps, all_logits, lengths, kv.nbytes(),
                             strategy.name, seconds, kv)
 
-# --- book/07a_appendix_decoding.py, cell 6 ---
-class _ModelOnly:
-    """What save_checkpoint needs from a trainer, for a model without one."""
-
-    def __init__(self, model):
-        self.model, self.config = model, None
-
-    def state_dict(self):
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
-
-
-def save_model(path, model, extra=None):
-    """Write `model` (a LoopLM), its config and the looplm version to `path`, atomically. -> path."""
-    if not isinstance(model, LoopLM):
-        raise TypeError(f"model must be a LoopLM, got {type(model).__name__}")
-    return save_checkpoint(path, _ModelOnly(model), extra=extra)
-
-
-def _unreadable(path, error):
-    """A clearer CheckpointError for a file torch.load(weights_only=True) refused, or None."""
-    cause = error.__cause__
-    if cause is None:                                  # read_checkpoint's own checks: already clear
-        return None
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(cause))
-    if isinstance(cause, pickle.UnpicklingError) and found:
-        return CheckpointError(f"{path} is not a readable looplm checkpoint: it holds a reference to the Python "
-                               f"object {found.group(1)}, which unpickling would call (that is how a pickle runs "
-                               f"code), so it was not loaded; a looplm checkpoint holds tensors and plain data "
-                               f"only, read with torch.load(weights_only=True)")
-    detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(cause))
-    reason = detail.group(1).strip() if detail else (str(cause).strip().splitlines() or ["it ends early"])[0][:160]
-    return CheckpointError(f"{path} is not a readable looplm checkpoint: the file is damaged or was not written "
-                           f"by torch.save ({type(cause).__name__}: {reason})")
-
-
-def _listed(items, n=3):
-    return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")
-
-
-def _weight_mismatch(model, state):
-    """What keeps `state` from loading into `model`, in words ('' if nothing)."""
-    if not isinstance(state, dict):
-        return f"its weights are a {type(state).__name__}, not a dict of tensors"
-    expected = model.state_dict()
-    shapes = [f"{k} is {list(v.shape)} in the file and {list(expected[k].shape)} in the model"
-              for k, v in state.items() if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape]
-    not_tensors = [f"{k} is a {type(v).__name__}" for k, v in state.items() if k in expected
-                   and not isinstance(v, torch.Tensor)]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    parts = []
-    if shapes:
-        parts.append(f"{len(shapes)} tensor(s) differ in shape: {_listed(shapes)}")
-    if not_tensors:
-        parts.append(f"{len(not_tensors)} entry(ies) are not tensors: {_listed(not_tensors)}")
-    if missing:
-        parts.append(f"{len(missing)} tensor(s) of the model are missing: {_listed(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} tensor(s) in the file belong to no part of the model: {_listed(unexpected)}")
-    return ". ".join(parts)
-
-
-def load_model(path, model=None, map_location="cpu"):
-    """The LoopLM stored at `path` (by save_model or python -m looplm.train), built from its config,
-    or loaded into `model` after checking that its config is the stored one. CheckpointError otherwise."""
-    try:
-        payload = read_checkpoint(path, map_location)
-    except CheckpointError as e:
-        clearer = _unreadable(path, e)
-        if clearer is None:
-            raise
-        raise clearer from e
-    model = checkpoint_model(path, payload, model)
-    trainer = payload.get("trainer")
-    if not isinstance(trainer, dict) or "model" not in trainer:
-        raise CheckpointError(f"{path} holds no model weights (no trainer['model'] entry)")
-    mismatch = _weight_mismatch(model, trainer["model"])
-    if mismatch:
-        raise CheckpointError(f"{path} holds weights that do not fit its model config: {mismatch}")
-    model.load_state_dict(trainer["model"])
-    return model
-
-
-def load_model_flag(path, flag="--checkpoint"):
-    """load_model(path) for a command line: a missing or unusable file is an error naming `flag`."""
-    try:
-        return load_model(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{flag}: {e}") from e
-    except CheckpointError as e:
-        raise CheckpointError(f"{flag}: {e}") from e
-
-# --- book/07a_appendix_decoding.py, cell 10 ---
-RULE_DEFAULTS = {"q_exit": 0.5, "confidence": 0.9, "kl": 5e-4, "hidden_change": 0.03, "fixed": 2}
-
-
+# --- book/07a_appendix_decoding.py:278 (cell 10) ---
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line, `error: ...`, with exit status 2."""
 
@@ -578,7 +475,7 @@ def _parser():
                    help="at most this many new tokens (default: as many as the model's context allows)")
     p.add_argument("--cache", default="exact", help="exact, last, first, average or mod-K (default exact)")
     p.add_argument("--exit-rule", default="none", choices=["none", *EXIT_RULES], help="per-token exit (default none)")
-    p.add_argument("--exit-threshold", type=float, default=None, help="the rule's threshold (default RULE_DEFAULTS)")
+    p.add_argument("--exit-threshold", type=float, default=None, help="the rule's threshold (default: the rule's own)")
     p.add_argument("--min-steps", type=int, default=1)
     p.add_argument("--n-loops", type=int, default=None, help="loop steps (default: the model's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -595,7 +492,7 @@ def _rule_from_args(args):
             raise ValueError(f"--exit-threshold {args.exit_threshold} has no rule to set: add --exit-rule "
                              f"({', '.join(EXIT_RULES)})")
         return None
-    threshold = RULE_DEFAULTS[args.exit_rule] if args.exit_threshold is None else args.exit_threshold
+    threshold = EXIT_RULES[args.exit_rule].default_threshold if args.exit_threshold is None else args.exit_threshold
     if not math.isfinite(threshold):
         raise ValueError(f"--exit-threshold must be a finite number, got {threshold}")
     if args.exit_rule == "fixed":
@@ -690,7 +587,3 @@ def main(argv=None):
         completion = vocab.decode([t for t, _ in kept])
         print(f"{text} -> {completion}   steps per token {[s for _, s in kept]}")
     return 0
-
-# --- book/07a_appendix_decoding.py, cell 11 ---
-if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
-    sys.exit(main())
