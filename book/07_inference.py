@@ -1692,7 +1692,9 @@ except ValueError as error:
 # %% [markdown]
 # ## Summary
 #
-# `looplm.generate`:
+# `looplm.generate` (its `__init__.py` ends up near 590 lines with Appendix C's command line:
+# the cache and its strategies, decoding with early exit, and the argument checks that keep a
+# bad call from building a cache are one unit of work):
 #
 # | name | what it does |
 # |---|---|
