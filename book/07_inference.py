@@ -1564,16 +1564,15 @@ display(Image(filename=plot_path))
 #   out of the batch. For a model this small those costs are a large part of a step, so the
 #   speedup should stay below the ideal; the rules that read the gate or the logits also pay
 #   for computing the gate and the rule's score at every step. In the stored run, Q-exit decoded
-#   0.95 times as fast as full depth at batch 1 and 0.71 times at batch 64 (ideal 1.41):
-#   slower, not faster. KL and hidden-state change, which save little or no work, moved
-#   within the noise (0.88 and 1.17 at batch 1), and fixed depth 2 ran 2.03 and 1.75 times as
-#   fast (ideal 2). These timings are one run's, and noisy: the five full-depth rows, which do
-#   nearly the same work, spread over 13% (242 to 274 tokens per second at batch 1), and fixed
-#   depth 2 came out above its own ideal at batch 1, so at this scale only large differences
-#   mean something. At batch 64, skipped work turned into wall time only where all rows exit
-#   together (fixed depth 2, 1.75 times; confidence, 1.64 steps per token, 0.82 times); at
-#   batch 1, where a row is alone, confidence and fixed depth 2 ran 1.68 and 2.03 times as
-#   fast.
+#   1.14 times as fast as full depth at batch 1 and 0.90 times at batch 64 (ideal 1.41):
+#   within the noise at batch 1, and slower at batch 64. KL and hidden-state change, which
+#   save little or no work, moved within the noise (0.83 and 0.67 at batch 1), and fixed depth
+#   2 ran 1.21 and 1.43 times as fast (ideal 2). These timings are one run's, and noisy: the
+#   five full-depth rows, which do nearly the same work, spread over 43% (220 to 314 tokens per
+#   second at batch 1), so at this scale only large differences mean something. At batch 64,
+#   skipped work turned into wall time only where all rows exit together (fixed depth 2, 1.43
+#   times; confidence, 1.64 steps per token, 1.05 times); at batch 1, where a row is alone,
+#   confidence and fixed depth 2 ran 1.64 and 1.21 times as fast.
 
 # %% [markdown]
 # ### Quality over three seeds
@@ -1721,11 +1720,11 @@ except ValueError as error:
 # three seeds), as Ouro found. Early exit skipped real work: Q-exit at $q = 0.5$ ran about 3.1
 # loop steps per token instead of 4 and stayed within a point of full depth. How much of that
 # became speed is more than one run on a small model can say: in the stored run Q-exit decoded
-# 0.95 and 0.71 times as fast as full depth at batch 1 and 64, against an ideal of 1.41, while
-# fixed depth 2, where all rows exit together, ran 2.03 and 1.75 times as fast; timings of
-# rows doing the same work spread by 13%. A batch steps until its slowest row has exited and
+# 1.14 and 0.90 times as fast as full depth at batch 1 and 64, against an ideal of 1.41, while
+# fixed depth 2, where all rows exit together, ran 1.21 and 1.43 times as fast; timings of
+# rows doing the same work spread by 43%. A batch steps until its slowest row has exited and
 # pays fixed costs at every step, so mixed exits gain less than the steps they skip, and here
-# nothing.
+# nothing beyond the noise.
 
 # %% [markdown]
 # ## Exercises

@@ -318,7 +318,7 @@ def _ch06_prefix(seed, n_steps):
 OTHER_OBJECTIVES = register(Experiment("other-objectives", "06", "chapter 6: Stage I, ACT, PonderNet and Gumbel "
                                        "fine-tunes of one Stage I model", _ch06_run, _ch06_prefix))
 
-# --- book/07_inference.py:1589 (cell 61) ---
+# --- book/07_inference.py:1588 (cell 61) ---
 CH07_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0)
 
 

@@ -155,10 +155,10 @@ CLAIMS = [
           and [m[3], m[4]] == [ch07_table("exact", "confidence")[5], ch07_table("exact", "fixed")[5]]
           and float(m[2]) < float(m[1])),
     Claim("07", r"In the stored run, Q-exit decoded (\S+) times as fast as full depth at batch 1 and (\S+) times at batch "
-                r"64 \(ideal (\S+)\): slower, not faster\. KL and hidden-state change, .* \((\S+) and (\S+) "
+                r"64 \(ideal (\S+)\):\s+within the noise at batch 1, and slower at batch 64\. KL and hidden-state change, .* \((\S+) and (\S+) "
                 r"at batch 1\), and fixed depth 2 ran (\S+) and (\S+) times as fast",
           lambda m: [m[1], m[2], m[3]] == ch07_table("exact", "q_exit")[5:8]
-          and float(m[1]) < 1.0 and float(m[2]) < 1.0
+          and float(m[2]) < 1.0
           and [m[4], m[5]] == [ch07_table("exact", "kl")[5], ch07_table("exact", "hidden_change")[5]]
           and [m[6], m[7]] == ch07_table("exact", "fixed")[5:7]),
     Claim("07", r"spread (?:over|by) (\d+)%",
