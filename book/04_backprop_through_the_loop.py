@@ -609,8 +609,8 @@ loop_start = next(i for i, line in enumerate(forward_source) if "for t in range(
 print(textwrap.dedent("\n".join(forward_source[loop_start:loop_start + 15])))
 
 # %% [markdown]
-# Code written before the options moved into `forward` called a function of this module,
-# `model(idx, ...)`. It stays, as the one line it now is:
+# The same call is also a function of this module, `loop_forward(model, idx, ...)`, for code
+# that passes the model around rather than calling it; it is one line:
 
 # %%
 #| export
@@ -707,7 +707,7 @@ plt.show()
 # %% [markdown]
 # ### Same values as the model
 #
-# With no knob turned, the options leave `model(...)` as it was: the same operations
+# With no option set, `model(...)` runs exactly as before: the same operations
 # in the same order. So the outputs must be *identical*, bit for bit, not merely close. And
 # since truncation and checkpointing only change what the backward pass sees, the forward
 # values must be identical with them too:
@@ -1565,7 +1565,7 @@ run_tests(test_bad_arguments_get_clear_errors)
 # | `step_weights(scheme, n_steps)`, `STEP_WEIGHTS` | `"last"`, `"uniform"`, `"linear"` weights, normalised to sum 1 |
 # | `weighted_step_loss(step_losses, targets, weights="last")` | $\sum_t \bar w_t L_t$, $L_t$ the mean loss of step $t$ over learned tokens |
 # | `saved_tensor_bytes(fn, exclude=())` | bytes autograd saves for backward while `fn` runs (distinct storages) |
-# | `model(idx, targets=None, n_loops=None, grad_steps=None, checkpoint=False, return_hidden=False, readout="all")` | the training loop runner: truncated backpropagation, per-step activation checkpointing; forward values equal `model(...)` |
+# | `model(idx, targets, grad_steps=None, checkpoint=False, readout="all")`, `loop_forward(model, idx, ...)` | the one loop's training options (chapter 2's `forward`): truncated backpropagation, per-step activation checkpointing, the last readout only; forward values unchanged |
 # | `scale_core_grads(model, factor)` | multiply the core's gradients by `factor` |
 # | `sample_depth(mean_steps, sigma=0.5, generator=None)` | Huginn's depth, $\mathrm{Poisson}(e^\tau) + 1$; mean $\bar r + 1$ |
 # | `hidden_norm_penalty(hidden)`, `step_consistency(logits, targets)` | the two optional regularizers |

@@ -49,7 +49,8 @@
 # 7. Ouro's two-stage recipe as functions and from the command line (built in Appendix C);
 # 8. clear errors for bad input.
 #
-# The functions go to `looplm/adaptive.py`, the exit rules of section 5.5 to `looplm/exits.py`.
+# The functions go to `looplm/adaptive.py`; the exit rules of section 5.5 are built in Appendix
+# C.6, in `looplm/exits.py`.
 # The gate itself is registered in `looplm/model.py`. Appendix C holds the machinery around them: the recipe's functions and
 # command line, the stability checks, the stored experiment and the tests.
 
@@ -1572,9 +1573,10 @@ show_error(lambda: make_exit_rule("median", 0.5))
 # %% [markdown]
 # ## Summary
 #
-# `looplm/adaptive.py` holds the exit distribution and the two stages' losses, and
-# `looplm/exits.py` the exit rules; the gate itself, `LinearExitGate`, is registered in
-# `EXIT_GATES["linear"]` in `looplm/model.py`, and the recipe lives in `looplm/train.py`.
+# `looplm/adaptive.py` holds the exit distribution and the two stages' losses (the Trainer
+# loss functions around them are Appendix C.6's), and `looplm/exits.py` the exit rules; the
+# gate itself, `LinearExitGate`, is registered in `EXIT_GATES["linear"]` in `looplm/model.py`,
+# and the recipe lives in `looplm/train.py`.
 #
 # | name | what it does |
 # |---|---|

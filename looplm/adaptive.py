@@ -15,7 +15,7 @@ from looplm.data import IGNORE_INDEX, TASK_VOCAB, CharVocab, answer_accuracy
 from looplm.diagnostics import hidden_norms, step_changes
 from looplm.model import _exit_distribution
 
-# --- book/05_learning_when_to_stop.py:218 (cell 16) ---
+# --- book/05_learning_when_to_stop.py:219 (cell 16) ---
 def _require_steps(name, x, what="the output of a model built with exit_gate=True"):
     """A floating-point tensor [S, ...] with S >= 1; None gets an error saying where it comes from."""
     if x is None:
@@ -41,7 +41,7 @@ def _check_gate(gate):
                          f"{gate.min().item():.4g} and max {gate.max().item():.4g}")
     return gate
 
-# --- book/05_learning_when_to_stop.py:261 (cell 19) ---
+# --- book/05_learning_when_to_stop.py:262 (cell 19) ---
 def exit_distribution(gate):
     """p(t | x) from the exit gates: gate [S, ...] -> [S, ...], summing to 1 over the steps.
 
@@ -50,7 +50,7 @@ def exit_distribution(gate):
     """
     return _exit_distribution(_check_gate(gate))
 
-# --- book/05_learning_when_to_stop.py:295 (cell 23) ---
+# --- book/05_learning_when_to_stop.py:296 (cell 23) ---
 def _entropy(probs):
     """-Σ_t p_t log p_t over the first dim, with 0 log 0 = 0 (and finite gradients at 0)."""
     return -(probs * probs.clamp_min(1e-12).log()).sum(0)
@@ -67,7 +67,7 @@ def expected_depth(exit_probs):
     steps = torch.arange(1, exit_probs.shape[0] + 1, dtype=exit_probs.dtype, device=exit_probs.device)
     return (exit_probs * steps.view(-1, *[1] * (exit_probs.ndim - 1))).sum(0)
 
-# --- book/05_learning_when_to_stop.py:378 (cell 31) ---
+# --- book/05_learning_when_to_stop.py:379 (cell 31) ---
 def _check_pair(name_a, a, name_b, b):
     if a.shape != b.shape:
         raise ValueError(f"{name_a} {list(a.shape)} and {name_b} {list(b.shape)} must have the same "
@@ -103,7 +103,7 @@ def stage1_loss(step_losses, exit_probs, beta, mask=None):
     expected = (exit_probs * step_losses).sum(0)                # Σ_t p_t L_t: (...)
     return _token_mean(expected - beta * _entropy(exit_probs), mask)
 
-# --- book/05_learning_when_to_stop.py:716 (cell 61) ---
+# --- book/05_learning_when_to_stop.py:717 (cell 61) ---
 def _at_least_float32(x):
     """x in float32, or in float64 if it already is (the losses keep their digits)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -152,7 +152,7 @@ def stage2_gate_loss(step_losses, gate, k=50.0, gamma=0.005, mask=None):
     per_step = torch.stack([_token_mean(bce[t], mask) for t in range(n_steps - 1)])
     return per_step.sum() / n_steps
 
-# --- book/05_learning_when_to_stop.py:797 (cell 67) ---
+# --- book/05_learning_when_to_stop.py:798 (cell 67) ---
 def gate_on_detached_states(model, idx, targets=None, n_loops=None):
     """model(idx, targets) with the language model under no_grad and the gate recomputed with grad.
 
@@ -169,7 +169,7 @@ def gate_on_detached_states(model, idx, targets=None, n_loops=None):
     out.exit_probs = model.exit_gate.exit_probs(out.gate)
     return out
 
-# --- book/05_learning_when_to_stop.py:910 (cell 82) ---
+# --- book/05_learning_when_to_stop.py:911 (cell 82) ---
 def _check_q(q):
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0 < q <= 1:
         raise ValueError(f"q must be a number in (0, 1], got {q!r}")

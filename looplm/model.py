@@ -567,7 +567,7 @@ class RandomInit(nn.Module):
 # --- book/03_fixed_loops.py:462 (cell 38) ---
 INIT_STATES.update({"zeros": ZerosInit, "random": RandomInit})
 
-# --- book/05_learning_when_to_stop.py:133 (cell 9) ---
+# --- book/05_learning_when_to_stop.py:134 (cell 9) ---
 class LinearExitGate(nn.Module):
     """Ouro's exit gate: λ_t = sigmoid(Linear(d_model, 1)(z_t)), one value per token per step.
 
@@ -591,7 +591,7 @@ class LinearExitGate(nn.Module):
 
 EXIT_GATES["linear"] = LinearExitGate
 
-# --- book/05_learning_when_to_stop.py:253 (cell 18) ---
+# --- book/05_learning_when_to_stop.py:254 (cell 18) ---
 def _exit_distribution(gate):
     """exit_distribution without the input checks (for gates a model computed itself)."""
     survive = torch.cumprod(1 - gate[:-1], dim=0)               # S_1 .. S_{S-1}: (S-1, ...)
