@@ -772,7 +772,10 @@ print(f"is_causal=True:     max diff from the full last row = {(wrong - full_las
 # %% [markdown]
 # Steps 1–3 live in their own method, `project_qkv`, and step 5 in `project_out`. A later
 # chapter adds a KV cache between them. It stores $k$ and $v$ after the rotation, and then
-# it must call step 4 itself.
+# it must call step 4 itself. Chapter 8 builds two variants that published models use, as a
+# subclass: fewer key/value heads than query heads (grouped-query attention, which shrinks
+# that cache), and a learned bias on $q$ and $k$ (Huginn). `Block` takes such a module as
+# its `attn` argument.
 
 # %% [markdown]
 # The head count must divide the width, and each head's size must be even for RoPE. One
@@ -1096,16 +1099,18 @@ class Block(nn.Module):
       "huginn":    h = n2(h + Attn(n1(h)));   h = n4(h + MLP(n3(h)))    (Huginn)
     forward(x [B, T, d_model], cos, sin) -> [B, T, d_model]; cos, sin are the rope rows
     [T, head_dim // 2] for x's positions. d_hidden defaults to default_d_hidden(d_model).
+    attn: the attention module (default CausalSelfAttention(d_model, n_heads)); chapter 8
+    passes grouped-query attention.
     """
 
-    def __init__(self, d_model, n_heads, d_hidden=None, norm_style="pre", eps=1e-6):
+    def __init__(self, d_model, n_heads, d_hidden=None, norm_style="pre", eps=1e-6, attn=None):
         super().__init__()
         d_hidden = _check_block_args(d_model, n_heads, d_hidden, norm_style)
         self.d_model, self.n_heads, self.d_hidden = d_model, n_heads, d_hidden
         self.norm_style = norm_style
         n_norms = 2 if norm_style == "pre" else 4
         self.norms = nn.ModuleList(RMSNorm(d_model, eps) for _ in range(n_norms))
-        self.attn = CausalSelfAttention(d_model, n_heads)
+        self.attn = CausalSelfAttention(d_model, n_heads) if attn is None else attn
         self.mlp = SwiGLU(d_model, d_hidden)
 
     def forward(self, x, cos, sin, attend=None):

@@ -154,8 +154,9 @@ def _check_fits_in_memory(cfg, n_blocks, available=None):
     """ValueError, naming the largest part, when the float32 model would not fit in `available`
     bytes (default: this machine's RAM)."""
     d, hidden = cfg.d_model, cfg.d_hidden or default_d_hidden(cfg.d_model)
+    kv = getattr(cfg, "kv_heads", cfg.n_heads) * cfg.head_dim                # k and v widths (chapter 8)
     parts = {"vocab_size": cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2),
-             "d_model": n_blocks * (4 * d * d + 3 * d * hidden),
+             "d_model": n_blocks * (2 * d * d + 2 * d * kv + 3 * d * hidden),
              "max_seq_len": cfg.max_seq_len * cfg.head_dim}             # cos and sin: 2 x T x hs/2
     needed = 4 * sum(parts.values())
     available = _physical_memory_bytes() if available is None else available
@@ -482,6 +483,7 @@ class EmbeddingInit(nn.Module):
 INJECTIONS = {"none": NoInjection}          # chapter 3 adds "add" and "concat"
 INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random"
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
+ATTENTIONS = {}                             # chapter 8 adds "grouped", grouped-query attention
 
 # %% [markdown]
 # Each module of this chapter is an identity with no parameters, so the defaults leave the
@@ -522,6 +524,35 @@ def _validate_exit_gate(cfg):
     require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
 # %% [markdown]
+# Six more fields are what published models need, and chapter 8 explains each: fewer key/value
+# heads, a bias on queries and keys, a scaled embedding, the final norm fed back into the loop
+# (Ouro) or run before the coda too (Huginn), and the spread of a random initial state. Their
+# defaults change nothing. Their checks are simple ranges, plus two rules: a feedback norm
+# needs a model without a coda, and the attention options need chapter 8's attention.
+
+# %%
+#| export
+def _validate_published_options(cfg):
+    if cfg.n_kv_heads is not None:
+        require_int("n_kv_heads", cfg.n_kv_heads, 1, cfg.n_heads)
+        if cfg.n_heads % cfg.n_kv_heads:
+            raise ValueError(f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}: each key/value "
+                             f"head serves the same number of query heads")
+    require_bool("qk_bias", cfg.qk_bias)
+    require_number("embed_scale", cfg.embed_scale, 0, low_open=True)
+    require_bool("feedback_norm", cfg.feedback_norm)
+    require_bool("norm_before_coda", cfg.norm_before_coda)
+    require_number("init_state_std", cfg.init_state_std, 0, low_open=True)
+    if cfg.feedback_norm and (cfg.n_coda or cfg.norm_before_coda):
+        raise ValueError(f"feedback_norm=True makes the final norm the last op of every step, which the head "
+                         f"then reads directly; it needs n_coda=0 and norm_before_coda=False, got "
+                         f"n_coda={cfg.n_coda}, norm_before_coda={cfg.norm_before_coda}")
+    grouped = (cfg.n_kv_heads not in (None, cfg.n_heads)) or cfg.qk_bias
+    if grouped and "grouped" not in ATTENTIONS:
+        raise ValueError("n_kv_heads or qk_bias asks for grouped-query attention, which chapter 8 registers "
+                         "in ATTENTIONS; it is not available yet")
+
+# %% [markdown]
 # The config also knows its effective depth, $n_{\text{prelude}} + n_{\text{core}} \cdot S + n_{\text{coda}}$:
 
 # %%
@@ -553,9 +584,17 @@ class LoopLMConfig:
     rope_base: float = 10000.0
     eps: float = 1e-6
     init_std: float = 0.02
+    # the options published models need (chapter 8); the defaults change nothing
+    n_kv_heads: int | None = None    # key/value heads (grouped-query attention); None: n_heads
+    qk_bias: bool = False            # a learned bias on q and k before rope (Huginn)
+    embed_scale: float = 1.0         # the embedding is multiplied by it (Huginn: sqrt(d_model))
+    feedback_norm: bool = False      # every step ends with the final norm, fed back (Ouro)
+    norm_before_coda: bool = False   # the final norm also runs before the coda (Huginn)
+    init_state_std: float = math.sqrt(2 / 5)   # σ of init_state="random" (chapter 3)
 
     def __post_init__(self):
         _validate_common(self)
+        _validate_published_options(self)
         require_int("n_prelude", self.n_prelude, 0)
         require_int("n_core", self.n_core, 1)
         require_int("n_coda", self.n_coda, 0)
@@ -567,6 +606,16 @@ class LoopLMConfig:
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self):
+        """Key/value heads: n_kv_heads, or n_heads when it is None."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def grouped_attention(self):
+        """True when the blocks need chapter 8's attention (fewer kv heads, or a q/k bias)."""
+        return self.kv_heads != self.n_heads or self.qk_bias
 
     def effective_depth(self, n_loops=None):
         """Blocks on the path to the last readout: n_prelude + n_core * n_loops + n_coda."""
@@ -597,6 +646,7 @@ print("with 32 steps:  ", cfg.effective_depth(32), "blocks")
 # | `step_losses` | $[S, B, T]$ | with `targets`: per-token cross-entropy of each step |
 # | `loss` | scalar | with `targets`: the last step's mean over the learned tokens |
 # | `hidden` | $[S, B, T, D]$ | with `return_hidden=True`: the states $h_1, \dots, h_S$ |
+# | `weighted_logits` | $[B, T, V]$ | with an exit gate: $\sum_t p(t \mid x)\,\text{logits}_t$, Ouro's `use_weighted_exit` (chapter 8) |
 #
 # Steps are counted from 1 in prose; the first dimension indexes them from 0.
 
@@ -612,6 +662,7 @@ class LoopOutput:
     step_losses: torch.Tensor | None = None  # [S, B, T] per-token CE per step, 0 where ignored
     loss: torch.Tensor | None = None         # scalar: mean of step_losses[-1] over learned tokens
     hidden: torch.Tensor | None = None       # [S, B, T, D] loop states h_1..h_S (return_hidden)
+    weighted_logits: torch.Tensor | None = None   # [B, T, V] Σ_t p(t | x) logits_t, with a gate
 
 # %% [markdown]
 # The per-step losses are the cross-entropy of every step's prediction at every position.
@@ -842,8 +893,9 @@ class LoopLM(nn.Module):
         _check_fits_in_memory(config, config.n_prelude + config.n_core + config.n_coda)
         self.config = c = config
 
-        def blocks(n):
-            return nn.ModuleList(Block(c.d_model, c.n_heads, c.d_hidden, c.norm_style, c.eps)
+        def blocks(n):            # chapter 8's attention when the config asks for it, else Block's own
+            return nn.ModuleList(Block(c.d_model, c.n_heads, c.d_hidden, c.norm_style, c.eps,
+                                       attn=ATTENTIONS["grouped"](c) if c.grouped_attention else None)
                                  for _ in range(n))
 
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
@@ -865,25 +917,33 @@ class LoopLM(nn.Module):
         attend: None (causal attention over idx itself), or attend(i) -> the attention op of
         prelude block i (a KV cache passes one; see Block)."""
         x = self.embed(idx)                                   # (B, T, D)
+        if self.config.embed_scale != 1:                      # Huginn's sqrt(d) (chapter 8)
+            x = x * self.config.embed_scale
         for i, block in enumerate(self.prelude):
             x = block(x, cos, sin, None if attend is None else attend(i))
         return x
 
     def step(self, h, x0, cos, sin, attend=None):
-        """One loop step: h_t = core(injection(h_{t-1}, x0)). -> [B, T, D]; attend as in encode."""
+        """One loop step: h_t = core(injection(h_{t-1}, x0)). -> [B, T, D]; attend as in encode.
+        With feedback_norm (Ouro, chapter 8) the step ends with the final norm: h_t = norm(core(...))."""
         h = self.injection(h, x0)
         for i, block in enumerate(self.core):
             h = block(h, cos, sin, None if attend is None else attend(i))
-        return h
+        return self.norm(h) if self.config.feedback_norm else h
 
     def readout(self, h, cos, sin, attend=None, last_only=False):
         """The prediction from state h: (logits [B, T, V], z [B, T, D]), z = norm(coda(h)).
 
         attend as in encode; last_only=True reads out the last position only (T = 1 in the
-        results), which is all a decoder needs."""
+        results), which is all a decoder needs. Chapter 8's options: norm_before_coda runs the
+        final norm before the coda too (Huginn); with feedback_norm, h is already normed (Ouro)."""
+        c = self.config
+        if c.norm_before_coda:
+            h = self.norm(h)
         for i, block in enumerate(self.coda):
             h = block(h, cos, sin, None if attend is None else attend(i))
-        z = self.norm(h[:, -1:] if last_only else h)
+        z = h[:, -1:] if last_only else h
+        z = z if c.feedback_norm else self.norm(z)
         return self.lm_head(z), z
 
     def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None,
@@ -949,6 +1009,8 @@ class LoopLM(nn.Module):
         if self.exit_gate is not None:
             out.gate = torch.stack(gates)                     # (S, B, T)
             out.exit_probs = self.exit_gate.exit_probs(out.gate)
+            weights = out.exit_probs.to(out.logits.dtype)[..., None]          # (S, B, T, 1)
+            out.weighted_logits = (weights * out.logits).sum(0)               # (B, T, V), chapter 8
         if hidden:
             out.hidden = torch.stack(hidden)                  # (S, B, T, D)
         if targets is not None:
@@ -1432,6 +1494,8 @@ def looplm_param_count(config):
     c = config
     embeddings = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
     block = block_param_count(c.d_model, c.n_heads, c.d_hidden, c.norm_style)
+    if c.grouped_attention:   # chapter 8's attention replaces the 4 d² of Block's own: count it built
+        block += sum(p.numel() for p in ATTENTIONS["grouped"](c).parameters()) - 4 * c.d_model**2
     extensions = [INJECTIONS[c.injection](c), INIT_STATES[c.init_state](c)]
     if c.exit_gate:
         extensions.append(EXIT_GATES[c.gate_head](c))

@@ -380,7 +380,8 @@ run_tests(test_injections_match_their_formulas, test_injection_parameters_and_in
 # choices are published:
 #
 # - **zeros**, $h_0 = 0$ {cite:p}`yang2024looped`: the first step sees only the injected input;
-# - **random**, $h_0 \sim \mathcal{N}(0, \sigma^2 I)$ truncated (Huginn), with $\sigma^2 = 2/5$.
+# - **random**, $h_0 \sim \mathcal{N}(0, \sigma^2 I)$ truncated (Huginn), with $\sigma^2 = 2/5$
+#   (the config field `init_state_std` sets $\sigma$; chapter 8 loads Huginn with it).
 #
 # Huginn's authors motivate the random start with *path independence*: if the loop ends up in
 # the same place from any starting point, the result depends on the input and not on $h_0$.
@@ -436,18 +437,17 @@ class ZerosInit(nn.Module):
 # %%
 #| export
 class RandomInit(nn.Module):
-    """init_state="random": h_0 ~ Normal(0, 2/5) truncated at ±3σ, a fresh draw per forward (Huginn).
+    """init_state="random": h_0 ~ Normal(0, σ²) truncated at ±3σ, a fresh draw per forward (Huginn).
 
-    Draws come from `generator` (a torch.Generator), else from `self.generator` when it is set,
-    else from torch's global generator (seeded by torch.manual_seed). Needs an injection.
+    σ is config.init_state_std, sqrt(2/5) by default (Huginn-0125's). Draws come from
+    `generator` (a torch.Generator), else from `self.generator` when it is set, else from
+    torch's global generator (seeded by torch.manual_seed). Needs an injection.
     """
-
-    std = math.sqrt(2 / 5)
 
     def __init__(self, config):
         super().__init__()
         _require_injection(config, "random")
-        self.generator = None
+        self.std, self.generator = config.init_state_std, None
 
     def forward(self, x0, generator=None):
         generator = self.generator if generator is None else generator

@@ -2662,8 +2662,8 @@ display(Image(filename=bench_plot))
 
 # %% [markdown]
 # Timings on a shared machine move from run to run by several percent, so only the larger of
-# the two gaps means something. In the stored run, `LoopLM` with `make_loop_loss()` was 1.5%
-# slower than the minimal model, within that noise, and with `default_loss` it was 32.4%
+# the two gaps means something. In the stored run, `LoopLM` with `make_loop_loss()` was 1.2%
+# faster than the minimal model, within that noise, and with `default_loss` it was 22.0%
 # slower.
 #
 # The cause of that gap is the readouts, not the checks. `default_loss` calls

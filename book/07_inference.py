@@ -252,8 +252,17 @@ def cache_strategy(name):
 
 # %%
 #| export
+def _attention(q, k, v, mask):
+    """scaled_dot_product_attention, where k and v may hold fewer heads than q (grouped-query
+    attention, chapter 8: each key/value head serves n_heads // n_kv_heads query heads in a row)."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class LayerCache:
-    """Keys and values of one block: prompt part [C, B, nh, Tp, hs], decoded part [K, B, nh, N, hs]."""
+    """Keys and values of one block: prompt part [C, B, nh, Tp, hs], decoded part [K, B, nh, N, hs]
+    (nh: the model's key/value heads)."""
 
     def __init__(self, n_copies, n_slots, batch, n_heads, prompt_len, n_new, head_dim, device, dtype):
         shape = (batch, n_heads)
@@ -282,7 +291,7 @@ class LoopKVCache:
         self.all_real = bool(prompt_mask.all())
         param = next(model.parameters())
         slots = self.strategy.n_slots(n_steps)
-        dims = (self.batch, c.n_heads, self.prompt_len, n_new, c.head_dim, param.device, param.dtype)
+        dims = (self.batch, c.kv_heads, self.prompt_len, n_new, c.head_dim, param.device, param.dtype)
         self.layers = {}
         for group, count, copies, n_slots in (("prelude", c.n_prelude, 1, 1), ("core", c.n_core, n_steps, slots),
                                               ("coda", c.n_coda, n_steps, slots)):
@@ -315,7 +324,7 @@ class LoopKVCache:
 
         def attend(q, k, v):
             layer.prompt_k[copy], layer.prompt_v[copy] = k, v
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self._prefill_mask)
+            return _attention(q, k, v, self._prefill_mask)
 
         return attend
 
@@ -337,7 +346,7 @@ class LoopKVCache:
             if self.record:
                 self.log.append((group, index, step, keys.shape[2], self.length + 1))
             self._write(layer, kind, slot, step, rows, n, k, v)
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            return _attention(q, keys, values, mask)
 
         return attend
 
@@ -638,11 +647,25 @@ def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
     return n_loops, stops, exit_rule
 
 
+def _check_exit_options(model, rule, exit_mode, weighted_exit):
+    """Chapter 8's two options: exit_mode 'skip' or 'select', and weighted_exit (gate, no rule)."""
+    if exit_mode not in ("skip", "select"):
+        raise ValueError(f"exit_mode must be 'skip' (an exited token's deeper steps never run) or 'select' "
+                         f"(every step runs, the rule picks the readout), got {exit_mode!r}")
+    require_bool("weighted_exit", weighted_exit)
+    if weighted_exit and model.exit_gate is None:
+        raise ValueError("weighted_exit=True averages the steps' logits with the exit distribution, and this "
+                         "model was built without an exit gate: use LoopLMConfig(..., exit_gate=True)")
+    if weighted_exit and rule is not None:
+        raise ValueError(f"weighted_exit=True reads out every step, weighted, so it cannot also exit with "
+                         f"{rule!r}: pass exit_rule=None, or weighted_exit=False")
+
+
 def _check_cache_fits(model, strategy, batch, prompt_len, n_new, n_steps, device):
     """ValueError when the cache's tensors would not fit in this machine's memory (CPU only)."""
     c = model.config
     slots = strategy.n_slots(n_steps)
-    per_position = 2 * batch * c.n_heads * c.head_dim * next(model.parameters()).element_size()
+    per_position = 2 * batch * c.kv_heads * c.head_dim * next(model.parameters()).element_size()
     positions = c.n_prelude * (prompt_len + n_new) + (c.n_core + c.n_coda) * (n_steps * prompt_len + slots * n_new)
     available = _physical_memory_bytes() if device.type == "cpu" else None
     if available is not None and per_position * positions > available:
@@ -742,10 +765,13 @@ draw_cache_strategies(2, "The same, when the earlier token exited at step e = 2"
 
 # %%
 #| export
-def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, generator=None):
+def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, generator=None, mode="skip",
+                     weighted=False):
     """Run one new token per row; -> (logits [R, V] at each token's exit step, steps [R] from 1).
 
     tokens, positions [R]; rows: the batch rows they belong to (None: all rows, in order).
+    mode "skip": a token that exits stops running; "select": every token runs every step and
+    the rule only picks the readout (chapter 8). weighted: read out Σ_t p_t logits_t instead.
     """
     R = tokens.shape[0]
     dtype = _logits_dtype(model)
@@ -753,41 +779,51 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, gener
     x0 = model.encode(tokens[:, None], cos, sin,
                       attend=lambda i: cache.decode_attend("prelude", i, 1, rows))      # (R, 1, D)
     h = model.init_state(x0, generator=generator)
-    out_logits = torch.empty(R, model.config.vocab_size, device=tokens.device, dtype=dtype)
+    out_logits = torch.zeros(R, model.config.vocab_size, device=tokens.device, dtype=dtype)
     out_steps = torch.full((R,), n_steps, dtype=torch.long, device=tokens.device)
     all_rows = torch.arange(cache.batch, device=tokens.device) if rows is None else rows
     live = torch.arange(R, device=tokens.device)              # local indices still running
+    undecided = torch.ones(R, dtype=torch.bool, device=tokens.device)   # no readout picked yet
     sub = rows                                                # their batch rows (None: all)
-    need_gate = rule is not None and "gates" in rule.needs
+    need_gate = weighted or (rule is not None and "gates" in rule.needs)
     gates = torch.zeros(n_steps, R, device=tokens.device, dtype=dtype) if need_gate else None
+    step_logits = []                                          # every step's readout (weighted)
     prev_logits = prev_hidden = None
     for s in range(1, n_steps + 1):
         h = model.step(h, x0, cos, sin, attend=lambda l: cache.decode_attend("core", l, s, sub))
         logits, z = model.readout(h, cos, sin, attend=lambda j: cache.decode_attend("coda", j, s, sub),
                                   last_only=True)
         logits, state = logits[:, 0], h[:, 0]                                           # (r, V), (r, D)
+        if need_gate:
+            gates[s - 1, live] = model.exit_gate(z)[:, 0].to(dtype)
+        if weighted:
+            step_logits.append(logits.to(dtype))
         if s == n_steps:
             stop = torch.ones(live.shape[0], dtype=torch.bool, device=tokens.device)
         elif rule is None:
             stop = torch.zeros(live.shape[0], dtype=torch.bool, device=tokens.device)
         else:
-            if need_gate:
-                gates[s - 1, live] = model.exit_gate(z)[:, 0]
             view = StepView(step=s, logits=logits, prev_logits=prev_logits,
                             gates=gates[:s, live] if need_gate else None, hidden=state, prev_hidden=prev_hidden)
             stop = rule.stop(view)
+        stop = stop & undecided[live]
         if stop.any():
             leaving = live[stop]
             out_logits[leaving], out_steps[leaving] = logits[stop].to(dtype), s
-            if s < n_steps:
-                cache.fill_deeper(all_rows[leaving], s)
-            keep = ~stop
-            if not keep.any():
-                break
-            live, h, x0, cos, sin = live[keep], h[keep], x0[keep], cos[keep], sin[keep]
-            logits, state = logits[keep], state[keep]
-            sub = all_rows[live]
+            undecided[leaving] = False
+            if mode == "skip":                                # the exited tokens stop running
+                if s < n_steps:
+                    cache.fill_deeper(all_rows[leaving], s)
+                keep = ~stop
+                if not keep.any():
+                    break
+                live, h, x0, cos, sin = live[keep], h[keep], x0[keep], cos[keep], sin[keep]
+                logits, state = logits[keep], state[keep]
+                sub = all_rows[live]
         prev_logits, prev_hidden = logits, state
+    if weighted:                                              # Σ_t p_t logits_t, every step ran
+        probs = model.exit_gate.exit_probs(gates)[..., None]                  # (S, R, 1)
+        out_logits = (probs * torch.stack(step_logits)).sum(0)
     return out_logits, out_steps
 
 # %% [markdown]
@@ -798,7 +834,8 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, gener
 #| export
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_tokens=None, cache="exact",
-             exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False):
+             exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False, exit_mode="skip",
+             weighted_exit=False):
     """KV-cached decoding of a LoopLM: prefill, then one token at a time. -> GenerationResult.
 
     idx: LongTensor [B, T] or a list of prompts (lists of ids or 1-D tensors) of any lengths,
@@ -808,10 +845,14 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     token that exits at step e skips steps e+1..S, and its entries for those steps are copies
     of its step-e entries. stop_tokens: a list, tuple or set of ids that end a row (kept in the
     output). generator: a torch.Generator for every random draw (sampling, a random initial state).
-    Logits come in the model's precision, at least float32.
+    Logits come in the model's precision, at least float32. Chapter 8 adds two options:
+    exit_mode="select" runs every step for every token (each fills its cache entries) and lets
+    the rule only pick which step's readout to use (Ouro's semantics); weighted_exit=True reads
+    out Σ_t p(t|x) logits_t over all steps (Ouro's use_weighted_exit; needs a gate, no rule).
     """
     n_steps, stops, rule = _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
                                                 exit_rule, n_loops, pad_id, generator, record)
+    _check_exit_options(model, rule, exit_mode, weighted_exit)
     strategy = cache_strategy(cache)
     c = model.config
     prompt, lengths = _prompt_batch(idx, c.vocab_size, pad_id, max_new_tokens, c.max_seq_len)
@@ -836,6 +877,9 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     else:
         first_steps = exit_steps(rule, logits=step_logits, gate=gates, hidden=hidden)
     logits = step_logits[first_steps - 1, torch.arange(B, device=device)].to(all_logits.dtype)   # (B, V)
+    if weighted_exit:                                         # Σ_t p_t logits_t over the S steps
+        probs = model.exit_gate.exit_probs(gates.to(all_logits.dtype))[..., None]          # (S, B, 1)
+        logits = (probs * step_logits.to(all_logits.dtype)).sum(0)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     active = torch.arange(B, device=device)
     seconds["prefill"] = time.perf_counter() - start
@@ -845,7 +889,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
         if n > 0:
             rows = None if active.numel() == B else active
             logits, used = _decode_position(model, kv, tokens[active, n - 1], lengths[active] + n - 1,
-                                            rows, rule, n_steps, generator)
+                                            rows, rule, n_steps, generator, exit_mode, weighted_exit)
             kv.n_decoded += 1
         else:
             used = first_steps
@@ -1564,15 +1608,14 @@ display(Image(filename=plot_path))
 #   out of the batch. For a model this small those costs are a large part of a step, so the
 #   speedup should stay below the ideal; the rules that read the gate or the logits also pay
 #   for computing the gate and the rule's score at every step. In the stored run, Q-exit decoded
-#   1.14 times as fast as full depth at batch 1 and 0.90 times at batch 64 (ideal 1.41):
-#   within the noise at batch 1, and slower at batch 64. KL and hidden-state change, which
-#   save little or no work, moved within the noise (0.83 and 0.67 at batch 1), and fixed depth
-#   2 ran 1.21 and 1.43 times as fast (ideal 2). These timings are one run's, and noisy: the
-#   five full-depth rows, which do nearly the same work, spread over 43% (220 to 314 tokens per
-#   second at batch 1), so at this scale only large differences mean something. At batch 64,
-#   skipped work turned into wall time only where all rows exit together (fixed depth 2, 1.43
-#   times; confidence, 1.64 steps per token, 1.05 times); at batch 1, where a row is alone,
-#   confidence and fixed depth 2 ran 1.64 and 1.21 times as fast.
+#   1.29 times as fast as full depth at batch 1 and 1.27 times at batch 64 (ideal 1.41). KL and
+#   hidden-state change, which save little or no work, moved within the noise (1.06 and 0.95 at
+#   batch 1), and fixed depth 2 ran 1.61 and 1.58 times as fast (ideal 2). These timings are
+#   one run's, and noisy: the five full-depth rows, which do nearly the same work, spread over
+#   29% (175 to 225 tokens per second at batch 1), so at this scale only large differences mean
+#   something. The largest gains came where rows exit at about the same step: confidence (1.64
+#   steps per token, ideal 2.23) ran 2.37 and 1.58 times as fast at batch 1 and 64, above its
+#   ideal at batch 1, which is the noise again, and fixed depth 2 1.61 and 1.58 times.
 
 # %% [markdown]
 # ### Quality over three seeds
@@ -1697,7 +1740,7 @@ except ValueError as error:
 #
 # | name | what it does |
 # |---|---|
-# | `generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_tokens=None, cache="exact", exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False)` | prefill, then KV-cached decoding through the model's own `encode`, `step` and `readout`; batched prompts of any lengths (left-padded, per-row positions); per-token early exit that drops exited rows from the work; `generator` drives every random draw; logits in the model's precision -> `GenerationResult` |
+# | `generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_tokens=None, cache="exact", exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False, exit_mode="skip", weighted_exit=False)` | prefill, then KV-cached decoding through the model's own `encode`, `step` and `readout`; batched prompts of any lengths (left-padded, per-row positions); per-token early exit that drops exited rows from the work; `generator` drives every random draw; logits in the model's precision; chapter 8's `exit_mode="select"` (every step runs, the rule picks the readout) and `weighted_exit` -> `GenerationResult` |
 # | `GenerationResult` | `tokens` [B, T_prompt + new], `steps` [B, new] (from 1; 0 after a stop), `logits` [B, new, V], `prompt_lengths`, `cache_bytes`, `seconds`, `cache`; `new_tokens`, `sequences()` |
 # | `cache_strategy(name)`, `CacheStrategy`, `CACHE_STRATEGIES` | `"exact"`, `"last"`, `"first"`, `"average"`, `"mod-K"`: how decoded tokens are cached (the prompt always per step) |
 # | `LoopKVCache`, `LayerCache` | one entry per (block, step) for every block that runs at that step; `length`, `nbytes()`, `fill_deeper(rows, exit_step)` (the deepest-state fill rule) |
@@ -1720,11 +1763,10 @@ except ValueError as error:
 # three seeds), as Ouro found. Early exit skipped real work: Q-exit at $q = 0.5$ ran about 3.1
 # loop steps per token instead of 4 and stayed within a point of full depth. How much of that
 # became speed is more than one run on a small model can say: in the stored run Q-exit decoded
-# 1.14 and 0.90 times as fast as full depth at batch 1 and 64, against an ideal of 1.41, while
-# fixed depth 2, where all rows exit together, ran 1.21 and 1.43 times as fast; timings of
-# rows doing the same work spread by 43%. A batch steps until its slowest row has exited and
-# pays fixed costs at every step, so mixed exits gain less than the steps they skip, and here
-# nothing beyond the noise.
+# 1.29 and 1.27 times as fast as full depth at batch 1 and 64, against an ideal of 1.41, while
+# fixed depth 2, where all rows exit together, ran 1.61 and 1.58 times as fast; timings of
+# rows doing the same work spread by 29%. A batch steps until its slowest row has exited and
+# pays fixed costs at every step, so mixed exits gain less than the steps they skip.
 
 # %% [markdown]
 # ## Exercises

@@ -38,7 +38,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 import looplm
-from looplm.experiments import CH03_MODELS, CH03_SPLITS, CH04_SPLITS, CH05_SPLITS, CH06_OBJECTIVES, CH07_SPLITS
+from looplm.experiments import CH03_MODELS, CH03_SPLITS, CH04_SPLITS, CH05_SPLITS, CH06_OBJECTIVES, CH07_SPLITS, CH08_THRESHOLDS
 from looplm.exits import EXIT_RULES
 from looplm.results import load_results, per_seed, registered, results_dir, summary
 from looplm.train import TrainConfig
@@ -89,6 +89,11 @@ SECTIONS = {  # experiment -> (sections of its chapter that report it, its setup
         f"{splits_text(CH07_SPLITS)}; one width-64, 4-head block looped 4 times with an exit gate, trained "
         f"with chapter 5's recipe (700 steps of Stage I, 200 of Stage II), then greedy decoding of the "
         f"{CH07_SPLITS['n_test']} test prompts under every cache and exit rule"),
+    "exit-modes": (
+        "8.9",
+        f"chapter 7's model, splits and training; greedy decoding of the {CH07_SPLITS['n_test']} test prompts at "
+        f"full depth, with the weighted readout, and with Q-exit at q = "
+        f"{', '.join(map(str, CH08_THRESHOLDS))} when an exited token skips the deeper steps or still runs them"),
 }
 
 
@@ -253,6 +258,30 @@ for i, first in enumerate(by_seed[0]):
 show([("cache", None), ("exit rule", None), ("threshold", None), ("accuracy", 3), ("steps per token", 2),
       ("cache KiB", 0)], rows)
 HEADLINE["cache-strategies"] = [(f"{row[0]}, {row[1]}", row[3]) for row in rows]
+
+# %% [markdown]
+# ## Skip or select, while decoding (chapter 8)
+#
+# Does it matter whether a token that exits still runs the deeper steps and fills their cache
+# entries (`exit_mode="select"`, Ouro's code), or skips them and leaves copies (`"skip"`)?
+# {doc}`08_real_models`, section 8.9. The two modes can differ only in a row where a token runs
+# deeper than an earlier generated one; the last two columns count those rows, and the rows whose
+# readout logits differ from select's by more than $10^{-4}$.
+
+# %% tags=["nbval-check-output"]
+payload = RESULTS["exit-modes"]
+introduce("exit-modes")
+by_seed = per_seed(payload, "rows")
+rows = []
+for i, first in enumerate(by_seed[0]):
+    setting = [seed_rows[i] for seed_rows in by_seed]
+    assert all(r["setting"] == first["setting"] for r in setting)
+    rows.append([first["setting"], [r["accuracy"] for r in setting], [r["readout"] for r in setting],
+                 [r["deeper"] for r in setting] if "deeper" in first else None,
+                 [r["differs"] for r in setting] if "differs" in first else None])
+show([("setting", None), ("accuracy", 3), ("readout step", 2), ("rows with a deeper later token", 3),
+      ("rows whose logits differ", 3)], rows)
+HEADLINE["exit-modes"] = [(row[0], row[1]) for row in rows]
 
 # %% [markdown]
 # ## Every accuracy at a glance

@@ -262,7 +262,7 @@ def main(argv=None):
         print(f"python -m looplm.bench: stopped: {e}", file=sys.stderr)
         return 1
 
-# --- book/07_inference.py:1315 (cell 53) ---
+# --- book/07_inference.py:1359 (cell 53) ---
 # (cache strategy, exit rule name or None): each rule at its default threshold
 DECODE_SETTINGS = (("exact", None), ("last", None), ("first", None), ("average", None), ("mod-2", None),
                    ("exact", "q_exit"), ("exact", "confidence"), ("exact", "kl"), ("exact", "hidden_change"),
@@ -389,7 +389,7 @@ def plot_decode(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/07_inference.py:1461 (cell 55) ---
+# --- book/07_inference.py:1505 (cell 55) ---
 def _decode_arguments(parser):
     parser.add_argument("--checkpoint", default=None, help="a saved model (default: train a small one first)")
     parser.add_argument("--task", default="stack", help="the chapter 0 task of the held-out examples (default stack)")

@@ -1,6 +1,6 @@
-# Generated from book/01_weight_tied_block.py: edit the chapter, then run `make export`.
+# Generated from book/01_weight_tied_block.py, book/08_real_models.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['RMSNorm', 'rope_angles', 'apply_rope', 'RotaryEmbedding', 'causal_mask', 'attention_reference', 'CausalSelfAttention', 'default_d_hidden', 'SwiGLU', 'NORM_STYLES', 'Block', 'block_param_count']
+__all__ = ['RMSNorm', 'rope_angles', 'apply_rope', 'RotaryEmbedding', 'causal_mask', 'attention_reference', 'CausalSelfAttention', 'default_d_hidden', 'SwiGLU', 'NORM_STYLES', 'Block', 'block_param_count', 'repeat_kv', 'GroupedQueryAttention']
 # fmt: on
 
 import math
@@ -184,7 +184,7 @@ def attention_reference(q, k, v, causal=True):
         scores = scores + causal_mask(q.shape[-2], k.shape[-2], q.device, scores.dtype)
     return scores.softmax(dim=-1) @ v                            # (B, nh, Tq, hs)
 
-# --- book/01_weight_tied_block.py:783 (cell 82) ---
+# --- book/01_weight_tied_block.py:786 (cell 82) ---
 def _check_heads(d_model, n_heads):
     require_int("d_model", d_model, 1)
     require_int("n_heads", n_heads, 1)
@@ -194,7 +194,7 @@ def _check_heads(d_model, n_heads):
         raise ValueError(f"head_dim = d_model // n_heads = {d_model // n_heads} must be even for "
                          f"rotary embeddings (d_model={d_model}, n_heads={n_heads})")
 
-# --- book/01_weight_tied_block.py:797 (cell 84) ---
+# --- book/01_weight_tied_block.py:800 (cell 84) ---
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary embeddings and no biases.
 
@@ -234,7 +234,7 @@ class CausalSelfAttention(nn.Module):
             y = attend(q, k, v)
         return self.project_out(y)
 
-# --- book/01_weight_tied_block.py:983 (cell 104) ---
+# --- book/01_weight_tied_block.py:986 (cell 104) ---
 def default_d_hidden(d_model, multiple_of=8):
     """The default SwiGLU hidden size: 8/3 * d_model rounded up to a multiple of `multiple_of`.
 
@@ -245,7 +245,7 @@ def default_d_hidden(d_model, multiple_of=8):
     require_int("multiple_of", multiple_of, 1)
     return multiple_of * -(-8 * d_model // (3 * multiple_of))  # integer ceiling division
 
-# --- book/01_weight_tied_block.py:1003 (cell 107) ---
+# --- book/01_weight_tied_block.py:1006 (cell 107) ---
 class SwiGLU(nn.Module):
     """Gated MLP without biases: W_down(silu(W_gate x) * W_up x) (arXiv 2002.05202).
 
@@ -264,7 +264,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))  # (..., d_hidden) -> (..., d_model)
 
-# --- book/01_weight_tied_block.py:1071 (cell 116) ---
+# --- book/01_weight_tied_block.py:1074 (cell 116) ---
 NORM_STYLES = ("pre", "sandwich", "huginn")
 
 
@@ -278,7 +278,7 @@ def _check_block_args(d_model, n_heads, d_hidden, norm_style):
         raise ValueError(f"norm_style must be one of {allowed}; got {norm_style!r}")
     return d_hidden
 
-# --- book/01_weight_tied_block.py:1090 (cell 118) ---
+# --- book/01_weight_tied_block.py:1093 (cell 118) ---
 class Block(nn.Module):
     """A transformer block: causal self-attention and a SwiGLU MLP with residual adds.
 
@@ -288,16 +288,18 @@ class Block(nn.Module):
       "huginn":    h = n2(h + Attn(n1(h)));   h = n4(h + MLP(n3(h)))    (Huginn)
     forward(x [B, T, d_model], cos, sin) -> [B, T, d_model]; cos, sin are the rope rows
     [T, head_dim // 2] for x's positions. d_hidden defaults to default_d_hidden(d_model).
+    attn: the attention module (default CausalSelfAttention(d_model, n_heads)); chapter 8
+    passes grouped-query attention.
     """
 
-    def __init__(self, d_model, n_heads, d_hidden=None, norm_style="pre", eps=1e-6):
+    def __init__(self, d_model, n_heads, d_hidden=None, norm_style="pre", eps=1e-6, attn=None):
         super().__init__()
         d_hidden = _check_block_args(d_model, n_heads, d_hidden, norm_style)
         self.d_model, self.n_heads, self.d_hidden = d_model, n_heads, d_hidden
         self.norm_style = norm_style
         n_norms = 2 if norm_style == "pre" else 4
         self.norms = nn.ModuleList(RMSNorm(d_model, eps) for _ in range(n_norms))
-        self.attn = CausalSelfAttention(d_model, n_heads)
+        self.attn = CausalSelfAttention(d_model, n_heads) if attn is None else attn
         self.mlp = SwiGLU(d_model, d_hidden)
 
     def forward(self, x, cos, sin, attend=None):
@@ -318,7 +320,7 @@ class Block(nn.Module):
             x = n4(x + self.mlp(n3(x)))
         return x
 
-# --- book/01_weight_tied_block.py:1326 (cell 143) ---
+# --- book/01_weight_tied_block.py:1331 (cell 143) ---
 def block_param_count(d_model, n_heads, d_hidden=None, norm_style="pre"):
     """Parameters of Block(d_model, n_heads, d_hidden, norm_style), from the formula.
 
@@ -328,3 +330,56 @@ def block_param_count(d_model, n_heads, d_hidden=None, norm_style="pre"):
     d_hidden = _check_block_args(d_model, n_heads, d_hidden, norm_style)
     n_norms = 2 if norm_style == "pre" else 4
     return 4 * d_model**2 + 3 * d_model * d_hidden + n_norms * d_model
+
+# --- book/08_real_models.py:132 (cell 7) ---
+def repeat_kv(x, n_rep):
+    """[B, n_kv, T, hs] -> [B, n_kv * n_rep, T, hs]: key/value head j serves query heads
+    j * n_rep .. (j + 1) * n_rep - 1 (each head repeated n_rep times in a row)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+class GroupedQueryAttention(CausalSelfAttention):
+    """Causal self-attention with n_kv_heads key/value heads, each shared by n_heads // n_kv_heads
+    query heads (arXiv 2305.13245), and optionally a learned bias on q and k before rope (Huginn).
+
+    qkv.weight is [(n_heads + 2 n_kv_heads) hs, d_model]: the rows of q, then k, then v, head
+    after head. qk_bias is [2, n_heads, hs] (q's, then k's), zeros at first; it needs
+    n_kv_heads == n_heads, as in Huginn. project_qkv returns k and v with n_kv_heads heads.
+    """
+
+    def __init__(self, d_model, n_heads, n_kv_heads=None, qk_bias=False):
+        super().__init__(d_model, n_heads)
+        n_kv_heads = n_heads if n_kv_heads is None else require_int("n_kv_heads", n_kv_heads, 1, n_heads)
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        if qk_bias and n_kv_heads != n_heads:
+            raise ValueError(f"qk_bias=True needs n_kv_heads == n_heads (as in Huginn), got "
+                             f"n_kv_heads={n_kv_heads}, n_heads={n_heads}")
+        self.n_kv_heads, self.kv_dim = n_kv_heads, n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(d_model, d_model + 2 * self.kv_dim, bias=False)     # W_q | W_k | W_v
+        self.qk_bias = nn.Parameter(torch.zeros(2, n_heads, self.head_dim)) if qk_bias else None
+
+    def project_qkv(self, x, cos, sin):
+        """x [B, T, C] -> q [B, nh, T, hs] and k, v [B, n_kv_heads, T, hs], rope on q and k."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split([C, self.kv_dim, self.kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)          # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
+        if self.qk_bias is not None:                  # one bias vector per head, before the rotation
+            q, k = q + self.qk_bias[0][:, None], k + self.qk_bias[1][:, None]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, attend=None):
+        """As CausalSelfAttention; attend(q, k, v) gets k and v with n_kv_heads heads."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model or not x.is_floating_point():
+            _check_hidden(x, self.d_model)
+        q, k, v = self.project_qkv(x, cos, sin)
+        if attend is None:
+            n_rep = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True)
+        else:
+            y = attend(q, k, v)
+        return self.project_out(y)
+
+    def extra_repr(self):
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, qk_bias={self.qk_bias is not None}"

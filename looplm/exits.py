@@ -83,7 +83,7 @@ class QExit(ExitRule):
         return _check_q(q)
 
     def score(self, view):
-        gates = view.gates.float()                                          # (t, ...)
+        gates = view.gates.to(torch.promote_types(view.gates.dtype, torch.float32))   # (t, ...)
         reach = torch.cat([torch.ones_like(gates[:1]), torch.cumprod(1 - gates[:-1], 0)])
         return (gates * reach).cumsum(0)[-1]      # Σ_{j<=t} p_j, as in q_exit_steps for t < S
 

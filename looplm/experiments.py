@@ -1,6 +1,6 @@
-# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05a_appendix_adaptive.py, book/06_other_ways_to_stop.py, book/07_inference.py: edit the chapter, then run `make export`.
+# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05a_appendix_adaptive.py, book/06_other_ways_to_stop.py, book/07_inference.py, book/08_real_models.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH04_SPLITS', 'FIXED_VS_RANDOM_DEPTH', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_OBJECTIVES', 'OTHER_OBJECTIVES', 'CH07_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT']
+__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH04_SPLITS', 'FIXED_VS_RANDOM_DEPTH', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_OBJECTIVES', 'OTHER_OBJECTIVES', 'CH07_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT', 'CH08_THRESHOLDS', 'exit_mode_quality', 'EXIT_MODES_EXPERIMENT']
 # fmt: on
 
 import copy
@@ -11,10 +11,12 @@ import torch
 from looplm.adaptive import AdaptiveLoss, exit_entropy, expected_depth, q_exit_steps
 from looplm.backprop import make_loop_loss
 from looplm.bench import DECODE_SETTINGS, decode_quality
-from looplm.data import IGNORE_INDEX, TASK_VOCAB, answer_accuracy, encode_examples, make_splits, make_task
+from looplm.data import (IGNORE_INDEX, TASK_VOCAB, answer_accuracy, decode_answer, encode_examples,
+                         make_splits, make_task)
 from looplm.diagnostics import hidden_norms, step_changes
 from looplm.exits import (ConfidenceExit, FixedDepth, HiddenChangeExit, KLExit, QExit, exit_steps, mean_steps,
                           pick_exit_threshold, select_exit_logits)
+from looplm.generate import generate
 from looplm.model import LinearExitGate, LoopLM, LoopLMConfig
 from looplm.objectives import act_halting
 from looplm.results import Experiment, register
@@ -318,7 +320,7 @@ def _ch06_prefix(seed, n_steps):
 OTHER_OBJECTIVES = register(Experiment("other-objectives", "06", "chapter 6: Stage I, ACT, PonderNet and Gumbel "
                                        "fine-tunes of one Stage I model", _ch06_run, _ch06_prefix))
 
-# --- book/07_inference.py:1588 (cell 61) ---
+# --- book/07_inference.py:1631 (cell 61) ---
 CH07_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0)
 
 
@@ -351,3 +353,50 @@ def _ch07_prefix(seed, n_steps):
 CACHE_STRATEGIES_EXPERIMENT = register(Experiment(
     "cache-strategies", "07", "chapter 7: accuracy and steps of every cache strategy and exit rule while decoding",
     _ch07_run, _ch07_prefix))
+
+# --- book/08_real_models.py:1474 (cell 54) ---
+CH08_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+
+
+def exit_mode_quality(model, examples, thresholds=CH08_THRESHOLDS, batch_size=100, vocab=TASK_VOCAB):
+    """Greedy decoding of `examples` at full depth, with the weighted readout, and with Q-exit at
+    each threshold in both exit modes. -> rows: setting, accuracy, readout (mean readout step of
+    the new tokens), answers (the decoded answers); the "skip" rows also have deeper (the share of
+    rows where a token runs deeper than an earlier decoded one, the only way the modes can differ)
+    and differs (the share of rows whose readout logits differ from "select"'s by more than 1e-4)."""
+    model.eval()
+    prompts = [vocab.encode(e.prompt) for e in examples]
+    max_new = max(len(e.answer) for e in examples) + 1
+    settings = [("full depth", None, "skip", False), ("weighted", None, "select", True)]
+    settings += [(f"q={q} {mode}", q, mode, False) for q in thresholds for mode in ("select", "skip")]
+    rows, selected = [], []
+    for name, q, mode, weighted in settings:
+        answers, steps, deeper, logits = [], [], [], []
+        for start in range(0, len(prompts), batch_size):
+            res = generate(model, prompts[start:start + batch_size], max_new, stop_tokens=[vocab.eos_id],
+                           exit_rule=None if q is None else QExit(q), exit_mode=mode, weighted_exit=weighted)
+            answers += [decode_answer(row, vocab) for row in res.new_tokens]
+            steps.append(res.steps[res.steps > 0])
+            later = res.steps[:, 1:]                          # decided at fed-back positions
+            deeper.append(((later[:, 1:] > later[:, :-1].cummin(1).values) & (later[:, 1:] > 0)).any(1))
+            logits.append(res.logits)
+        row = {"setting": name, "answers": answers, "readout": torch.cat(steps).float().mean().item(),
+               "accuracy": sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)}
+        if mode == "select":
+            selected = logits
+        elif q is not None:
+            gap = torch.cat([(a - b).abs().amax((1, 2)) for a, b in zip(logits, selected)])
+            row.update(deeper=torch.cat(deeper).float().mean().item(), differs=(gap > 1e-4).float().mean().item())
+        rows.append(row)
+    return rows
+
+
+def _ch08_run(seed):
+    model, splits, batches, config = _ch07_setup(seed)
+    trainer = train_two_stage(model, batches, config, stage2_steps=200)
+    return {"rows": exit_mode_quality(model, splits.test), "prefix": [row["loss"] for row in trainer.history[:20]]}
+
+
+EXIT_MODES_EXPERIMENT = register(Experiment(
+    "exit-modes", "08", "chapter 8: accuracy of Q-exit decoding when exited tokens skip or still run the deeper steps",
+    _ch08_run, _ch07_prefix))

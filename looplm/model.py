@@ -1,6 +1,6 @@
-# Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py, book/05_learning_when_to_stop.py: edit the chapter, then run `make export`.
+# Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py, book/05_learning_when_to_stop.py, book/08_real_models.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate']
+__all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'ATTENTIONS', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate']
 # fmt: on
 
 import math
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from looplm.block import NORM_STYLES, Block, RMSNorm, RotaryEmbedding, block_param_count, default_d_hidden
+from looplm.block import (NORM_STYLES, Block, GroupedQueryAttention, RMSNorm, RotaryEmbedding,
+                          block_param_count, default_d_hidden)
 from looplm.checks import require_bool, require_choice, require_int, require_number
 from looplm.data import IGNORE_INDEX
 
@@ -53,8 +54,9 @@ def _check_fits_in_memory(cfg, n_blocks, available=None):
     """ValueError, naming the largest part, when the float32 model would not fit in `available`
     bytes (default: this machine's RAM)."""
     d, hidden = cfg.d_model, cfg.d_hidden or default_d_hidden(cfg.d_model)
+    kv = getattr(cfg, "kv_heads", cfg.n_heads) * cfg.head_dim                # k and v widths (chapter 8)
     parts = {"vocab_size": cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2),
-             "d_model": n_blocks * (4 * d * d + 3 * d * hidden),
+             "d_model": n_blocks * (2 * d * d + 2 * d * kv + 3 * d * hidden),
              "max_seq_len": cfg.max_seq_len * cfg.head_dim}             # cos and sin: 2 x T x hs/2
     needed = 4 * sum(parts.values())
     available = _physical_memory_bytes() if available is None else available
@@ -64,7 +66,7 @@ def _check_fits_in_memory(cfg, n_blocks, available=None):
                          f"and rope tables need {needed / 2**30:,.1f} GiB, and this machine has "
                          f"{available / 2**30:,.1f} GiB of memory; use a smaller {field}")
 
-# --- book/02_one_step_is_a_gpt.py:180 (cell 15) ---
+# --- book/02_one_step_is_a_gpt.py:181 (cell 15) ---
 @dataclass(frozen=True)
 class GPTConfig:
     """A standard decoder-only transformer: embedding, n_layers distinct blocks, norm, head.
@@ -93,7 +95,7 @@ class GPTConfig:
     def head_dim(self):
         return self.d_model // self.n_heads
 
-# --- book/02_one_step_is_a_gpt.py:248 (cell 21) ---
+# --- book/02_one_step_is_a_gpt.py:249 (cell 21) ---
 def _check_token_ids(name, ids, vocab_size, max_seq_len):
     """Raise unless `ids` is an integer [B, T] tensor, T <= max_seq_len, ids in [0, vocab_size)."""
     if not isinstance(ids, torch.Tensor):
@@ -111,7 +113,7 @@ def _check_token_ids(name, ids, vocab_size, max_seq_len):
         raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): "
                          f"min {low}, max {high}")
 
-# --- book/02_one_step_is_a_gpt.py:272 (cell 23) ---
+# --- book/02_one_step_is_a_gpt.py:273 (cell 23) ---
 def _init_weights(modules, std):
     """Normal(0, std) for every Linear and Embedding weight inside `modules`; norm gains stay 1."""
     for module in modules:
@@ -119,7 +121,7 @@ def _init_weights(modules, std):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
 
-# --- book/02_one_step_is_a_gpt.py:285 (cell 25) ---
+# --- book/02_one_step_is_a_gpt.py:286 (cell 25) ---
 class GPT(nn.Module):
     """A standard causal LM: embed -> n_layers distinct Blocks -> RMSNorm -> LM head.
 
@@ -152,7 +154,7 @@ class GPT(nn.Module):
             h = block(h, cos, sin)               # (B, T, D)
         return self.lm_head(self.norm(h))        # (B, T, V)
 
-# --- book/02_one_step_is_a_gpt.py:445 (cell 43) ---
+# --- book/02_one_step_is_a_gpt.py:446 (cell 43) ---
 class NoInjection(nn.Module):
     """injection="none": the core sees only its previous output, inject(h, x0) = h (Ouro)."""
 
@@ -172,12 +174,13 @@ class EmbeddingInit(nn.Module):
     def forward(self, x0, generator=None):
         return x0
 
-# --- book/02_one_step_is_a_gpt.py:482 (cell 46) ---
+# --- book/02_one_step_is_a_gpt.py:483 (cell 46) ---
 INJECTIONS = {"none": NoInjection}          # chapter 3 adds "add" and "concat"
 INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random"
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
+ATTENTIONS = {}                             # chapter 8 adds "grouped", grouped-query attention
 
-# --- book/02_one_step_is_a_gpt.py:513 (cell 51) ---
+# --- book/02_one_step_is_a_gpt.py:515 (cell 51) ---
 def _validate_exit_gate(cfg):
     require_bool("exit_gate", cfg.exit_gate)
     if not isinstance(cfg.gate_head, str):
@@ -189,7 +192,28 @@ def _validate_exit_gate(cfg):
                          "until chapter 5 (adaptive depth) registers one; use exit_gate=False")
     require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
-# --- book/02_one_step_is_a_gpt.py:529 (cell 53) ---
+# --- book/02_one_step_is_a_gpt.py:535 (cell 53) ---
+def _validate_published_options(cfg):
+    if cfg.n_kv_heads is not None:
+        require_int("n_kv_heads", cfg.n_kv_heads, 1, cfg.n_heads)
+        if cfg.n_heads % cfg.n_kv_heads:
+            raise ValueError(f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}: each key/value "
+                             f"head serves the same number of query heads")
+    require_bool("qk_bias", cfg.qk_bias)
+    require_number("embed_scale", cfg.embed_scale, 0, low_open=True)
+    require_bool("feedback_norm", cfg.feedback_norm)
+    require_bool("norm_before_coda", cfg.norm_before_coda)
+    require_number("init_state_std", cfg.init_state_std, 0, low_open=True)
+    if cfg.feedback_norm and (cfg.n_coda or cfg.norm_before_coda):
+        raise ValueError(f"feedback_norm=True makes the final norm the last op of every step, which the head "
+                         f"then reads directly; it needs n_coda=0 and norm_before_coda=False, got "
+                         f"n_coda={cfg.n_coda}, norm_before_coda={cfg.norm_before_coda}")
+    grouped = (cfg.n_kv_heads not in (None, cfg.n_heads)) or cfg.qk_bias
+    if grouped and "grouped" not in ATTENTIONS:
+        raise ValueError("n_kv_heads or qk_bias asks for grouped-query attention, which chapter 8 registers "
+                         "in ATTENTIONS; it is not available yet")
+
+# --- book/02_one_step_is_a_gpt.py:560 (cell 55) ---
 @dataclass(frozen=True)
 class LoopLMConfig:
     """A looped LM: embed -> prelude (once) -> core (n_loops times, shared weights) -> readout.
@@ -217,9 +241,17 @@ class LoopLMConfig:
     rope_base: float = 10000.0
     eps: float = 1e-6
     init_std: float = 0.02
+    # the options published models need (chapter 8); the defaults change nothing
+    n_kv_heads: int | None = None    # key/value heads (grouped-query attention); None: n_heads
+    qk_bias: bool = False            # a learned bias on q and k before rope (Huginn)
+    embed_scale: float = 1.0         # the embedding is multiplied by it (Huginn: sqrt(d_model))
+    feedback_norm: bool = False      # every step ends with the final norm, fed back (Ouro)
+    norm_before_coda: bool = False   # the final norm also runs before the coda (Huginn)
+    init_state_std: float = math.sqrt(2 / 5)   # σ of init_state="random" (chapter 3)
 
     def __post_init__(self):
         _validate_common(self)
+        _validate_published_options(self)
         require_int("n_prelude", self.n_prelude, 0)
         require_int("n_core", self.n_core, 1)
         require_int("n_coda", self.n_coda, 0)
@@ -232,13 +264,23 @@ class LoopLMConfig:
     def head_dim(self):
         return self.d_model // self.n_heads
 
+    @property
+    def kv_heads(self):
+        """Key/value heads: n_kv_heads, or n_heads when it is None."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def grouped_attention(self):
+        """True when the blocks need chapter 8's attention (fewer kv heads, or a q/k bias)."""
+        return self.kv_heads != self.n_heads or self.qk_bias
+
     def effective_depth(self, n_loops=None):
         """Blocks on the path to the last readout: n_prelude + n_core * n_loops + n_coda."""
         n_loops = self.n_loops if n_loops is None else n_loops
         require_int("n_loops", n_loops, 1)
         return self.n_prelude + self.n_core * n_loops + self.n_coda
 
-# --- book/02_one_step_is_a_gpt.py:605 (cell 57) ---
+# --- book/02_one_step_is_a_gpt.py:655 (cell 59) ---
 @dataclass
 class LoopOutput:
     """What LoopLM.forward returns. S is the number of loop steps that ran."""
@@ -249,8 +291,9 @@ class LoopOutput:
     step_losses: torch.Tensor | None = None  # [S, B, T] per-token CE per step, 0 where ignored
     loss: torch.Tensor | None = None         # scalar: mean of step_losses[-1] over learned tokens
     hidden: torch.Tensor | None = None       # [S, B, T, D] loop states h_1..h_S (return_hidden)
+    weighted_logits: torch.Tensor | None = None   # [B, T, V] Σ_t p(t | x) logits_t, with a gate
 
-# --- book/02_one_step_is_a_gpt.py:639 (cell 60) ---
+# --- book/02_one_step_is_a_gpt.py:690 (cell 62) ---
 def token_losses(logits, targets):
     """Per-token cross-entropy: logits [..., B, T, V], targets [B, T] -> [..., B, T].
 
@@ -264,7 +307,7 @@ def token_losses(logits, targets):
                              ignore_index=IGNORE_INDEX, reduction="none")
     return losses.view(targets.shape)                         # (..., B, T)
 
-# --- book/02_one_step_is_a_gpt.py:659 (cell 62) ---
+# --- book/02_one_step_is_a_gpt.py:710 (cell 64) ---
 def _check_targets(targets, idx, vocab_size):
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
@@ -283,7 +326,7 @@ def _check_targets(targets, idx, vocab_size):
         raise ValueError(f"targets holds ids outside [0, vocab_size={vocab_size}) other than "
                          f"IGNORE_INDEX={IGNORE_INDEX}, e.g. {targets[bad][0].item()}")
 
-# --- book/02_one_step_is_a_gpt.py:802 (cell 68) ---
+# --- book/02_one_step_is_a_gpt.py:853 (cell 70) ---
 def _check_grad_steps(grad_steps, n_loops):
     """grad_steps if it is an int in [1, n_loops]: how many of the last steps get gradients."""
     require_int("grad_steps", grad_steps, 1)
@@ -308,7 +351,7 @@ def _check_state0(state0, x0):
         raise ValueError(f"state0 must have shape [B, T, d_model] = {list(x0.shape)}, got {list(state0.shape)}")
     return state0.to(device=x0.device, dtype=x0.dtype)
 
-# --- book/02_one_step_is_a_gpt.py:828 (cell 69) ---
+# --- book/02_one_step_is_a_gpt.py:879 (cell 71) ---
 class LoopLM(nn.Module):
     """A looped (weight-tied) causal LM with a readout after every loop step.
 
@@ -326,8 +369,9 @@ class LoopLM(nn.Module):
         _check_fits_in_memory(config, config.n_prelude + config.n_core + config.n_coda)
         self.config = c = config
 
-        def blocks(n):
-            return nn.ModuleList(Block(c.d_model, c.n_heads, c.d_hidden, c.norm_style, c.eps)
+        def blocks(n):            # chapter 8's attention when the config asks for it, else Block's own
+            return nn.ModuleList(Block(c.d_model, c.n_heads, c.d_hidden, c.norm_style, c.eps,
+                                       attn=ATTENTIONS["grouped"](c) if c.grouped_attention else None)
                                  for _ in range(n))
 
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
@@ -349,25 +393,33 @@ class LoopLM(nn.Module):
         attend: None (causal attention over idx itself), or attend(i) -> the attention op of
         prelude block i (a KV cache passes one; see Block)."""
         x = self.embed(idx)                                   # (B, T, D)
+        if self.config.embed_scale != 1:                      # Huginn's sqrt(d) (chapter 8)
+            x = x * self.config.embed_scale
         for i, block in enumerate(self.prelude):
             x = block(x, cos, sin, None if attend is None else attend(i))
         return x
 
     def step(self, h, x0, cos, sin, attend=None):
-        """One loop step: h_t = core(injection(h_{t-1}, x0)). -> [B, T, D]; attend as in encode."""
+        """One loop step: h_t = core(injection(h_{t-1}, x0)). -> [B, T, D]; attend as in encode.
+        With feedback_norm (Ouro, chapter 8) the step ends with the final norm: h_t = norm(core(...))."""
         h = self.injection(h, x0)
         for i, block in enumerate(self.core):
             h = block(h, cos, sin, None if attend is None else attend(i))
-        return h
+        return self.norm(h) if self.config.feedback_norm else h
 
     def readout(self, h, cos, sin, attend=None, last_only=False):
         """The prediction from state h: (logits [B, T, V], z [B, T, D]), z = norm(coda(h)).
 
         attend as in encode; last_only=True reads out the last position only (T = 1 in the
-        results), which is all a decoder needs."""
+        results), which is all a decoder needs. Chapter 8's options: norm_before_coda runs the
+        final norm before the coda too (Huginn); with feedback_norm, h is already normed (Ouro)."""
+        c = self.config
+        if c.norm_before_coda:
+            h = self.norm(h)
         for i, block in enumerate(self.coda):
             h = block(h, cos, sin, None if attend is None else attend(i))
-        z = self.norm(h[:, -1:] if last_only else h)
+        z = h[:, -1:] if last_only else h
+        z = z if c.feedback_norm else self.norm(z)
         return self.lm_head(z), z
 
     def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None,
@@ -433,6 +485,8 @@ class LoopLM(nn.Module):
         if self.exit_gate is not None:
             out.gate = torch.stack(gates)                     # (S, B, T)
             out.exit_probs = self.exit_gate.exit_probs(out.gate)
+            weights = out.exit_probs.to(out.logits.dtype)[..., None]          # (S, B, T, 1)
+            out.weighted_logits = (weights * out.logits).sum(0)               # (B, T, V), chapter 8
         if hidden:
             out.hidden = torch.stack(hidden)                  # (S, B, T, D)
         if targets is not None:
@@ -464,7 +518,7 @@ class LoopLM(nn.Module):
         model.load_state_dict(state)  # strict: every weight is matched by name, or this raises
         return model
 
-# --- book/02_one_step_is_a_gpt.py:1420 (cell 108) ---
+# --- book/02_one_step_is_a_gpt.py:1482 (cell 110) ---
 def gpt_param_count(config):
     """Parameters of GPT(config): V d (x2 if untied) + n_layers * block + d (final norm)."""
     c = config
@@ -480,6 +534,8 @@ def looplm_param_count(config):
     c = config
     embeddings = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
     block = block_param_count(c.d_model, c.n_heads, c.d_hidden, c.norm_style)
+    if c.grouped_attention:   # chapter 8's attention replaces the 4 d² of Block's own: count it built
+        block += sum(p.numel() for p in ATTENTIONS["grouped"](c).parameters()) - 4 * c.d_model**2
     extensions = [INJECTIONS[c.injection](c), INIT_STATES[c.init_state](c)]
     if c.exit_gate:
         extensions.append(EXIT_GATES[c.gate_head](c))
@@ -521,7 +577,7 @@ class ConcatInjection(nn.Module):
 # --- book/03_fixed_loops.py:239 (cell 21) ---
 INJECTIONS.update({"add": AddInjection, "concat": ConcatInjection})
 
-# --- book/03_fixed_loops.py:397 (cell 33) ---
+# --- book/03_fixed_loops.py:398 (cell 33) ---
 def _require_injection(config, init_state):
     """init_state `init_state` drops x0, so the loop must get it back through an injection."""
     if config.injection == "none":
@@ -530,7 +586,7 @@ def _require_injection(config, init_state):
                          f"injection='none' never adds it, so the model could not see its tokens; "
                          f"use an injection ({others}) or init_state='embedding'")
 
-# --- book/03_fixed_loops.py:410 (cell 35) ---
+# --- book/03_fixed_loops.py:411 (cell 35) ---
 class ZerosInit(nn.Module):
     """init_state="zeros": h_0 = 0 (Yang et al., arXiv 2311.12424). Needs an injection."""
 
@@ -541,20 +597,19 @@ class ZerosInit(nn.Module):
     def forward(self, x0, generator=None):
         return torch.zeros_like(x0)                           # (B, T, D)
 
-# --- book/03_fixed_loops.py:438 (cell 37) ---
+# --- book/03_fixed_loops.py:439 (cell 37) ---
 class RandomInit(nn.Module):
-    """init_state="random": h_0 ~ Normal(0, 2/5) truncated at ±3σ, a fresh draw per forward (Huginn).
+    """init_state="random": h_0 ~ Normal(0, σ²) truncated at ±3σ, a fresh draw per forward (Huginn).
 
-    Draws come from `generator` (a torch.Generator), else from `self.generator` when it is set,
-    else from torch's global generator (seeded by torch.manual_seed). Needs an injection.
+    σ is config.init_state_std, sqrt(2/5) by default (Huginn-0125's). Draws come from
+    `generator` (a torch.Generator), else from `self.generator` when it is set, else from
+    torch's global generator (seeded by torch.manual_seed). Needs an injection.
     """
-
-    std = math.sqrt(2 / 5)
 
     def __init__(self, config):
         super().__init__()
         _require_injection(config, "random")
-        self.generator = None
+        self.std, self.generator = config.init_state_std, None
 
     def forward(self, x0, generator=None):
         generator = self.generator if generator is None else generator
@@ -597,3 +652,10 @@ def _exit_distribution(gate):
     survive = torch.cumprod(1 - gate[:-1], dim=0)               # S_1 .. S_{S-1}: (S-1, ...)
     reach = torch.cat([torch.ones_like(gate[:1]), survive])      # S_0 .. S_{S-1}: (S, ...)
     return torch.cat([gate[:-1] * reach[:-1], reach[-1:]])        # (S, ...)
+
+# --- book/08_real_models.py:192 (cell 9) ---
+def _grouped_attention(config):
+    return GroupedQueryAttention(config.d_model, config.n_heads, config.n_kv_heads, config.qk_bias)
+
+
+ATTENTIONS["grouped"] = _grouped_attention

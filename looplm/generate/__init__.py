@@ -61,8 +61,17 @@ def cache_strategy(name):
                      f"or 'mod-K' with K >= 1 slots (e.g. 'mod-2')")
 
 # --- book/07_inference.py:255 (cell 14) ---
+def _attention(q, k, v, mask):
+    """scaled_dot_product_attention, where k and v may hold fewer heads than q (grouped-query
+    attention, chapter 8: each key/value head serves n_heads // n_kv_heads query heads in a row)."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class LayerCache:
-    """Keys and values of one block: prompt part [C, B, nh, Tp, hs], decoded part [K, B, nh, N, hs]."""
+    """Keys and values of one block: prompt part [C, B, nh, Tp, hs], decoded part [K, B, nh, N, hs]
+    (nh: the model's key/value heads)."""
 
     def __init__(self, n_copies, n_slots, batch, n_heads, prompt_len, n_new, head_dim, device, dtype):
         shape = (batch, n_heads)
@@ -91,7 +100,7 @@ class LoopKVCache:
         self.all_real = bool(prompt_mask.all())
         param = next(model.parameters())
         slots = self.strategy.n_slots(n_steps)
-        dims = (self.batch, c.n_heads, self.prompt_len, n_new, c.head_dim, param.device, param.dtype)
+        dims = (self.batch, c.kv_heads, self.prompt_len, n_new, c.head_dim, param.device, param.dtype)
         self.layers = {}
         for group, count, copies, n_slots in (("prelude", c.n_prelude, 1, 1), ("core", c.n_core, n_steps, slots),
                                               ("coda", c.n_coda, n_steps, slots)):
@@ -124,7 +133,7 @@ class LoopKVCache:
 
         def attend(q, k, v):
             layer.prompt_k[copy], layer.prompt_v[copy] = k, v
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self._prefill_mask)
+            return _attention(q, k, v, self._prefill_mask)
 
         return attend
 
@@ -146,7 +155,7 @@ class LoopKVCache:
             if self.record:
                 self.log.append((group, index, step, keys.shape[2], self.length + 1))
             self._write(layer, kind, slot, step, rows, n, k, v)
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            return _attention(q, keys, values, mask)
 
         return attend
 
@@ -179,7 +188,7 @@ class LoopKVCache:
                 layer.new_k[target, rows, :, n] = layer.new_k[source, rows, :, n]
                 layer.new_v[target, rows, :, n] = layer.new_v[source, rows, :, n]
 
-# --- book/07_inference.py:516 (cell 21) ---
+# --- book/07_inference.py:525 (cell 21) ---
 @dataclass
 class GenerationResult:
     """What generate() returns. new = max_new_tokens columns (pad_id, step 0 after a stop)."""
@@ -208,7 +217,7 @@ class GenerationResult:
             out.append(prompt.tolist() + new.tolist())
         return out
 
-# --- book/07_inference.py:555 (cell 23) ---
+# --- book/07_inference.py:564 (cell 23) ---
 def _prompt_batch(idx, vocab_size, pad_id, max_new_tokens, max_seq_len):
     """-> (padded [B, Tp] LongTensor, lengths [B]) from a [B, T] tensor or a list of sequences."""
     if isinstance(idx, torch.Tensor):
@@ -295,11 +304,25 @@ def _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
     return n_loops, stops, exit_rule
 
 
+def _check_exit_options(model, rule, exit_mode, weighted_exit):
+    """Chapter 8's two options: exit_mode 'skip' or 'select', and weighted_exit (gate, no rule)."""
+    if exit_mode not in ("skip", "select"):
+        raise ValueError(f"exit_mode must be 'skip' (an exited token's deeper steps never run) or 'select' "
+                         f"(every step runs, the rule picks the readout), got {exit_mode!r}")
+    require_bool("weighted_exit", weighted_exit)
+    if weighted_exit and model.exit_gate is None:
+        raise ValueError("weighted_exit=True averages the steps' logits with the exit distribution, and this "
+                         "model was built without an exit gate: use LoopLMConfig(..., exit_gate=True)")
+    if weighted_exit and rule is not None:
+        raise ValueError(f"weighted_exit=True reads out every step, weighted, so it cannot also exit with "
+                         f"{rule!r}: pass exit_rule=None, or weighted_exit=False")
+
+
 def _check_cache_fits(model, strategy, batch, prompt_len, n_new, n_steps, device):
     """ValueError when the cache's tensors would not fit in this machine's memory (CPU only)."""
     c = model.config
     slots = strategy.n_slots(n_steps)
-    per_position = 2 * batch * c.n_heads * c.head_dim * next(model.parameters()).element_size()
+    per_position = 2 * batch * c.kv_heads * c.head_dim * next(model.parameters()).element_size()
     positions = c.n_prelude * (prompt_len + n_new) + (c.n_core + c.n_coda) * (n_steps * prompt_len + slots * n_new)
     available = _physical_memory_bytes() if device.type == "cpu" else None
     if available is not None and per_position * positions > available:
@@ -308,7 +331,7 @@ def _check_cache_fits(model, strategy, batch, prompt_len, n_new, n_steps, device
                          f"this machine has {available / 2**30:,.1f} GiB of memory; use fewer loop steps "
                          f"(n_loops), a shorter generation or a sharing cache strategy")
 
-# --- book/07_inference.py:666 (cell 25) ---
+# --- book/07_inference.py:689 (cell 25) ---
 def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     """logits [R, V] -> token ids [R]: argmax if temperature == 0, else a tempered top-k draw."""
     if temperature == 0:
@@ -321,7 +344,7 @@ def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     probs = scaled.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-# --- book/07_inference.py:690 (cell 27) ---
+# --- book/07_inference.py:713 (cell 27) ---
 def _logits_dtype(model):
     """The precision of generate's logits: the model's, at least float32."""
     return torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -344,11 +367,14 @@ def _prefill(model, cache, prompt, positions, n_steps, generator=None):
             gates.append(model.exit_gate(z)[:, 0])
     return torch.stack(logits), (torch.stack(gates) if gates else None), torch.stack(hidden)
 
-# --- book/07_inference.py:745 (cell 31) ---
-def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, generator=None):
+# --- book/07_inference.py:768 (cell 31) ---
+def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, generator=None, mode="skip",
+                     weighted=False):
     """Run one new token per row; -> (logits [R, V] at each token's exit step, steps [R] from 1).
 
     tokens, positions [R]; rows: the batch rows they belong to (None: all rows, in order).
+    mode "skip": a token that exits stops running; "select": every token runs every step and
+    the rule only picks the readout (chapter 8). weighted: read out Σ_t p_t logits_t instead.
     """
     R = tokens.shape[0]
     dtype = _logits_dtype(model)
@@ -356,47 +382,58 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, gener
     x0 = model.encode(tokens[:, None], cos, sin,
                       attend=lambda i: cache.decode_attend("prelude", i, 1, rows))      # (R, 1, D)
     h = model.init_state(x0, generator=generator)
-    out_logits = torch.empty(R, model.config.vocab_size, device=tokens.device, dtype=dtype)
+    out_logits = torch.zeros(R, model.config.vocab_size, device=tokens.device, dtype=dtype)
     out_steps = torch.full((R,), n_steps, dtype=torch.long, device=tokens.device)
     all_rows = torch.arange(cache.batch, device=tokens.device) if rows is None else rows
     live = torch.arange(R, device=tokens.device)              # local indices still running
+    undecided = torch.ones(R, dtype=torch.bool, device=tokens.device)   # no readout picked yet
     sub = rows                                                # their batch rows (None: all)
-    need_gate = rule is not None and "gates" in rule.needs
+    need_gate = weighted or (rule is not None and "gates" in rule.needs)
     gates = torch.zeros(n_steps, R, device=tokens.device, dtype=dtype) if need_gate else None
+    step_logits = []                                          # every step's readout (weighted)
     prev_logits = prev_hidden = None
     for s in range(1, n_steps + 1):
         h = model.step(h, x0, cos, sin, attend=lambda l: cache.decode_attend("core", l, s, sub))
         logits, z = model.readout(h, cos, sin, attend=lambda j: cache.decode_attend("coda", j, s, sub),
                                   last_only=True)
         logits, state = logits[:, 0], h[:, 0]                                           # (r, V), (r, D)
+        if need_gate:
+            gates[s - 1, live] = model.exit_gate(z)[:, 0].to(dtype)
+        if weighted:
+            step_logits.append(logits.to(dtype))
         if s == n_steps:
             stop = torch.ones(live.shape[0], dtype=torch.bool, device=tokens.device)
         elif rule is None:
             stop = torch.zeros(live.shape[0], dtype=torch.bool, device=tokens.device)
         else:
-            if need_gate:
-                gates[s - 1, live] = model.exit_gate(z)[:, 0]
             view = StepView(step=s, logits=logits, prev_logits=prev_logits,
                             gates=gates[:s, live] if need_gate else None, hidden=state, prev_hidden=prev_hidden)
             stop = rule.stop(view)
+        stop = stop & undecided[live]
         if stop.any():
             leaving = live[stop]
             out_logits[leaving], out_steps[leaving] = logits[stop].to(dtype), s
-            if s < n_steps:
-                cache.fill_deeper(all_rows[leaving], s)
-            keep = ~stop
-            if not keep.any():
-                break
-            live, h, x0, cos, sin = live[keep], h[keep], x0[keep], cos[keep], sin[keep]
-            logits, state = logits[keep], state[keep]
-            sub = all_rows[live]
+            undecided[leaving] = False
+            if mode == "skip":                                # the exited tokens stop running
+                if s < n_steps:
+                    cache.fill_deeper(all_rows[leaving], s)
+                keep = ~stop
+                if not keep.any():
+                    break
+                live, h, x0, cos, sin = live[keep], h[keep], x0[keep], cos[keep], sin[keep]
+                logits, state = logits[keep], state[keep]
+                sub = all_rows[live]
         prev_logits, prev_hidden = logits, state
+    if weighted:                                              # Σ_t p_t logits_t, every step ran
+        probs = model.exit_gate.exit_probs(gates)[..., None]                  # (S, R, 1)
+        out_logits = (probs * torch.stack(step_logits)).sum(0)
     return out_logits, out_steps
 
-# --- book/07_inference.py:799 (cell 33) ---
+# --- book/07_inference.py:835 (cell 33) ---
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_tokens=None, cache="exact",
-             exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False):
+             exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False, exit_mode="skip",
+             weighted_exit=False):
     """KV-cached decoding of a LoopLM: prefill, then one token at a time. -> GenerationResult.
 
     idx: LongTensor [B, T] or a list of prompts (lists of ids or 1-D tensors) of any lengths,
@@ -406,10 +443,14 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     token that exits at step e skips steps e+1..S, and its entries for those steps are copies
     of its step-e entries. stop_tokens: a list, tuple or set of ids that end a row (kept in the
     output). generator: a torch.Generator for every random draw (sampling, a random initial state).
-    Logits come in the model's precision, at least float32.
+    Logits come in the model's precision, at least float32. Chapter 8 adds two options:
+    exit_mode="select" runs every step for every token (each fills its cache entries) and lets
+    the rule only pick which step's readout to use (Ouro's semantics); weighted_exit=True reads
+    out Σ_t p(t|x) logits_t over all steps (Ouro's use_weighted_exit; needs a gate, no rule).
     """
     n_steps, stops, rule = _check_generate_args(model, max_new_tokens, temperature, top_k, stop_tokens,
                                                 exit_rule, n_loops, pad_id, generator, record)
+    _check_exit_options(model, rule, exit_mode, weighted_exit)
     strategy = cache_strategy(cache)
     c = model.config
     prompt, lengths = _prompt_batch(idx, c.vocab_size, pad_id, max_new_tokens, c.max_seq_len)
@@ -434,6 +475,9 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     else:
         first_steps = exit_steps(rule, logits=step_logits, gate=gates, hidden=hidden)
     logits = step_logits[first_steps - 1, torch.arange(B, device=device)].to(all_logits.dtype)   # (B, V)
+    if weighted_exit:                                         # Σ_t p_t logits_t over the S steps
+        probs = model.exit_gate.exit_probs(gates.to(all_logits.dtype))[..., None]          # (S, B, 1)
+        logits = (probs * step_logits.to(all_logits.dtype)).sum(0)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     active = torch.arange(B, device=device)
     seconds["prefill"] = time.perf_counter() - start
@@ -443,7 +487,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
         if n > 0:
             rows = None if active.numel() == B else active
             logits, used = _decode_position(model, kv, tokens[active, n - 1], lengths[active] + n - 1,
-                                            rows, rule, n_steps, generator)
+                                            rows, rule, n_steps, generator, exit_mode, weighted_exit)
             kv.n_decoded += 1
         else:
             used = first_steps
