@@ -979,7 +979,9 @@ run_tests(test_attention_is_causal)
 # That makes three matrices instead of two. To keep the parameter count of the classic
 # MLP, the paper shrinks the hidden size by $2/3$: $3 \cdot d \cdot \tfrac{8d}{3} = 8d^2 = 2
 # \cdot d \cdot 4d$. Our default hidden size is therefore $\tfrac{8}{3} d$, **rounded up to
-# a multiple of 8**, which keeps the matrix shapes friendly to the hardware.
+# a multiple of 8**, which keeps the matrix shapes friendly to the hardware. Chapter 9 puts
+# several of these side by side as experts, with a router choosing among them per token;
+# `Block` takes such a module as its `mlp` argument.
 
 # %%
 #| export
@@ -1100,10 +1102,11 @@ class Block(nn.Module):
     forward(x [B, T, d_model], cos, sin) -> [B, T, d_model]; cos, sin are the rope rows
     [T, head_dim // 2] for x's positions. d_hidden defaults to default_d_hidden(d_model).
     attn: the attention module (default CausalSelfAttention(d_model, n_heads)); chapter 8
-    passes grouped-query attention.
+    passes grouped-query attention. mlp: the feed-forward (default SwiGLU(d_model, d_hidden));
+    chapter 9 passes a mixture of experts.
     """
 
-    def __init__(self, d_model, n_heads, d_hidden=None, norm_style="pre", eps=1e-6, attn=None):
+    def __init__(self, d_model, n_heads, d_hidden=None, norm_style="pre", eps=1e-6, attn=None, mlp=None):
         super().__init__()
         d_hidden = _check_block_args(d_model, n_heads, d_hidden, norm_style)
         self.d_model, self.n_heads, self.d_hidden = d_model, n_heads, d_hidden
@@ -1111,7 +1114,7 @@ class Block(nn.Module):
         n_norms = 2 if norm_style == "pre" else 4
         self.norms = nn.ModuleList(RMSNorm(d_model, eps) for _ in range(n_norms))
         self.attn = CausalSelfAttention(d_model, n_heads) if attn is None else attn
-        self.mlp = SwiGLU(d_model, d_hidden)
+        self.mlp = SwiGLU(d_model, d_hidden) if mlp is None else mlp
 
     def forward(self, x, cos, sin, attend=None):
         """attend: passed to the attention (None: causal attention over x itself)."""

@@ -155,6 +155,9 @@ def _check_fits_in_memory(cfg, n_blocks, available=None):
     bytes (default: this machine's RAM)."""
     d, hidden = cfg.d_model, cfg.d_hidden or default_d_hidden(cfg.d_model)
     kv = getattr(cfg, "kv_heads", cfg.n_heads) * cfg.head_dim                # k and v widths (chapter 8)
+    if getattr(cfg, "mlp", "dense") != "dense":                               # experts (chapter 9)
+        n_experts, _, d_expert = cfg.moe_shape
+        hidden = (n_experts + cfg.n_shared_experts) * d_expert + n_experts // 3
     parts = {"vocab_size": cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2),
              "d_model": n_blocks * (2 * d * d + 2 * d * kv + 3 * d * hidden),
              "max_seq_len": cfg.max_seq_len * cfg.head_dim}             # cos and sin: 2 x T x hs/2
@@ -484,6 +487,7 @@ INJECTIONS = {"none": NoInjection}          # chapter 3 adds "add" and "concat"
 INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random"
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
 ATTENTIONS = {}                             # chapter 8 adds "grouped", grouped-query attention
+MLPS = {}                                   # chapter 9 adds "moe", a mixture of experts
 
 # %% [markdown]
 # Each module of this chapter is an identity with no parameters, so the defaults leave the
@@ -553,6 +557,42 @@ def _validate_published_options(cfg):
                          "in ATTENTIONS; it is not available yet")
 
 # %% [markdown]
+# The last fields describe a mixture of experts in place of each block's MLP, chapter 9's
+# subject. With the default `mlp="dense"` any of them set is an error naming it: a config
+# that asks for experts must not silently get a dense model.
+
+# %%
+#| export
+MOE_DEFAULTS = dict(n_experts=None, top_k=None, d_expert=None, n_shared_experts=0, router="softmax",
+                    capacity_factor=None, balance="switch", balance_pool="all", z_loss=0.0, bias_rate=1e-3)
+ROUTERS, BALANCES, BALANCE_POOLS = ("softmax", "sigmoid"), ("switch", "entropy", "bias", "none"), ("all", "step")
+
+
+def _validate_moe(cfg):
+    require_choice("mlp", cfg.mlp, ("dense", *MLPS))
+    if cfg.mlp == "dense":
+        for name, default in MOE_DEFAULTS.items():
+            if getattr(cfg, name) != default:
+                raise ValueError(f"{name}={getattr(cfg, name)!r} is an option of a mixture of experts, and "
+                                 f"mlp='dense' has none: use mlp='moe' (chapter 9), or leave {name} at {default!r}")
+        return
+    n_experts = require_int("n_experts", cfg.n_experts if cfg.n_experts is not None else 8, 1)
+    top_k = require_int("top_k", cfg.top_k if cfg.top_k is not None else 2, 1)
+    if top_k > n_experts:
+        raise ValueError(f"top_k={top_k} must be <= n_experts={n_experts}: a token cannot use more experts "
+                         f"than there are")
+    if cfg.d_expert is not None:
+        require_int("d_expert", cfg.d_expert, 1)
+    require_int("n_shared_experts", cfg.n_shared_experts, 0)
+    require_choice("router", cfg.router, ROUTERS)
+    if cfg.capacity_factor is not None:
+        require_number("capacity_factor", cfg.capacity_factor, 0, low_open=True)
+    require_choice("balance", cfg.balance, BALANCES)
+    require_choice("balance_pool", cfg.balance_pool, BALANCE_POOLS)
+    require_number("z_loss", cfg.z_loss, 0)
+    require_number("bias_rate", cfg.bias_rate, 0)
+
+# %% [markdown]
 # The config also knows its effective depth, $n_{\text{prelude}} + n_{\text{core}} \cdot S + n_{\text{coda}}$:
 
 # %%
@@ -591,10 +631,24 @@ class LoopLMConfig:
     feedback_norm: bool = False      # every step ends with the final norm, fed back (Ouro)
     norm_before_coda: bool = False   # the final norm also runs before the coda (Huginn)
     init_state_std: float = math.sqrt(2 / 5)   # σ of init_state="random" (chapter 3)
+    # a mixture of experts in place of every block's MLP (chapter 9); "dense" refuses the rest
+    mlp: str = "dense"               # "dense" (SwiGLU) or a key of MLPS ("moe")
+    n_experts: int | None = None     # experts per block (default 8)
+    top_k: int | None = None         # experts each token uses per block (default 2)
+    d_expert: int | None = None      # an expert's hidden size (default: d_hidden split over top_k)
+    n_shared_experts: int = 0        # experts every token uses, besides the routed ones
+    router: str = "softmax"          # "softmax" or "sigmoid"
+    capacity_factor: float | None = None   # None: dropless; else each expert takes at most
+                                     # ceil(capacity_factor * tokens * top_k / n_experts)
+    balance: str = "switch"          # "switch", "entropy", "bias" or "none"
+    balance_pool: str = "all"        # "all": every step's tokens together; "step": per step
+    z_loss: float = 0.0              # weight of the router z-loss in out.aux_loss
+    bias_rate: float = 1e-3          # γ of balance="bias"
 
     def __post_init__(self):
         _validate_common(self)
         _validate_published_options(self)
+        _validate_moe(self)
         require_int("n_prelude", self.n_prelude, 0)
         require_int("n_core", self.n_core, 1)
         require_int("n_coda", self.n_coda, 0)
@@ -611,6 +665,15 @@ class LoopLMConfig:
     def kv_heads(self):
         """Key/value heads: n_kv_heads, or n_heads when it is None."""
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def moe_shape(self):
+        """(n_experts, top_k, d_expert) with their defaults filled in (chapter 9): 8 experts, 2 per
+        token, each d_hidden / top_k wide (rounded up), so that a token's active MLP weights are
+        as many as a dense block's."""
+        n_experts = 8 if self.n_experts is None else self.n_experts
+        top_k = 2 if self.top_k is None else self.top_k
+        return n_experts, top_k, self.d_expert or -(-(self.d_hidden or default_d_hidden(self.d_model)) // top_k)
 
     @property
     def grouped_attention(self):
@@ -647,6 +710,7 @@ print("with 32 steps:  ", cfg.effective_depth(32), "blocks")
 # | `loss` | scalar | with `targets`: the last step's mean over the learned tokens |
 # | `hidden` | $[S, B, T, D]$ | with `return_hidden=True`: the states $h_1, \dots, h_S$ |
 # | `weighted_logits` | $[B, T, V]$ | with an exit gate: $\sum_t p(t \mid x)\,\text{logits}_t$, Ouro's `use_weighted_exit` (chapter 8) |
+# | `aux_loss`, `expert_load` | scalar, $[S, E]$ | with a mixture of experts (chapter 9): its balancing loss, and each step's load per expert |
 #
 # Steps are counted from 1 in prose; the first dimension indexes them from 0.
 
@@ -663,6 +727,8 @@ class LoopOutput:
     loss: torch.Tensor | None = None         # scalar: mean of step_losses[-1] over learned tokens
     hidden: torch.Tensor | None = None       # [S, B, T, D] loop states h_1..h_S (return_hidden)
     weighted_logits: torch.Tensor | None = None   # [B, T, V] Σ_t p(t | x) logits_t, with a gate
+    aux_loss: torch.Tensor | None = None     # scalar: the experts' balancing loss (chapter 9), MoE only
+    expert_load: torch.Tensor | None = None  # [S, E] share of each step's routed assignments per expert
 
 # %% [markdown]
 # The per-step losses are the cross-entropy of every step's prediction at every position.
@@ -895,7 +961,8 @@ class LoopLM(nn.Module):
 
         def blocks(n):            # chapter 8's attention when the config asks for it, else Block's own
             return nn.ModuleList(Block(c.d_model, c.n_heads, c.d_hidden, c.norm_style, c.eps,
-                                       attn=ATTENTIONS["grouped"](c) if c.grouped_attention else None)
+                                       attn=ATTENTIONS["grouped"](c) if c.grouped_attention else None,
+                                       mlp=None if c.mlp == "dense" else MLPS[c.mlp](c))
                                  for _ in range(n))
 
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
@@ -910,6 +977,7 @@ class LoopLM(nn.Module):
         self.init_state = INIT_STATES[c.init_state](c)
         self.injection = INJECTIONS[c.injection](c)
         self.exit_gate = EXIT_GATES[c.gate_head](c) if c.exit_gate else None
+        self.last_aux_loss = None     # the last forward's out.aux_loss (a mixture of experts, chapter 9)
 
     def encode(self, idx, cos, sin, attend=None):
         """x0 = prelude(embed(idx)): the input representation every step can see. -> [B, T, D]
@@ -973,39 +1041,68 @@ class LoopLM(nn.Module):
 
         cos, sin = self.rope(idx.shape[1])                    # (T, hs/2) each
         x0 = self.encode(idx, cos, sin)                       # (B, T, D)
+        routed = self.take_routing(self.prelude)              # experts' choices (chapter 9)
         if state0 is None:
             h = self.init_state(x0, generator=generator)      # h_0: (B, T, D)
         else:
             h = _check_state0(state0, x0)
-        logits, gates, hidden = [], [], []
+        logits, gates, hidden, routing = [], [], [], []
         for t in range(n_loops):
             read = readout == "all" or t == n_loops - 1
             if t < first_grad_step:                           # truncated: no graph, nothing saved
                 with torch.no_grad():
-                    h, step_logits, gate = self._step_and_read(h, x0, cos, sin, read)
+                    h, step_logits, gate, step_routed = self._step_and_read(h, x0, cos, sin, read)
             elif checkpoint and torch.is_grad_enabled():      # inputs saved, the rest recomputed
-                h, step_logits, gate = activation_checkpoint(self._step_and_read, h, x0, cos, sin, read,
-                                                             use_reentrant=False)
+                h, step_logits, gate, step_routed = activation_checkpoint(self._step_and_read, h, x0, cos, sin,
+                                                                          read, use_reentrant=False)
             else:
-                h, step_logits, gate = self._step_and_read(h, x0, cos, sin, read)
+                h, step_logits, gate, step_routed = self._step_and_read(h, x0, cos, sin, read)
             if read:
                 logits.append(step_logits)                    # (B, T, V)
                 gates.append(gate)                            # (B, T), or None without a gate
             if return_hidden:
                 hidden.append(h)
-        return self._output(logits, gates, hidden, targets)
+            routing.append(routed + step_routed)              # the prelude's go with step 1
+            routed = []
+        return self._output(logits, gates, hidden, targets, routing)
 
     def _step_and_read(self, h, x0, cos, sin, read=True):
-        """One loop step, then (if read) its readout: -> (h_t, logits_t or None, gate_t or None)."""
+        """One loop step, then (if read) its readout: -> (h_t, logits_t or None, gate_t or None,
+        the step's routing records). The records are returned rather than read afterwards, so that
+        a step recomputed for activation checkpointing is never counted twice."""
         h = self.step(h, x0, cos, sin)                        # h_t: (B, T, D)
+        routed = self.take_routing(self.core)
         if not read:
-            return h, None, None
+            return h, None, None, routed
         logits, z = self.readout(h, cos, sin)                 # (B, T, V), (B, T, D)
-        return h, logits, None if self.exit_gate is None else self.exit_gate(z)
+        routed = routed + self.take_routing(self.coda)
+        return h, logits, None if self.exit_gate is None else self.exit_gate(z), routed
 
-    def _output(self, logits, gates, hidden, targets=None):
+    def take_routing(self, blocks):
+        """[(mlp, record)] for the mixture-of-experts blocks among `blocks` (chapter 9), each
+        record the one its last call left, which is then cleared. [] for a dense model."""
+        if self.config.mlp == "dense":
+            return []
+        taken = []
+        for block in blocks:
+            taken.append((block.mlp, block.mlp.last_routing))
+            block.mlp.last_routing = None
+        return taken
+
+    def balance_step(self):
+        """After an optimizer step: let each block's MLP update what it balances with (chapter 9's
+        bias balancing); nothing for a dense model."""
+        if self.config.mlp != "dense":
+            for block in (*self.prelude, *self.core, *self.coda):
+                block.mlp.balance_step()
+
+    def _output(self, logits, gates, hidden, targets=None, routing=None):
         """The output record from the per-step lists (the one place a LoopOutput is built)."""
         out = LoopOutput(logits=torch.stack(logits))          # (S, B, T, V)
+        if self.config.mlp != "dense":                        # chapter 9: balancing loss, per-step load
+            out.aux_loss, out.expert_load = MLPS[self.config.mlp].statistics(self.config, routing,
+                                                                             count=self.training)
+            self.last_aux_loss = out.aux_loss                 # for the Trainer: replaced every forward
         if self.exit_gate is not None:
             out.gate = torch.stack(gates)                     # (S, B, T)
             out.exit_probs = self.exit_gate.exit_probs(out.gate)
@@ -1496,6 +1593,8 @@ def looplm_param_count(config):
     block = block_param_count(c.d_model, c.n_heads, c.d_hidden, c.norm_style)
     if c.grouped_attention:   # chapter 8's attention replaces the 4 d² of Block's own: count it built
         block += sum(p.numel() for p in ATTENTIONS["grouped"](c).parameters()) - 4 * c.d_model**2
+    if c.mlp != "dense":      # chapter 9's experts replace the SwiGLU: count them built
+        block += sum(p.numel() for p in MLPS[c.mlp](c).parameters()) - 3 * c.d_model * (c.d_hidden or default_d_hidden(c.d_model))
     extensions = [INJECTIONS[c.injection](c), INIT_STATES[c.init_state](c)]
     if c.exit_gate:
         extensions.append(EXIT_GATES[c.gate_head](c))

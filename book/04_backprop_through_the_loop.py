@@ -601,7 +601,9 @@ print(f"one step saves {slope / state_bytes:.2f} hidden states' worth of tensors
 # them (the memory measurements below show what that saves). Here is the loop of `forward` from chapter 2,
 # read back from the package. Steps $1, \dots, S - k$ run without gradients; their readouts
 # are still computed and returned (detached), so the output has the same fields either way.
-# The remaining steps run with autograd, each inside a checkpoint if asked:
+# The remaining steps run with autograd, each inside a checkpoint if asked (`step_routed` is what
+# a mixture of experts chose at the step, chapter 9; it is returned from the checkpointed step
+# so that a recomputed step is not counted twice):
 
 # %% tags=["hide-input"]
 forward_source = inspect.getsource(LoopLM.forward).splitlines()

@@ -534,6 +534,8 @@ class GenerationResult:
     strategy: str                 # the cache strategy's name
     seconds: dict = field(default_factory=dict)  # wall time of "prefill" and "decode"
     cache: object = None          # the LoopKVCache (for inspection)
+    expert_load: torch.Tensor | None = None   # [S, E] with experts (chapter 9): per step, the share of the
+                                  # decoded tokens' routed assignments per expert (0 where none ran)
 
     @property
     def new_tokens(self):
@@ -765,19 +767,28 @@ draw_cache_strategies(2, "The same, when the earlier token exited at step e = 2"
 
 # %%
 #| export
+def _count_routing(model, blocks, load, step):
+    """Add the kept expert assignments of `blocks`' last calls to load[step] (experts, chapter 9)."""
+    if load is not None:
+        for _, record in model.take_routing(blocks):
+            load[step] += torch.bincount(record.chosen[record.kept], minlength=load.shape[1]).to(load.dtype)
+
+
 def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, generator=None, mode="skip",
-                     weighted=False):
+                     weighted=False, load=None):
     """Run one new token per row; -> (logits [R, V] at each token's exit step, steps [R] from 1).
 
     tokens, positions [R]; rows: the batch rows they belong to (None: all rows, in order).
     mode "skip": a token that exits stops running; "select": every token runs every step and
     the rule only picks the readout (chapter 8). weighted: read out Σ_t p_t logits_t instead.
+    load [S, E]: where a mixture of experts counts the assignments of the steps that ran (chapter 9).
     """
     R = tokens.shape[0]
     dtype = _logits_dtype(model)
     cos, sin = model.rope.cos[positions][:, None], model.rope.sin[positions][:, None]   # (R, 1, hs/2)
     x0 = model.encode(tokens[:, None], cos, sin,
                       attend=lambda i: cache.decode_attend("prelude", i, 1, rows))      # (R, 1, D)
+    _count_routing(model, model.prelude, load, 0)
     h = model.init_state(x0, generator=generator)
     out_logits = torch.zeros(R, model.config.vocab_size, device=tokens.device, dtype=dtype)
     out_steps = torch.full((R,), n_steps, dtype=torch.long, device=tokens.device)
@@ -791,8 +802,10 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, gener
     prev_logits = prev_hidden = None
     for s in range(1, n_steps + 1):
         h = model.step(h, x0, cos, sin, attend=lambda l: cache.decode_attend("core", l, s, sub))
+        _count_routing(model, model.core, load, s - 1)
         logits, z = model.readout(h, cos, sin, attend=lambda j: cache.decode_attend("coda", j, s, sub),
                                   last_only=True)
+        _count_routing(model, model.coda, load, s - 1)
         logits, state = logits[:, 0], h[:, 0]                                           # (r, V), (r, D)
         if need_gate:
             gates[s - 1, live] = model.exit_gate(z)[:, 0].to(dtype)
@@ -869,6 +882,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     if max_new_tokens == 0:
         return GenerationResult(prompt, steps, all_logits, lengths, kv.nbytes(), strategy.name, seconds, kv)
 
+    load = None if c.mlp == "dense" else torch.zeros(n_steps, c.moe_shape[0], dtype=torch.float64, device=device)
     start = time.perf_counter()
     positions = (torch.arange(Tp, device=device)[None] - (Tp - lengths)[:, None]).clamp_min(0)   # (B, Tp)
     step_logits, gates, hidden = _prefill(model, kv, prompt, positions, n_steps, generator)
@@ -889,7 +903,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
         if n > 0:
             rows = None if active.numel() == B else active
             logits, used = _decode_position(model, kv, tokens[active, n - 1], lengths[active] + n - 1,
-                                            rows, rule, n_steps, generator, exit_mode, weighted_exit)
+                                            rows, rule, n_steps, generator, exit_mode, weighted_exit, load)
             kv.n_decoded += 1
         else:
             used = first_steps
@@ -901,8 +915,10 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
             if active.numel() == 0:
                 break
     seconds["decode"] = time.perf_counter() - start
+    if load is not None:
+        load = load / load.sum(1, keepdim=True).clamp_min(1)
     return GenerationResult(torch.cat([prompt, tokens], dim=1), steps, all_logits, lengths, kv.nbytes(),
-                            strategy.name, seconds, kv)
+                            strategy.name, seconds, kv, expert_load=load)
 
 # %% [markdown]
 # ## 7.6 Cached decoding equals recomputing everything
@@ -1608,14 +1624,14 @@ display(Image(filename=plot_path))
 #   out of the batch. For a model this small those costs are a large part of a step, so the
 #   speedup should stay below the ideal; the rules that read the gate or the logits also pay
 #   for computing the gate and the rule's score at every step. In the stored run, Q-exit decoded
-#   1.29 times as fast as full depth at batch 1 and 1.27 times at batch 64 (ideal 1.41). KL and
-#   hidden-state change, which save little or no work, moved within the noise (1.06 and 0.95 at
-#   batch 1), and fixed depth 2 ran 1.61 and 1.58 times as fast (ideal 2). These timings are
+#   1.09 times as fast as full depth at batch 1 and 1.16 times at batch 64 (ideal 1.41). KL and
+#   hidden-state change, which save little or no work, moved within the noise (1.06 and 0.90 at
+#   batch 1), and fixed depth 2 ran 1.62 and 1.67 times as fast (ideal 2). These timings are
 #   one run's, and noisy: the five full-depth rows, which do nearly the same work, spread over
-#   29% (175 to 225 tokens per second at batch 1), so at this scale only large differences mean
+#   17% (187 to 218 tokens per second at batch 1), so at this scale only large differences mean
 #   something. The largest gains came where rows exit at about the same step: confidence (1.64
-#   steps per token, ideal 2.23) ran 2.37 and 1.58 times as fast at batch 1 and 64, above its
-#   ideal at batch 1, which is the noise again, and fixed depth 2 1.61 and 1.58 times.
+#   steps per token, ideal 2.23) ran 1.92 and 1.52 times as fast at batch 1 and 64, and fixed
+#   depth 2 1.62 and 1.67 times.
 
 # %% [markdown]
 # ### Quality over three seeds
@@ -1763,9 +1779,9 @@ except ValueError as error:
 # three seeds), as Ouro found. Early exit skipped real work: Q-exit at $q = 0.5$ ran about 3.1
 # loop steps per token instead of 4 and stayed within a point of full depth. How much of that
 # became speed is more than one run on a small model can say: in the stored run Q-exit decoded
-# 1.29 and 1.27 times as fast as full depth at batch 1 and 64, against an ideal of 1.41, while
-# fixed depth 2, where all rows exit together, ran 1.61 and 1.58 times as fast; timings of
-# rows doing the same work spread by 29%. A batch steps until its slowest row has exited and
+# 1.09 and 1.16 times as fast as full depth at batch 1 and 64, against an ideal of 1.41, while
+# fixed depth 2, where all rows exit together, ran 1.62 and 1.67 times as fast; timings of
+# rows doing the same work spread by 17%. A batch steps until its slowest row has exited and
 # pays fixed costs at every step, so mixed exits gain less than the steps they skip.
 
 # %% [markdown]

@@ -38,7 +38,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 import looplm
-from looplm.experiments import CH03_MODELS, CH03_SPLITS, CH04_SPLITS, CH05_SPLITS, CH06_OBJECTIVES, CH07_SPLITS, CH08_THRESHOLDS
+from looplm.experiments import (CH03_MODELS, CH03_SPLITS, CH04_SPLITS, CH05_SPLITS, CH06_OBJECTIVES, CH07_SPLITS,
+                                CH08_THRESHOLDS, CH09_MODELS)
 from looplm.exits import EXIT_RULES
 from looplm.results import load_results, per_seed, registered, results_dir, summary
 from looplm.train import TrainConfig
@@ -94,6 +95,11 @@ SECTIONS = {  # experiment -> (sections of its chapter that report it, its setup
         f"chapter 7's model, splits and training; greedy decoding of the {CH07_SPLITS['n_test']} test prompts at "
         f"full depth, with the weighted readout, and with Q-exit at q = "
         f"{', '.join(map(str, CH08_THRESHOLDS))} when an exited token skips the deeper steps or still runs them"),
+    "moe-loop": (
+        "9.7, 9.8",
+        f"{splits_text(CH03_SPLITS)}; chapter 3's width-64, 4-head models and training: a looped dense block, "
+        f"a looped block with 8 experts (top-2, balanced over all steps, or per step), a looped dense block as "
+        f"wide as the experts together, and 4 stacked dense layers"),
 }
 
 
@@ -282,6 +288,23 @@ for i, first in enumerate(by_seed[0]):
 show([("setting", None), ("accuracy", 3), ("readout step", 2), ("rows with a deeper later token", 3),
       ("rows whose logits differ", 3)], rows)
 HEADLINE["exit-modes"] = [(row[0], row[1]) for row in rows]
+
+# %% [markdown]
+# ## Experts inside the loop (chapter 9)
+#
+# Does a looped block gain from a mixture of experts, at equal compute per token or at equal
+# weights? {doc}`09_mixture_of_experts`, sections 9.7 and 9.8. Accuracy is the last step's
+# exact-match on held-out programs and on longer ones; "per token" counts the weights a token
+# uses (2 of 8 experts).
+
+# %% tags=["nbval-check-output"]
+payload = RESULTS["moe-loop"]
+introduce("moe-loop")
+rows = [[name, per_seed(payload, "models", name, "parameters")[0], per_seed(payload, "models", name, "active")[0],
+         per_seed(payload, "models", name, "test_acc"), per_seed(payload, "models", name, "ood_acc")]
+        for name in CH09_MODELS]
+show([("model", None), ("weights", 0), ("per token", 0), ("test accuracy", 3), ("out of distribution", 3)], rows)
+HEADLINE["moe-loop"] = [(row[0], row[3]) for row in rows]
 
 # %% [markdown]
 # ## Every accuracy at a glance

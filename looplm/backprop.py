@@ -95,7 +95,7 @@ def saved_tensor_bytes(fn, exclude=()):
         result = fn()
     return sum(sizes.values()), result
 
-# --- book/04_backprop_through_the_loop.py:617 (cell 50) ---
+# --- book/04_backprop_through_the_loop.py:619 (cell 50) ---
 def loop_forward(model, idx, targets=None, n_loops=None, grad_steps=None, checkpoint=False,
                  return_hidden=False, readout="all"):
     """model(idx, targets, n_loops=, grad_steps=, checkpoint=, return_hidden=, readout=): LoopLM.forward
@@ -105,7 +105,7 @@ def loop_forward(model, idx, targets=None, n_loops=None, grad_steps=None, checkp
     return model(idx, targets, n_loops=n_loops, grad_steps=grad_steps, checkpoint=checkpoint,
                  return_hidden=return_hidden, readout=readout)
 
-# --- book/04_backprop_through_the_loop.py:1055 (cell 82) ---
+# --- book/04_backprop_through_the_loop.py:1057 (cell 82) ---
 def scale_core_grads(model, factor):
     """Multiply the .grad of every core parameter by `factor` (e.g. 1 / n_loops), in place."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
@@ -114,7 +114,7 @@ def scale_core_grads(model, factor):
         if p.grad is not None:
             p.grad.mul_(factor)
 
-# --- book/04_backprop_through_the_loop.py:1130 (cell 88) ---
+# --- book/04_backprop_through_the_loop.py:1132 (cell 88) ---
 def sample_depth(mean_steps, sigma=0.5, generator=None):
     """A step count r = Poisson(exp(tau)) + 1, tau ~ Normal(log(mean_steps) - sigma^2 / 2, sigma).
 
@@ -131,7 +131,7 @@ def sample_depth(mean_steps, sigma=0.5, generator=None):
     tau = math.log(mean_steps) - sigma**2 / 2 + sigma * torch.randn((), generator=generator, dtype=torch.float64)
     return int(torch.poisson(tau.exp(), generator=generator).item()) + 1
 
-# --- book/04_backprop_through_the_loop.py:1243 (cell 98) ---
+# --- book/04_backprop_through_the_loop.py:1245 (cell 98) ---
 def hidden_norm_penalty(hidden):
     """Mean over steps t = 2..S and positions of (log rms(h_t) - log rms(h_{t-1}))^2.
 
@@ -160,7 +160,7 @@ def step_consistency(logits, targets):
     kl = (teacher.exp() * (teacher - log_p[:-1])).sum(dim=-1)          # (S-1, M)
     return kl.mean()
 
-# --- book/04a_appendix_engineering.py:802 (cell 36) ---
+# --- book/04a_appendix_engineering.py:812 (cell 36) ---
 _named_step_weights, _draw_depth = step_weights, sample_depth   # LoopLoss's arguments shadow these names
 
 

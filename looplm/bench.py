@@ -1,6 +1,6 @@
-# Generated from book/04a_appendix_engineering.py, book/07_inference.py: edit the chapter, then run `make export`.
+# Generated from book/04a_appendix_engineering.py, book/07_inference.py, book/09_mixture_of_experts.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'decode_quality', 'bench_decode', 'format_decode_table', 'plot_decode']
+__all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'decode_quality', 'bench_decode', 'format_decode_table', 'plot_decode', 'bench_moe', 'format_moe_table', 'plot_moe']
 # fmt: on
 
 import argparse
@@ -22,9 +22,10 @@ from looplm.data import TASKS, TASK_VOCAB, decode_answer, make_splits, make_task
 from looplm.exits import make_exit_rule
 from looplm.generate import generate
 from looplm.model import LoopLM, LoopLMConfig
+from looplm.moe import MoEFeedForward
 from looplm.train import TrainConfig, default_loss, task_batches, train_two_stage
 
-# --- book/04a_appendix_engineering.py:2358 (cell 91) ---
+# --- book/04a_appendix_engineering.py:2368 (cell 91) ---
 class _Norm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -77,7 +78,7 @@ class MinimalLoopedLM(nn.Module):
             h = self.block(h, cos, sin)
         return F.linear(self.norm(h), self.embed.weight)            # (B, T, V), tied head
 
-# --- book/04a_appendix_engineering.py:2433 (cell 93) ---
+# --- book/04a_appendix_engineering.py:2443 (cell 93) ---
 def minimal_from_looplm(model):
     """A MinimalLoopedLM holding a LoopLM's weights (one pre-norm core block, tied head, no
     prelude, coda, injection or gate): same logits as model(idx).logits[-1]."""
@@ -99,7 +100,7 @@ def minimal_from_looplm(model):
             mine.weight.copy_(theirs.weight)
     return minimal.to(next(model.parameters()).device)
 
-# --- book/04a_appendix_engineering.py:2463 (cell 95) ---
+# --- book/04a_appendix_engineering.py:2473 (cell 95) ---
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -165,7 +166,7 @@ def bench_train(d_model=128, n_heads=4, n_loops=4, batch_size=16, seq_len=64, vo
                     device=str(device), threads=torch.get_num_threads())
     return {"rows": rows, "max_logit_difference": difference, "settings": settings}
 
-# --- book/04a_appendix_engineering.py:2534 (cell 97) ---
+# --- book/04a_appendix_engineering.py:2544 (cell 97) ---
 def format_train_table(result):
     s = result["settings"]
     lines = [f"training throughput: d_model {s['d_model']}, {s['n_heads']} heads, {s['n_loops']} loops, "
@@ -195,7 +196,7 @@ def plot_train(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/04a_appendix_engineering.py:2576 (cell 99) ---
+# --- book/04a_appendix_engineering.py:2586 (cell 99) ---
 def _train_arguments(parser):
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed turn (default 10)")
     parser.add_argument("--repeats", type=int, default=7, help="timed turns per model (default 7)")
@@ -262,7 +263,7 @@ def main(argv=None):
         print(f"python -m looplm.bench: stopped: {e}", file=sys.stderr)
         return 1
 
-# --- book/07_inference.py:1359 (cell 53) ---
+# --- book/07_inference.py:1375 (cell 53) ---
 # (cache strategy, exit rule name or None): each rule at its default threshold
 DECODE_SETTINGS = (("exact", None), ("last", None), ("first", None), ("average", None), ("mod-2", None),
                    ("exact", "q_exit"), ("exact", "confidence"), ("exact", "kl"), ("exact", "hidden_change"),
@@ -389,7 +390,7 @@ def plot_decode(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/07_inference.py:1505 (cell 55) ---
+# --- book/07_inference.py:1521 (cell 55) ---
 def _decode_arguments(parser):
     parser.add_argument("--checkpoint", default=None, help="a saved model (default: train a small one first)")
     parser.add_argument("--task", default="stack", help="the chapter 0 task of the held-out examples (default stack)")
@@ -458,7 +459,117 @@ def _decode_command(args):
 BENCHMARKS["decode"] = ("KV-cache strategies and per-token early exit while decoding", _decode_arguments,
                         _decode_command)
 
-# --- book/04a_appendix_engineering.py:2644 (cell 100) ---
+# --- book/09_mixture_of_experts.py:969 (cell 43) ---
+def _median_seconds(fns, repeats, device):
+    """{name: median seconds of fn()} over `repeats` turns, the order alternating each turn."""
+    for fn in fns.values():                                        # warm up
+        fn()
+    times, order = {name: [] for name in fns}, list(fns)
+    for turn in range(repeats):
+        for name in (order if turn % 2 == 0 else order[::-1]):
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_moe(n_experts=16, top_k=2, d_model=64, d_expert=64, tokens=1024, batch_size=16, seq_len=64,
+              repeats=5, device="cpu", seed=0):
+    """The MoE layer (grouped against loop), a training step and decoding (MoE against dense at equal
+    active weights). -> dict with "rows": [(what, contestant, seconds, relative)] and "settings"."""
+    for name, value in (("n_experts", n_experts), ("top_k", top_k), ("tokens", tokens), ("repeats", repeats)):
+        require_int(name, value, 1)
+    torch.manual_seed(seed)
+    rows, x = [], torch.randn(tokens, d_model, device=device, requires_grad=True)
+    layers = {impl: MoEFeedForward(d_model, n_experts, top_k, d_expert, impl=impl).to(device) for impl in ("loop", "grouped")}
+    layers["grouped"].load_state_dict(layers["loop"].state_dict())
+    layer_fns = {f"{impl}, {n_experts} experts top-{top_k}": (lambda m=m: m(x).square().sum().backward())
+                 for impl, m in layers.items()}
+    for name, seconds in _median_seconds(layer_fns, repeats, device).items():
+        rows.append(("MoE layer, forward + backward", name, seconds))
+    base = dict(vocab_size=256, d_model=d_model, n_heads=4, n_loops=4, max_seq_len=seq_len)
+    hidden = 8 * (-(-8 * d_model // 24))                           # the dense default, 8/3 d
+    models = {"dense": LoopLM(LoopLMConfig(**base)).to(device),
+              f"MoE, 8 experts top-{top_k}": LoopLM(LoopLMConfig(**base, mlp="moe", n_experts=8, top_k=top_k,
+                                                                  d_expert=hidden // top_k)).to(device)}
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 256, (batch_size, seq_len), generator=generator).to(device)
+    step_fns = {}
+    for name, model in models.items():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        step_fns[name] = _train_step(model, lambda m, i, t: default_loss(m, i, t)[0] + 0.01 * m.last_aux_loss
+                                     if m.last_aux_loss is not None else default_loss(m, i, t)[0], optimizer, idx, idx)
+    for name, seconds in _median_seconds(step_fns, repeats, device).items():
+        rows.append((f"training step, batch {batch_size} x {seq_len}", name, seconds))
+    for batch in (1, batch_size):
+        prompts = idx[:batch, :16]
+        decode_fns = {name: (lambda m=m: generate(m.eval(), prompts, 32)) for name, m in models.items()}
+        for name, seconds in _median_seconds(decode_fns, repeats, device).items():
+            rows.append((f"decoding 32 tokens, batch {batch}", name, seconds))
+    out = []
+    for what, name, seconds in rows:
+        first = next(s for w, _, s in rows if w == what)
+        out.append((what, name, seconds, seconds / first))
+    return {"rows": out, "settings": dict(n_experts=n_experts, top_k=top_k, d_model=d_model, d_expert=d_expert,
+                                          tokens=tokens, device=str(device), threads=torch.get_num_threads())}
+
+
+def format_moe_table(result):
+    s = result["settings"]
+    lines = [f"MoE benchmark on {s['device']} ({s['threads']} threads); median of alternating turns",
+             f"{'':36s} {'contestant':26s} {'ms':>9s} {'relative':>9s}"]
+    for what, name, seconds, relative in result["rows"]:
+        lines.append(f"{what:36s} {name:26s} {seconds * 1e3:9.2f} {relative:9.2f}")
+    return "\n".join(lines)
+
+
+def plot_moe(result, path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 3.2))
+    ax = fig.add_subplot()
+    labels = [f"{what}: {name}" for what, name, _, _ in result["rows"]]
+    ax.barh(labels[::-1], [row[3] for row in result["rows"]][::-1], color="C0")
+    ax.axvline(1.0, color="gray", linewidth=0.8)
+    ax.set(xlabel="time relative to the first contestant of its group", title="python -m looplm.bench moe")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _moe_arguments(parser):
+    parser.add_argument("--experts", type=int, default=16, help="experts of the layer benchmark (default 16)")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens of the layer benchmark (default 1024)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--out", default="build/bench/moe.png", help="bar plot (default build/bench/moe.png)")
+
+
+def _moe_command(args):
+    for flag, value in (("--experts", args.experts), ("--top-k", args.top_k), ("--tokens", args.tokens),
+                        ("--repeats", args.repeats)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.top_k > args.experts:
+        raise ValueError(f"--top-k {args.top_k} must be <= --experts {args.experts}")
+    result = bench_moe(n_experts=args.experts, top_k=args.top_k, tokens=args.tokens, repeats=args.repeats,
+                       device=args.device)
+    print(format_moe_table(result))
+    print(f"\nsaved {plot_moe(result, args.out)}")
+    return 0
+
+
+BENCHMARKS["moe"] = ("mixture of experts: grouped against looped experts, MoE against dense", _moe_arguments,
+                     _moe_command)
+
+# --- book/04a_appendix_engineering.py:2654 (cell 100) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.bench`. The export places this cell last in looplm/bench.py, after the
     # benchmarks later chapters register.

@@ -234,7 +234,7 @@ class CausalSelfAttention(nn.Module):
             y = attend(q, k, v)
         return self.project_out(y)
 
-# --- book/01_weight_tied_block.py:986 (cell 104) ---
+# --- book/01_weight_tied_block.py:988 (cell 104) ---
 def default_d_hidden(d_model, multiple_of=8):
     """The default SwiGLU hidden size: 8/3 * d_model rounded up to a multiple of `multiple_of`.
 
@@ -245,7 +245,7 @@ def default_d_hidden(d_model, multiple_of=8):
     require_int("multiple_of", multiple_of, 1)
     return multiple_of * -(-8 * d_model // (3 * multiple_of))  # integer ceiling division
 
-# --- book/01_weight_tied_block.py:1006 (cell 107) ---
+# --- book/01_weight_tied_block.py:1008 (cell 107) ---
 class SwiGLU(nn.Module):
     """Gated MLP without biases: W_down(silu(W_gate x) * W_up x) (arXiv 2002.05202).
 
@@ -264,7 +264,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))  # (..., d_hidden) -> (..., d_model)
 
-# --- book/01_weight_tied_block.py:1074 (cell 116) ---
+# --- book/01_weight_tied_block.py:1076 (cell 116) ---
 NORM_STYLES = ("pre", "sandwich", "huginn")
 
 
@@ -278,7 +278,7 @@ def _check_block_args(d_model, n_heads, d_hidden, norm_style):
         raise ValueError(f"norm_style must be one of {allowed}; got {norm_style!r}")
     return d_hidden
 
-# --- book/01_weight_tied_block.py:1093 (cell 118) ---
+# --- book/01_weight_tied_block.py:1095 (cell 118) ---
 class Block(nn.Module):
     """A transformer block: causal self-attention and a SwiGLU MLP with residual adds.
 
@@ -289,10 +289,11 @@ class Block(nn.Module):
     forward(x [B, T, d_model], cos, sin) -> [B, T, d_model]; cos, sin are the rope rows
     [T, head_dim // 2] for x's positions. d_hidden defaults to default_d_hidden(d_model).
     attn: the attention module (default CausalSelfAttention(d_model, n_heads)); chapter 8
-    passes grouped-query attention.
+    passes grouped-query attention. mlp: the feed-forward (default SwiGLU(d_model, d_hidden));
+    chapter 9 passes a mixture of experts.
     """
 
-    def __init__(self, d_model, n_heads, d_hidden=None, norm_style="pre", eps=1e-6, attn=None):
+    def __init__(self, d_model, n_heads, d_hidden=None, norm_style="pre", eps=1e-6, attn=None, mlp=None):
         super().__init__()
         d_hidden = _check_block_args(d_model, n_heads, d_hidden, norm_style)
         self.d_model, self.n_heads, self.d_hidden = d_model, n_heads, d_hidden
@@ -300,7 +301,7 @@ class Block(nn.Module):
         n_norms = 2 if norm_style == "pre" else 4
         self.norms = nn.ModuleList(RMSNorm(d_model, eps) for _ in range(n_norms))
         self.attn = CausalSelfAttention(d_model, n_heads) if attn is None else attn
-        self.mlp = SwiGLU(d_model, d_hidden)
+        self.mlp = SwiGLU(d_model, d_hidden) if mlp is None else mlp
 
     def forward(self, x, cos, sin, attend=None):
         """attend: passed to the attention (None: causal attention over x itself)."""
@@ -320,7 +321,7 @@ class Block(nn.Module):
             x = n4(x + self.mlp(n3(x)))
         return x
 
-# --- book/01_weight_tied_block.py:1331 (cell 143) ---
+# --- book/01_weight_tied_block.py:1334 (cell 143) ---
 def block_param_count(d_model, n_heads, d_hidden=None, norm_style="pre"):
     """Parameters of Block(d_model, n_heads, d_hidden, norm_style), from the formula.
 

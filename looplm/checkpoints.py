@@ -15,7 +15,7 @@ import torch
 from looplm import __version__
 from looplm.model import LoopLM, LoopLMConfig
 
-# --- book/04a_appendix_engineering.py:1086 (cell 48) ---
+# --- book/04a_appendix_engineering.py:1096 (cell 48) ---
 def _temporary_name_pattern(path):
     """The names of the temporary files of `path`: .NAME.<random>.tmp (random: hex here, or
     letters, digits and _ as tempfile.mkstemp, which earlier versions used)."""
@@ -101,7 +101,7 @@ def _atomic_write(path, write):
         raise
     return path
 
-# --- book/04a_appendix_engineering.py:1176 (cell 50) ---
+# --- book/04a_appendix_engineering.py:1186 (cell 50) ---
 CHECKPOINT_FORMAT = "looplm-checkpoint"
 
 
@@ -137,7 +137,7 @@ def write_checkpoint(path, model, *, trainer_state=None, train_config=None, loss
     }
     return _atomic_write(Path(path), lambda f: torch.save(payload, f))
 
-# --- book/04a_appendix_engineering.py:1226 (cell 52) ---
+# --- book/04a_appendix_engineering.py:1236 (cell 52) ---
 def _version_tuple(version):
     return tuple(int(part) for part in re.findall(r"\d+", str(version))[:3])
 

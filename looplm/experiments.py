@@ -1,10 +1,11 @@
-# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05a_appendix_adaptive.py, book/06_other_ways_to_stop.py, book/07_inference.py, book/08_real_models.py: edit the chapter, then run `make export`.
+# Generated from book/03_fixed_loops.py, book/04_backprop_through_the_loop.py, book/05a_appendix_adaptive.py, book/06_other_ways_to_stop.py, book/07_inference.py, book/08_real_models.py, book/09_mixture_of_experts.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH04_SPLITS', 'FIXED_VS_RANDOM_DEPTH', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_OBJECTIVES', 'OTHER_OBJECTIVES', 'CH07_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT', 'CH08_THRESHOLDS', 'exit_mode_quality', 'EXIT_MODES_EXPERIMENT']
+__all__ = ['CH03_SPLITS', 'CH03_MODELS', 'LOOPED_VS_STACKED', 'CH04_SPLITS', 'FIXED_VS_RANDOM_DEPTH', 'CH05_SPLITS', 'CH05_BUDGETS', 'ch05_rules', 'rule_curves', 'best_at_budgets', 'EXIT_RECIPE', 'CH06_OBJECTIVES', 'OTHER_OBJECTIVES', 'CH07_SPLITS', 'CACHE_STRATEGIES_EXPERIMENT', 'CH08_THRESHOLDS', 'exit_mode_quality', 'EXIT_MODES_EXPERIMENT', 'CH09_MODELS', 'active_parameters', 'MOE_LOOP_EXPERIMENT']
 # fmt: on
 
 import copy
 import dataclasses
+import time
 
 import torch
 
@@ -18,6 +19,7 @@ from looplm.exits import (ConfidenceExit, FixedDepth, HiddenChangeExit, KLExit, 
                           pick_exit_threshold, select_exit_logits)
 from looplm.generate import generate
 from looplm.model import LinearExitGate, LoopLM, LoopLMConfig
+from looplm.moe import routing_summary
 from looplm.objectives import act_halting
 from looplm.results import Experiment, register
 from looplm.train import (TrainConfig, Trainer, stage2_config, task_accuracy, task_batches, train_stage1,
@@ -77,7 +79,7 @@ def _ch03_prefix(seed, n_steps):
 LOOPED_VS_STACKED = register(Experiment("looped-vs-stacked", "03", "chapter 3: looped vs stacked models, and injection and norm "
                     "placement, on the stack task", _ch03_run, _ch03_prefix))
 
-# --- book/04_backprop_through_the_loop.py:1361 (cell 111) ---
+# --- book/04_backprop_through_the_loop.py:1363 (cell 111) ---
 CH04_SPLITS = dict(task="stack", n_train=5000, n_test=500, max_difficulty=4, ood_max_difficulty=5, seed=0)
 CH04_STEPS, CH04_MAX_LOOPS = 600, 16
 
@@ -320,7 +322,7 @@ def _ch06_prefix(seed, n_steps):
 OTHER_OBJECTIVES = register(Experiment("other-objectives", "06", "chapter 6: Stage I, ACT, PonderNet and Gumbel "
                                        "fine-tunes of one Stage I model", _ch06_run, _ch06_prefix))
 
-# --- book/07_inference.py:1631 (cell 61) ---
+# --- book/07_inference.py:1647 (cell 61) ---
 CH07_SPLITS = dict(task="stack", n_train=4000, n_test=300, max_difficulty=5, ood_max_difficulty=7, seed=0)
 
 
@@ -400,3 +402,50 @@ def _ch08_run(seed):
 EXIT_MODES_EXPERIMENT = register(Experiment(
     "exit-modes", "08", "chapter 8: accuracy of Q-exit decoding when exited tokens skip or still run the deeper steps",
     _ch08_run, _ch07_prefix))
+
+# --- book/09_mixture_of_experts.py:828 (cell 34) ---
+CH09_MODELS = {  # name -> the LoopLMConfig changes of chapter 3's width-64, 4-head model
+    "looped dense": dict(n_loops=4),
+    "looped MoE": dict(n_loops=4, mlp="moe", n_experts=8, top_k=2),
+    "looped MoE, per-step balance": dict(n_loops=4, mlp="moe", n_experts=8, top_k=2, balance_pool="step"),
+    "looped dense, as many weights": dict(n_loops=4, d_hidden=704),
+    "stacked dense": dict(n_core=4, n_loops=1),
+}
+
+
+def active_parameters(model):
+    """Weights a token uses: all of a dense model's; a MoE block uses top_k of its experts."""
+    total, c = sum(p.numel() for p in model.parameters()), model.config
+    if c.mlp == "dense":
+        return total
+    n_experts, top_k, d_expert = c.moe_shape
+    blocks = c.n_prelude + c.n_core + c.n_coda
+    return total - blocks * (n_experts - top_k) * 3 * c.d_model * d_expert
+
+
+def _ch09_run(seed):
+    out, prefix = {}, None
+    for name, changes in CH09_MODELS.items():
+        trainer, splits = _ch03_trainer(seed, changes)
+        start = time.perf_counter()
+        trainer.run()
+        seconds = time.perf_counter() - start
+        model, losses = trainer.model.eval(), [row["loss"] for row in trainer.history]
+        record = {"parameters": sum(p.numel() for p in model.parameters()), "active": active_parameters(model),
+                  "seconds_per_update": seconds / len(losses)}
+        for split in ("test", "ood"):
+            record[f"{split}_acc"] = task_accuracy(model, getattr(splits, split))[-1].item()
+        if model.config.mlp == "moe":
+            batch = encode_examples(splits.test)
+            real = batch.idx != TASK_VOCAB.pad_id
+            record["routing"] = routing_summary(model, batch.idx, real)
+            record["routing_8"] = routing_summary(model, batch.idx, real, n_loops=8)
+            record["test_acc_8"] = task_accuracy(model, splits.test, n_loops=8)[-1].item()
+        prefix = losses[:20] if prefix is None else prefix
+        out[name] = record
+    return {"models": out, "prefix": prefix}
+
+
+MOE_LOOP_EXPERIMENT = register(Experiment(
+    "moe-loop", "09", "chapter 9: looped MoE against looped and stacked dense models, and its routing per step",
+    _ch09_run, _ch03_prefix))

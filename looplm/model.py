@@ -1,6 +1,6 @@
-# Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py, book/05_learning_when_to_stop.py, book/08_real_models.py: edit the chapter, then run `make export`.
+# Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py, book/05_learning_when_to_stop.py, book/08_real_models.py, book/09_mixture_of_experts.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'ATTENTIONS', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate']
+__all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'ATTENTIONS', 'MLPS', 'MOE_DEFAULTS', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate']
 # fmt: on
 
 import math
@@ -16,6 +16,7 @@ from looplm.block import (NORM_STYLES, Block, GroupedQueryAttention, RMSNorm, Ro
                           block_param_count, default_d_hidden)
 from looplm.checks import require_bool, require_choice, require_int, require_number
 from looplm.data import IGNORE_INDEX
+from looplm.moe import LoopMoE
 
 # --- book/02_one_step_is_a_gpt.py:113 (cell 11) ---
 MAX_VOCAB_SIZE = 2**31 - 1   # token ids may arrive as int32 tensors
@@ -55,6 +56,9 @@ def _check_fits_in_memory(cfg, n_blocks, available=None):
     bytes (default: this machine's RAM)."""
     d, hidden = cfg.d_model, cfg.d_hidden or default_d_hidden(cfg.d_model)
     kv = getattr(cfg, "kv_heads", cfg.n_heads) * cfg.head_dim                # k and v widths (chapter 8)
+    if getattr(cfg, "mlp", "dense") != "dense":                               # experts (chapter 9)
+        n_experts, _, d_expert = cfg.moe_shape
+        hidden = (n_experts + cfg.n_shared_experts) * d_expert + n_experts // 3
     parts = {"vocab_size": cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2),
              "d_model": n_blocks * (2 * d * d + 2 * d * kv + 3 * d * hidden),
              "max_seq_len": cfg.max_seq_len * cfg.head_dim}             # cos and sin: 2 x T x hs/2
@@ -66,7 +70,7 @@ def _check_fits_in_memory(cfg, n_blocks, available=None):
                          f"and rope tables need {needed / 2**30:,.1f} GiB, and this machine has "
                          f"{available / 2**30:,.1f} GiB of memory; use a smaller {field}")
 
-# --- book/02_one_step_is_a_gpt.py:181 (cell 15) ---
+# --- book/02_one_step_is_a_gpt.py:184 (cell 15) ---
 @dataclass(frozen=True)
 class GPTConfig:
     """A standard decoder-only transformer: embedding, n_layers distinct blocks, norm, head.
@@ -95,7 +99,7 @@ class GPTConfig:
     def head_dim(self):
         return self.d_model // self.n_heads
 
-# --- book/02_one_step_is_a_gpt.py:249 (cell 21) ---
+# --- book/02_one_step_is_a_gpt.py:252 (cell 21) ---
 def _check_token_ids(name, ids, vocab_size, max_seq_len):
     """Raise unless `ids` is an integer [B, T] tensor, T <= max_seq_len, ids in [0, vocab_size)."""
     if not isinstance(ids, torch.Tensor):
@@ -113,7 +117,7 @@ def _check_token_ids(name, ids, vocab_size, max_seq_len):
         raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): "
                          f"min {low}, max {high}")
 
-# --- book/02_one_step_is_a_gpt.py:273 (cell 23) ---
+# --- book/02_one_step_is_a_gpt.py:276 (cell 23) ---
 def _init_weights(modules, std):
     """Normal(0, std) for every Linear and Embedding weight inside `modules`; norm gains stay 1."""
     for module in modules:
@@ -121,7 +125,7 @@ def _init_weights(modules, std):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
 
-# --- book/02_one_step_is_a_gpt.py:286 (cell 25) ---
+# --- book/02_one_step_is_a_gpt.py:289 (cell 25) ---
 class GPT(nn.Module):
     """A standard causal LM: embed -> n_layers distinct Blocks -> RMSNorm -> LM head.
 
@@ -154,7 +158,7 @@ class GPT(nn.Module):
             h = block(h, cos, sin)               # (B, T, D)
         return self.lm_head(self.norm(h))        # (B, T, V)
 
-# --- book/02_one_step_is_a_gpt.py:446 (cell 43) ---
+# --- book/02_one_step_is_a_gpt.py:449 (cell 43) ---
 class NoInjection(nn.Module):
     """injection="none": the core sees only its previous output, inject(h, x0) = h (Ouro)."""
 
@@ -174,13 +178,14 @@ class EmbeddingInit(nn.Module):
     def forward(self, x0, generator=None):
         return x0
 
-# --- book/02_one_step_is_a_gpt.py:483 (cell 46) ---
+# --- book/02_one_step_is_a_gpt.py:486 (cell 46) ---
 INJECTIONS = {"none": NoInjection}          # chapter 3 adds "add" and "concat"
 INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random"
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
 ATTENTIONS = {}                             # chapter 8 adds "grouped", grouped-query attention
+MLPS = {}                                   # chapter 9 adds "moe", a mixture of experts
 
-# --- book/02_one_step_is_a_gpt.py:515 (cell 51) ---
+# --- book/02_one_step_is_a_gpt.py:519 (cell 51) ---
 def _validate_exit_gate(cfg):
     require_bool("exit_gate", cfg.exit_gate)
     if not isinstance(cfg.gate_head, str):
@@ -192,7 +197,7 @@ def _validate_exit_gate(cfg):
                          "until chapter 5 (adaptive depth) registers one; use exit_gate=False")
     require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
-# --- book/02_one_step_is_a_gpt.py:535 (cell 53) ---
+# --- book/02_one_step_is_a_gpt.py:539 (cell 53) ---
 def _validate_published_options(cfg):
     if cfg.n_kv_heads is not None:
         require_int("n_kv_heads", cfg.n_kv_heads, 1, cfg.n_heads)
@@ -213,7 +218,37 @@ def _validate_published_options(cfg):
         raise ValueError("n_kv_heads or qk_bias asks for grouped-query attention, which chapter 8 registers "
                          "in ATTENTIONS; it is not available yet")
 
-# --- book/02_one_step_is_a_gpt.py:560 (cell 55) ---
+# --- book/02_one_step_is_a_gpt.py:566 (cell 55) ---
+MOE_DEFAULTS = dict(n_experts=None, top_k=None, d_expert=None, n_shared_experts=0, router="softmax",
+                    capacity_factor=None, balance="switch", balance_pool="all", z_loss=0.0, bias_rate=1e-3)
+ROUTERS, BALANCES, BALANCE_POOLS = ("softmax", "sigmoid"), ("switch", "entropy", "bias", "none"), ("all", "step")
+
+
+def _validate_moe(cfg):
+    require_choice("mlp", cfg.mlp, ("dense", *MLPS))
+    if cfg.mlp == "dense":
+        for name, default in MOE_DEFAULTS.items():
+            if getattr(cfg, name) != default:
+                raise ValueError(f"{name}={getattr(cfg, name)!r} is an option of a mixture of experts, and "
+                                 f"mlp='dense' has none: use mlp='moe' (chapter 9), or leave {name} at {default!r}")
+        return
+    n_experts = require_int("n_experts", cfg.n_experts if cfg.n_experts is not None else 8, 1)
+    top_k = require_int("top_k", cfg.top_k if cfg.top_k is not None else 2, 1)
+    if top_k > n_experts:
+        raise ValueError(f"top_k={top_k} must be <= n_experts={n_experts}: a token cannot use more experts "
+                         f"than there are")
+    if cfg.d_expert is not None:
+        require_int("d_expert", cfg.d_expert, 1)
+    require_int("n_shared_experts", cfg.n_shared_experts, 0)
+    require_choice("router", cfg.router, ROUTERS)
+    if cfg.capacity_factor is not None:
+        require_number("capacity_factor", cfg.capacity_factor, 0, low_open=True)
+    require_choice("balance", cfg.balance, BALANCES)
+    require_choice("balance_pool", cfg.balance_pool, BALANCE_POOLS)
+    require_number("z_loss", cfg.z_loss, 0)
+    require_number("bias_rate", cfg.bias_rate, 0)
+
+# --- book/02_one_step_is_a_gpt.py:600 (cell 57) ---
 @dataclass(frozen=True)
 class LoopLMConfig:
     """A looped LM: embed -> prelude (once) -> core (n_loops times, shared weights) -> readout.
@@ -248,10 +283,24 @@ class LoopLMConfig:
     feedback_norm: bool = False      # every step ends with the final norm, fed back (Ouro)
     norm_before_coda: bool = False   # the final norm also runs before the coda (Huginn)
     init_state_std: float = math.sqrt(2 / 5)   # σ of init_state="random" (chapter 3)
+    # a mixture of experts in place of every block's MLP (chapter 9); "dense" refuses the rest
+    mlp: str = "dense"               # "dense" (SwiGLU) or a key of MLPS ("moe")
+    n_experts: int | None = None     # experts per block (default 8)
+    top_k: int | None = None         # experts each token uses per block (default 2)
+    d_expert: int | None = None      # an expert's hidden size (default: d_hidden split over top_k)
+    n_shared_experts: int = 0        # experts every token uses, besides the routed ones
+    router: str = "softmax"          # "softmax" or "sigmoid"
+    capacity_factor: float | None = None   # None: dropless; else each expert takes at most
+                                     # ceil(capacity_factor * tokens * top_k / n_experts)
+    balance: str = "switch"          # "switch", "entropy", "bias" or "none"
+    balance_pool: str = "all"        # "all": every step's tokens together; "step": per step
+    z_loss: float = 0.0              # weight of the router z-loss in out.aux_loss
+    bias_rate: float = 1e-3          # γ of balance="bias"
 
     def __post_init__(self):
         _validate_common(self)
         _validate_published_options(self)
+        _validate_moe(self)
         require_int("n_prelude", self.n_prelude, 0)
         require_int("n_core", self.n_core, 1)
         require_int("n_coda", self.n_coda, 0)
@@ -270,6 +319,15 @@ class LoopLMConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
+    def moe_shape(self):
+        """(n_experts, top_k, d_expert) with their defaults filled in (chapter 9): 8 experts, 2 per
+        token, each d_hidden / top_k wide (rounded up), so that a token's active MLP weights are
+        as many as a dense block's."""
+        n_experts = 8 if self.n_experts is None else self.n_experts
+        top_k = 2 if self.top_k is None else self.top_k
+        return n_experts, top_k, self.d_expert or -(-(self.d_hidden or default_d_hidden(self.d_model)) // top_k)
+
+    @property
     def grouped_attention(self):
         """True when the blocks need chapter 8's attention (fewer kv heads, or a q/k bias)."""
         return self.kv_heads != self.n_heads or self.qk_bias
@@ -280,7 +338,7 @@ class LoopLMConfig:
         require_int("n_loops", n_loops, 1)
         return self.n_prelude + self.n_core * n_loops + self.n_coda
 
-# --- book/02_one_step_is_a_gpt.py:655 (cell 59) ---
+# --- book/02_one_step_is_a_gpt.py:719 (cell 61) ---
 @dataclass
 class LoopOutput:
     """What LoopLM.forward returns. S is the number of loop steps that ran."""
@@ -292,8 +350,10 @@ class LoopOutput:
     loss: torch.Tensor | None = None         # scalar: mean of step_losses[-1] over learned tokens
     hidden: torch.Tensor | None = None       # [S, B, T, D] loop states h_1..h_S (return_hidden)
     weighted_logits: torch.Tensor | None = None   # [B, T, V] Σ_t p(t | x) logits_t, with a gate
+    aux_loss: torch.Tensor | None = None     # scalar: the experts' balancing loss (chapter 9), MoE only
+    expert_load: torch.Tensor | None = None  # [S, E] share of each step's routed assignments per expert
 
-# --- book/02_one_step_is_a_gpt.py:690 (cell 62) ---
+# --- book/02_one_step_is_a_gpt.py:756 (cell 64) ---
 def token_losses(logits, targets):
     """Per-token cross-entropy: logits [..., B, T, V], targets [B, T] -> [..., B, T].
 
@@ -307,7 +367,7 @@ def token_losses(logits, targets):
                              ignore_index=IGNORE_INDEX, reduction="none")
     return losses.view(targets.shape)                         # (..., B, T)
 
-# --- book/02_one_step_is_a_gpt.py:710 (cell 64) ---
+# --- book/02_one_step_is_a_gpt.py:776 (cell 66) ---
 def _check_targets(targets, idx, vocab_size):
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
@@ -326,7 +386,7 @@ def _check_targets(targets, idx, vocab_size):
         raise ValueError(f"targets holds ids outside [0, vocab_size={vocab_size}) other than "
                          f"IGNORE_INDEX={IGNORE_INDEX}, e.g. {targets[bad][0].item()}")
 
-# --- book/02_one_step_is_a_gpt.py:853 (cell 70) ---
+# --- book/02_one_step_is_a_gpt.py:919 (cell 72) ---
 def _check_grad_steps(grad_steps, n_loops):
     """grad_steps if it is an int in [1, n_loops]: how many of the last steps get gradients."""
     require_int("grad_steps", grad_steps, 1)
@@ -351,7 +411,7 @@ def _check_state0(state0, x0):
         raise ValueError(f"state0 must have shape [B, T, d_model] = {list(x0.shape)}, got {list(state0.shape)}")
     return state0.to(device=x0.device, dtype=x0.dtype)
 
-# --- book/02_one_step_is_a_gpt.py:879 (cell 71) ---
+# --- book/02_one_step_is_a_gpt.py:945 (cell 73) ---
 class LoopLM(nn.Module):
     """A looped (weight-tied) causal LM with a readout after every loop step.
 
@@ -371,7 +431,8 @@ class LoopLM(nn.Module):
 
         def blocks(n):            # chapter 8's attention when the config asks for it, else Block's own
             return nn.ModuleList(Block(c.d_model, c.n_heads, c.d_hidden, c.norm_style, c.eps,
-                                       attn=ATTENTIONS["grouped"](c) if c.grouped_attention else None)
+                                       attn=ATTENTIONS["grouped"](c) if c.grouped_attention else None,
+                                       mlp=None if c.mlp == "dense" else MLPS[c.mlp](c))
                                  for _ in range(n))
 
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
@@ -386,6 +447,7 @@ class LoopLM(nn.Module):
         self.init_state = INIT_STATES[c.init_state](c)
         self.injection = INJECTIONS[c.injection](c)
         self.exit_gate = EXIT_GATES[c.gate_head](c) if c.exit_gate else None
+        self.last_aux_loss = None     # the last forward's out.aux_loss (a mixture of experts, chapter 9)
 
     def encode(self, idx, cos, sin, attend=None):
         """x0 = prelude(embed(idx)): the input representation every step can see. -> [B, T, D]
@@ -449,39 +511,68 @@ class LoopLM(nn.Module):
 
         cos, sin = self.rope(idx.shape[1])                    # (T, hs/2) each
         x0 = self.encode(idx, cos, sin)                       # (B, T, D)
+        routed = self.take_routing(self.prelude)              # experts' choices (chapter 9)
         if state0 is None:
             h = self.init_state(x0, generator=generator)      # h_0: (B, T, D)
         else:
             h = _check_state0(state0, x0)
-        logits, gates, hidden = [], [], []
+        logits, gates, hidden, routing = [], [], [], []
         for t in range(n_loops):
             read = readout == "all" or t == n_loops - 1
             if t < first_grad_step:                           # truncated: no graph, nothing saved
                 with torch.no_grad():
-                    h, step_logits, gate = self._step_and_read(h, x0, cos, sin, read)
+                    h, step_logits, gate, step_routed = self._step_and_read(h, x0, cos, sin, read)
             elif checkpoint and torch.is_grad_enabled():      # inputs saved, the rest recomputed
-                h, step_logits, gate = activation_checkpoint(self._step_and_read, h, x0, cos, sin, read,
-                                                             use_reentrant=False)
+                h, step_logits, gate, step_routed = activation_checkpoint(self._step_and_read, h, x0, cos, sin,
+                                                                          read, use_reentrant=False)
             else:
-                h, step_logits, gate = self._step_and_read(h, x0, cos, sin, read)
+                h, step_logits, gate, step_routed = self._step_and_read(h, x0, cos, sin, read)
             if read:
                 logits.append(step_logits)                    # (B, T, V)
                 gates.append(gate)                            # (B, T), or None without a gate
             if return_hidden:
                 hidden.append(h)
-        return self._output(logits, gates, hidden, targets)
+            routing.append(routed + step_routed)              # the prelude's go with step 1
+            routed = []
+        return self._output(logits, gates, hidden, targets, routing)
 
     def _step_and_read(self, h, x0, cos, sin, read=True):
-        """One loop step, then (if read) its readout: -> (h_t, logits_t or None, gate_t or None)."""
+        """One loop step, then (if read) its readout: -> (h_t, logits_t or None, gate_t or None,
+        the step's routing records). The records are returned rather than read afterwards, so that
+        a step recomputed for activation checkpointing is never counted twice."""
         h = self.step(h, x0, cos, sin)                        # h_t: (B, T, D)
+        routed = self.take_routing(self.core)
         if not read:
-            return h, None, None
+            return h, None, None, routed
         logits, z = self.readout(h, cos, sin)                 # (B, T, V), (B, T, D)
-        return h, logits, None if self.exit_gate is None else self.exit_gate(z)
+        routed = routed + self.take_routing(self.coda)
+        return h, logits, None if self.exit_gate is None else self.exit_gate(z), routed
 
-    def _output(self, logits, gates, hidden, targets=None):
+    def take_routing(self, blocks):
+        """[(mlp, record)] for the mixture-of-experts blocks among `blocks` (chapter 9), each
+        record the one its last call left, which is then cleared. [] for a dense model."""
+        if self.config.mlp == "dense":
+            return []
+        taken = []
+        for block in blocks:
+            taken.append((block.mlp, block.mlp.last_routing))
+            block.mlp.last_routing = None
+        return taken
+
+    def balance_step(self):
+        """After an optimizer step: let each block's MLP update what it balances with (chapter 9's
+        bias balancing); nothing for a dense model."""
+        if self.config.mlp != "dense":
+            for block in (*self.prelude, *self.core, *self.coda):
+                block.mlp.balance_step()
+
+    def _output(self, logits, gates, hidden, targets=None, routing=None):
         """The output record from the per-step lists (the one place a LoopOutput is built)."""
         out = LoopOutput(logits=torch.stack(logits))          # (S, B, T, V)
+        if self.config.mlp != "dense":                        # chapter 9: balancing loss, per-step load
+            out.aux_loss, out.expert_load = MLPS[self.config.mlp].statistics(self.config, routing,
+                                                                             count=self.training)
+            self.last_aux_loss = out.aux_loss                 # for the Trainer: replaced every forward
         if self.exit_gate is not None:
             out.gate = torch.stack(gates)                     # (S, B, T)
             out.exit_probs = self.exit_gate.exit_probs(out.gate)
@@ -518,7 +609,7 @@ class LoopLM(nn.Module):
         model.load_state_dict(state)  # strict: every weight is matched by name, or this raises
         return model
 
-# --- book/02_one_step_is_a_gpt.py:1482 (cell 110) ---
+# --- book/02_one_step_is_a_gpt.py:1579 (cell 112) ---
 def gpt_param_count(config):
     """Parameters of GPT(config): V d (x2 if untied) + n_layers * block + d (final norm)."""
     c = config
@@ -536,6 +627,8 @@ def looplm_param_count(config):
     block = block_param_count(c.d_model, c.n_heads, c.d_hidden, c.norm_style)
     if c.grouped_attention:   # chapter 8's attention replaces the 4 d² of Block's own: count it built
         block += sum(p.numel() for p in ATTENTIONS["grouped"](c).parameters()) - 4 * c.d_model**2
+    if c.mlp != "dense":      # chapter 9's experts replace the SwiGLU: count them built
+        block += sum(p.numel() for p in MLPS[c.mlp](c).parameters()) - 3 * c.d_model * (c.d_hidden or default_d_hidden(c.d_model))
     extensions = [INJECTIONS[c.injection](c), INIT_STATES[c.init_state](c)]
     if c.exit_gate:
         extensions.append(EXIT_GATES[c.gate_head](c))
@@ -659,3 +752,6 @@ def _grouped_attention(config):
 
 
 ATTENTIONS["grouped"] = _grouped_attention
+
+# --- book/09_mixture_of_experts.py:606 (cell 28) ---
+MLPS["moe"] = LoopMoE

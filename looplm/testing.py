@@ -22,7 +22,7 @@ def run_tests(*tests):
         print(f"✓ {test.__name__}")
     print(f"{len(tests)} passed")
 
-# --- book/07_inference.py:923 (cell 35) ---
+# --- book/07_inference.py:939 (cell 35) ---
 # The model layouts decoding is tested on (chapter 7 and Appendix C): the default, one with a
 # prelude, two core blocks, a coda, additive injection and sandwich norms, and one with a coda,
 # concatenated injection, zero initial state, Huginn's norms and an exit gate.

@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "cpu"          # "cpu", "cuda", "cuda:1", ...
     autocast: bool = True        # bf16 autocast on CUDA only; ignored on CPU
     progress: bool = True        # tqdm bar on stderr; off when TQDM_DISABLE or CI is set
+    aux_weight: float = 0.01     # weight of a mixture of experts' balancing loss (chapter 9)
 
     def __post_init__(self):
         require_int("steps", self.steps, 1)
@@ -71,6 +72,7 @@ class TrainConfig:
         require_int("seed", self.seed, 0)
         require_bool("autocast", self.autocast)
         require_bool("progress", self.progress)
+        require_number("aux_weight", self.aux_weight, 0)
         _check_device(self.device)
 
 
@@ -84,7 +86,7 @@ def _check_device(device):
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but CUDA is not available on this machine; use 'cpu'")
 
-# --- book/04a_appendix_engineering.py:228 (cell 12) ---
+# --- book/04a_appendix_engineering.py:230 (cell 12) ---
 def lr_at(step, config):
     """The learning rate of update number `step` (1 = the first): linear warmup, cosine decay.
 
@@ -99,12 +101,12 @@ def lr_at(step, config):
     progress = (step - c.warmup_steps) / (c.steps - c.warmup_steps)
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
 
-# --- book/04a_appendix_engineering.py:267 (cell 16) ---
+# --- book/04a_appendix_engineering.py:269 (cell 16) ---
 def default_loss(model, idx, targets):
     """model(idx, targets=targets).loss: the last step's mean cross-entropy. -> (loss, {})."""
     return model(idx, targets=targets).loss, {}
 
-# --- book/04a_appendix_engineering.py:288 (cell 18) ---
+# --- book/04a_appendix_engineering.py:290 (cell 18) ---
 def _param_groups(model, weight_decay):
     """AdamW groups: decay for matrices, none for norm gains, biases and embedding tables."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -119,7 +121,7 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
-# --- book/04a_appendix_engineering.py:336 (cell 22) ---
+# --- book/04a_appendix_engineering.py:338 (cell 22) ---
 def _check_batch(batch, batch_size):
     """(idx, targets) from get_batch: integer tensors of the same shape [batch_size, T]."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -156,7 +158,7 @@ def _progress_enabled(config):
     return (config.progress and os.environ.get("TQDM_DISABLE", "") in off
             and os.environ.get("CI", "") in off)
 
-# --- book/04a_appendix_engineering.py:382 (cell 24) ---
+# --- book/04a_appendix_engineering.py:384 (cell 24) ---
 class Trainer:
     """Trains `model` on batches from `get_batch(generator) -> (idx, targets)`.
 
@@ -197,11 +199,17 @@ class Trainer:
             group["lr"] = lr
         idx, targets = _check_batch(self.get_batch(self.generator), c.batch_size)
         idx, targets = idx.to(self.device), targets.to(self.device)
+        if hasattr(self.model, "last_aux_loss"):
+            self.model.last_aux_loss = None                   # this step's forward sets it again
         with self._autocast():
             loss, metrics = self.loss_fn(self.model, idx, targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return (scalar loss tensor, metrics), got {type(loss).__name__}")
-        metrics = _check_metrics(metrics, {"step", "lr", "loss", "grad_norm"})
+        metrics = _check_metrics(metrics, {"step", "lr", "loss", "grad_norm", "aux_loss"})
+        aux = getattr(self.model, "last_aux_loss", None)     # a mixture of experts' balancing loss
+        if aux is not None:
+            loss = loss + c.aux_weight * aux
+            metrics["aux_loss"] = aux.item()
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"step {step}: the loss is {loss_value}; no update was applied "
@@ -214,6 +222,8 @@ class Trainer:
             raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm}; no update was "
                                      f"applied (the model and optimizer are as after step {step - 1})")
         self.optimizer.step()
+        if hasattr(self.model, "balance_step"):
+            self.model.balance_step()                         # bias balancing, once per optimizer step
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
         return {"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm, **metrics}
@@ -283,7 +293,7 @@ def train(model, get_batch, config, **kwargs):
     trainer.run()
     return trainer
 
-# --- book/04a_appendix_engineering.py:518 (cell 26) ---
+# --- book/04a_appendix_engineering.py:528 (cell 26) ---
 def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
     """get_batch(generator) -> (idx, targets) [batch_size, T]: rows drawn from `examples`.
 
@@ -302,7 +312,7 @@ def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
 
     return get_batch
 
-# --- book/04a_appendix_engineering.py:544 (cell 28) ---
+# --- book/04a_appendix_engineering.py:554 (cell 28) ---
 def _batch_accuracy(model, batch, n_loops, batch_size):
     device = next(model.parameters()).device
     correct = []
@@ -347,7 +357,7 @@ def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
 
     return evaluate
 
-# --- book/04a_appendix_engineering.py:1306 (cell 54) ---
+# --- book/04a_appendix_engineering.py:1316 (cell 54) ---
 def save_checkpoint(path, trainer, extra=None):
     """Write a Trainer (model config and weights, TrainConfig, optimizer and batch state, loss
     function state) to `path` with write_checkpoint, atomically. -> path."""
@@ -381,7 +391,7 @@ def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, e
         loss_fn.load_state_dict(payload["loss_fn"])
     return trainer
 
-# --- book/04a_appendix_engineering.py:1569 (cell 66) ---
+# --- book/04a_appendix_engineering.py:1579 (cell 66) ---
 def _task_splits(args):
     """The command line's TaskSplits: difficulties 1..N for training and testing."""
     options = {"reverse_answer": True} if args.reverse_answer else {}
@@ -391,7 +401,7 @@ def _task_splits(args):
                        max_difficulty=args.difficulty, ood_max_difficulty=args.difficulty + 1,
                        seed=args.seed)
 
-# --- book/04a_appendix_engineering.py:1608 (cell 69) ---
+# --- book/04a_appendix_engineering.py:1618 (cell 69) ---
 RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "no_progress")   # flags --resume may change
 
 
@@ -511,7 +521,7 @@ def _check_resumed_flags(parser, args, payload, path, other_recipes=()):
         raise ValueError(f"--steps {args.steps}: the run being resumed is already at step {reached}; "
                          f"pass --steps {reached} or more")
 
-# --- book/04a_appendix_engineering.py:1740 (cell 71) ---
+# --- book/04a_appendix_engineering.py:1750 (cell 71) ---
 def _standard_arguments(parser):
     loss = parser.add_argument_group("standard recipe: the loss (section 4.7)")
     loss.add_argument("--step-weights", default="last", choices=STEP_WEIGHTS)
@@ -555,7 +565,7 @@ def _standard_run(args, model, get_batch, config, evaluate):
 RECIPES["standard"] = Recipe(help="one loss for the whole run, from section 4.7's options",
                              add_arguments=_standard_arguments, run=_standard_run, resumable=True)
 
-# --- book/04a_appendix_engineering.py:1799 (cell 73) ---
+# --- book/04a_appendix_engineering.py:1809 (cell 73) ---
 def _json_value(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -595,7 +605,7 @@ def _plot_history(history, path):
     fig.tight_layout()
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
-# --- book/04a_appendix_engineering.py:1861 (cell 75) ---
+# --- book/04a_appendix_engineering.py:1871 (cell 75) ---
 def _out_of_memory(error):
     """Whether `error` says that an allocation failed (CPU or GPU)."""
     if isinstance(error, MemoryError):
@@ -818,7 +828,7 @@ RECIPES["two-stage"] = Recipe(
     help="Ouro's two stages: model and exit gate with an entropy bonus, then the gate alone",
     add_arguments=_two_stage_arguments, run=_two_stage_run)
 
-# --- book/04a_appendix_engineering.py:1973 (cell 76) ---
+# --- book/04a_appendix_engineering.py:1983 (cell 76) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.train` (not a notebook, not the chapter run as a script). The export
     # places this cell last in looplm/train.py, after the recipes later chapters register.

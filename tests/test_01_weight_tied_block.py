@@ -169,7 +169,7 @@ def test_attention_is_causal():
     before, after = _changes_only_from(lambda x: attn(x, cos, sin), torch.randn(2, 16, 32), 9)
     assert before < 1e-6 and after > 1e-3
 
-# --- book/01_weight_tied_block.py:1147 (cell 121) ---
+# --- book/01_weight_tied_block.py:1150 (cell 121) ---
 def test_attend_hook_replaces_the_attention_op():
     torch.manual_seed(0)
     cos, sin = RotaryEmbedding(8, 16)(16)
@@ -183,7 +183,7 @@ def test_attend_hook_replaces_the_attention_op():
     attn(x, cos, sin, attend=lambda q, k, v: seen.append(q.shape) or v)
     assert seen == [(2, 4, 16, 8)]
 
-# --- book/01_weight_tied_block.py:1258 (cell 135) ---
+# --- book/01_weight_tied_block.py:1261 (cell 135) ---
 def test_shapes():
     torch.manual_seed(0)
     x = torch.randn(2, 10, 48)
@@ -197,7 +197,7 @@ def test_shapes():
     for style in NORM_STYLES:
         assert Block(48, 4, d_hidden=96, norm_style=style)(x, cos, sin).shape == x.shape
 
-# --- book/01_weight_tied_block.py:1280 (cell 137) ---
+# --- book/01_weight_tied_block.py:1283 (cell 137) ---
 def test_block_is_causal():
     for style in NORM_STYLES:
         torch.manual_seed(0)
@@ -206,7 +206,7 @@ def test_block_is_causal():
         before, after = _changes_only_from(lambda x: block(x, cos, sin), torch.randn(2, 16, 32), 5)
         assert before < 1e-5 and after > 1e-3, style
 
-# --- book/01_weight_tied_block.py:1297 (cell 139) ---
+# --- book/01_weight_tied_block.py:1300 (cell 139) ---
 def test_gradients_are_finite():
     for style in NORM_STYLES:
         torch.manual_seed(0)
@@ -219,7 +219,7 @@ def test_gradients_are_finite():
         for name, p in block.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), (style, name)
 
-# --- book/01_weight_tied_block.py:1380 (cell 151) ---
+# --- book/01_weight_tied_block.py:1383 (cell 151) ---
 def test_param_count_formula():
     for d_model, n_heads, d_hidden in [(32, 2, None), (48, 4, 100), (64, 8, 64)]:
         for style in NORM_STYLES:
@@ -229,7 +229,7 @@ def test_param_count_formula():
     assert block_param_count(64, 4, 176, "pre") == 4 * 64**2 + 3 * 64 * 176 + 2 * 64
     assert default_d_hidden(64) == 176 and default_d_hidden(768) == 2048
 
-# --- book/01_weight_tied_block.py:1443 (cell 160) ---
+# --- book/01_weight_tied_block.py:1446 (cell 160) ---
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="n_heads=3 must divide d_model=100"):
         Block(100, 3)
@@ -240,7 +240,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="norm_style must be one of 'pre', 'sandwich', 'huginn'"):
         Block(64, 4, norm_style="post")
 
-# --- book/01_weight_tied_block.py:1461 (cell 162) ---
+# --- book/01_weight_tied_block.py:1464 (cell 162) ---
 def test_bad_sizes_raise():
     for bad in (0, -8, 2.5, True):
         with pytest.raises(ValueError, match="d_model must be an int >= 1"):
@@ -252,7 +252,7 @@ def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         RMSNorm(64, eps=0.0)
 
-# --- book/01_weight_tied_block.py:1480 (cell 164) ---
+# --- book/01_weight_tied_block.py:1483 (cell 164) ---
 def test_bad_inputs_raise():
     torch.manual_seed(0)
     block = Block(64, 4)
@@ -267,7 +267,7 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         RMSNorm(8)(torch.ones(3, 8, dtype=torch.long))
 
-# --- book/01_weight_tied_block.py:1502 (cell 166) ---
+# --- book/01_weight_tied_block.py:1505 (cell 166) ---
 def test_bad_positions_raise():
     torch.manual_seed(0)
     block = Block(64, 4)

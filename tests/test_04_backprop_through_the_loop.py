@@ -130,7 +130,7 @@ def test_tied_gradient_is_sum_of_per_step_gradients():
         torch.testing.assert_close(sum(step[k] for step in per_step), tied, rtol=1e-10, atol=1e-12)
         assert all(step[k].abs().sum() > 0 for step in per_step)   # every step contributes
 
-# --- book/04_backprop_through_the_loop.py:755 (cell 60) ---
+# --- book/04_backprop_through_the_loop.py:757 (cell 60) ---
 def _full_model(seed=0):
     torch.manual_seed(seed)
     return LoopLM(LoopLMConfig(vocab_size=13, d_model=16, n_heads=2, n_prelude=1, n_core=2,
@@ -173,7 +173,7 @@ def test_checkpointing_gives_the_same_gradients():
         for a, b in zip(plain, mine):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
-# --- book/04_backprop_through_the_loop.py:837 (cell 65) ---
+# --- book/04_backprop_through_the_loop.py:839 (cell 65) ---
 def test_truncated_backprop_drops_the_early_steps():
     model = _full_model(2)
     idx, targets = _batch(2)
@@ -203,7 +203,7 @@ def test_truncated_backprop_drops_the_early_steps():
     full = grads(lambda: loop_forward(model, idx, targets, n_loops=S).step_losses.sum())
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(grads(truncated), full))
 
-# --- book/04_backprop_through_the_loop.py:918 (cell 70) ---
+# --- book/04_backprop_through_the_loop.py:920 (cell 70) ---
 def test_checkpointing_saves_less_for_backward():
     model = _full_model(5)
     idx, targets = _batch(5)
@@ -216,7 +216,7 @@ def test_checkpointing_saves_less_for_backward():
     plain, checkpointed = saved(False), saved(True)
     assert 0 < checkpointed < plain / 2, (plain, checkpointed)
 
-# --- book/04_backprop_through_the_loop.py:1183 (cell 94) ---
+# --- book/04_backprop_through_the_loop.py:1185 (cell 94) ---
 def test_sample_depth_is_reproducible_and_has_the_stated_mean():
     first = [sample_depth(4, 0.5, torch.Generator().manual_seed(7)) for _ in range(3)]
     g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
@@ -231,12 +231,12 @@ def test_sample_depth_is_reproducible_and_has_the_stated_mean():
         assert abs(draws.mean().item() - (mean_steps + 1)) < tolerance
     assert {sample_depth(3, 0.0, g) for _ in range(200)} >= {1, 3, 5}   # sigma 0: Poisson(3) + 1
 
-# --- book/04_backprop_through_the_loop.py:1431 (cell 115) ---
+# --- book/04_backprop_through_the_loop.py:1433 (cell 115) ---
 def test_stored_depth_experiment_matches_a_live_prefix():
     difference, _ = check_prefix("fixed-vs-random-depth")
     assert difference <= 1e-3
 
-# --- book/04_backprop_through_the_loop.py:1517 (cell 122) ---
+# --- book/04_backprop_through_the_loop.py:1519 (cell 122) ---
 def test_bad_arguments_get_clear_errors():
     model = _full_model()
     idx, targets = _batch()

@@ -32,7 +32,7 @@ from looplm.testing import (  # noqa: F401
     recompute_greedy,
 )
 
-# --- book/07_inference.py:956 (cell 36) ---
+# --- book/07_inference.py:972 (cell 36) ---
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread, and a busy machine makes two threads much slower."""
@@ -74,7 +74,7 @@ def test_cache_length_equals_tokens_seen():
         assert len(log) == 6 * (1 + 3 * (2 + 1))                   # per token: prelude + S x (core + coda)
         assert all(keys == seen for *_, keys, seen in log)
 
-# --- book/07_inference.py:1022 (cell 39) ---
+# --- book/07_inference.py:1038 (cell 39) ---
 def test_strategy_identities_and_bytes():
     model = small_model(**LAYOUTS[1])                       # 1 prelude, 2 core, 1 coda block, S = 3
     prompt = [[1, 5, 7, 3, 9]]
@@ -94,7 +94,7 @@ def test_strategy_identities_and_bytes():
         expected = position * (1 * (5 + 7) + (2 + 1) * (3 * 5 + slots * 7))
         assert res.cache_bytes == expected, name
 
-# --- book/07_inference.py:1056 (cell 41) ---
+# --- book/07_inference.py:1072 (cell 41) ---
 def reference_shared_decode(model, prompt, n_new, strategy):
     """Greedy decoding under a cache strategy, without a cache: one position at a time, with every
     position's (k, v) of every block and step kept as computed when it was the newest position."""
@@ -149,7 +149,7 @@ def test_every_strategy_equals_a_reference_without_a_cache():
         assert torch.equal(res.new_tokens[0], tokens), strategy
         torch.testing.assert_close(res.logits[0], logits, atol=1e-5, rtol=0)
 
-# --- book/07_inference.py:1137 (cell 43) ---
+# --- book/07_inference.py:1153 (cell 43) ---
 def _reference_attention(block, u, cos, sin, saved, key, exit_at, t):
     q, k, v = block.attn.project_qkv(u, cos, sin)                           # (1, nh, T, hs)
     for j, e in enumerate(exit_at):
@@ -220,7 +220,7 @@ class ParityExit(ExitRule):
     def score(self, view):
         return (view.logits.argmax(-1) % 2 == 0).float()
 
-# --- book/07_inference.py:1212 (cell 44) ---
+# --- book/07_inference.py:1228 (cell 44) ---
 def test_a_rule_that_never_fires_is_full_depth():
     for options in LAYOUTS:
         model = small_model(n_loops=4, **options)

@@ -126,6 +126,24 @@ def ch08(setting, key):
     return [next(r[key] for r in seed_rows if r["setting"] == setting) for seed_rows in rows]
 
 
+def ch09(model, key):
+    return seed_summary("moe-loop", "models", model, key)
+
+
+def ch09_routing(model, key, field):
+    return [r[field] for r in seed_summary("moe-loop", "models", model, key)]
+
+
+def spreads(model, key):
+    import torch
+
+    out = []
+    for load in ch09_routing(model, key, "load"):
+        load = torch.tensor(load)
+        out.append((0.5 * (load - load.mean(0)).abs().sum(1)).tolist())
+    return out
+
+
 def pct(values):
     return f"{100 * sum(values) / len(values):.1f}"
 
@@ -159,9 +177,9 @@ CLAIMS = [
                 r"fixed depth 2, where all rows exit together, ran (\S+) and (\S+) times as fast",
           lambda m: [m[1], m[2], m[3]] == ch07_table("exact", "q_exit")[5:8] and [m[4], m[5]] == ch07_table("exact", "fixed")[5:7]),
     Claim("07", r"confidence \(1\.64 steps per token, ideal (\S+)\) ran (\S+) and (\S+) times as fast at batch 1 and "
-                r"64, above its ideal at batch 1, which is the noise again, and fixed depth 2 (\S+) and (\S+) times",
+                r"64, and fixed depth 2 (\S+) and (\S+) times",
           lambda m: ch07_table("exact", "confidence")[2] == "1.64"
-          and [m[2], m[3], m[1]] == ch07_table("exact", "confidence")[5:8] and float(m[2]) > float(m[1])
+          and [m[2], m[3], m[1]] == ch07_table("exact", "confidence")[5:8]
           and [m[4], m[5]] == ch07_table("exact", "fixed")[5:7]),
     Claim("07", r"In the stored run, Q-exit decoded\s+(\S+) times as fast as full depth at batch 1 and (\S+) times at "
                 r"batch 64 \(ideal (\S+)\)\. KL and hidden-state change, .* \((\S+) and (\S+) at batch 1\), and fixed "
@@ -295,6 +313,50 @@ CLAIMS = [
     Claim("08", r"lost accuracy in every seed \((\S+) against (\S+)\)",
           lambda m: all(w < f for w, f in zip(ch08("weighted", "accuracy"), ch08("full depth", "accuracy")))
           and (m[1], m[2]) == (mean(ch08("weighted", "accuracy"), 3), mean(ch08("full depth", "accuracy"), 3))),
+    Claim("09", r"On a CPU the grouped layer was (\S+) times as fast as the loop, and a MoE training step cost (\S+) times a "
+                r"dense one",
+          lambda m: re.search(r"grouped, 16 experts top-2\s+\S+\s+" + re.escape(f"{1 / float(m[1]):.2f}"),
+                              output_after("09", '"looplm.bench", "moe"')) is not None
+          and re.search(r"training step, batch 16 x 64\s+MoE, 8 experts top-2\s+\S+\s+" + re.escape(m[2]),
+                        output_after("09", '"looplm.bench", "moe"')) is not None),
+    # chapter 9: experts in the loop, 3 seeds
+    Claim("09", r"The looped MoE scored (\S+ ± \S+) on held-out programs against (\S+ ± \S+) for the looped dense model "
+                r"with the same compute per token, within the spread of the seeds, and out of distribution it was lower on "
+                r"average \((\S+) against (\S+)\), though not in every seed",
+          lambda m: (m[1], m[2]) == (pm(ch09("looped MoE", "test_acc")), pm(ch09("looped dense", "test_acc")))
+          and (m[3], m[4]) == (mean(ch09("looped MoE", "ood_acc"), 3), mean(ch09("looped dense", "ood_acc"), 3))
+          and max(ch09("looped MoE", "test_acc")) >= min(ch09("looped dense", "test_acc"))
+          and not all(a < b for a, b in zip(ch09("looped MoE", "ood_acc"), ch09("looped dense", "ood_acc")))),
+    Claim("09", r"in one wide MLP, did no better \((\S+ ± \S+)\), and the stacked model with four distinct layers was "
+                r"the best, as in chapter 3 \((\S+ ± \S+), and (\S+) out of distribution\)",
+          lambda m: m[1] == pm(ch09("looped dense, as many weights", "test_acc"))
+          and (m[2], m[3]) == (pm(ch09("stacked dense", "test_acc")), mean(ch09("stacked dense", "ood_acc"), 3))
+          and all(sum(ch09("stacked dense", "test_acc")) > sum(ch09(n, "test_acc"))
+                  for n in ("looped dense", "looped MoE", "looped MoE, per-step balance", "looped dense, as many weights"))),
+    Claim("09", r"Balancing per step against pooled over the steps, (\S+ ± \S+) against (\S+ ± \S+): the ranges overlap",
+          lambda m: (m[1], m[2]) == (pm(ch09("looped MoE, per-step balance", "test_acc")), pm(ch09("looped MoE", "test_acc")))
+          and min(ch09("looped MoE, per-step balance", "test_acc")) <= max(ch09("looped MoE", "test_acc"))),
+    Claim("09", r"Each step's load lies (\S+) to (\S+) away from the average load over the four steps with the pooled "
+                r"balance, and (\S+) to (\S+) with the per-step one",
+          lambda m: [m[1], m[2]] == [f"{f(sum(s[t] for s in spreads('looped MoE', 'routing')) / 3 for t in range(4)):.2f}" for f in (min, max)]
+          and [m[3], m[4]] == [f"{f(sum(s[t] for s in spreads('looped MoE, per-step balance', 'routing')) / 3 for t in range(4)):.2f}"
+                               for f in (min, max)]),
+    Claim("09", r"rises from (\S+) \(step 1 to 2\) to (\S+) \(step 3 to 4\)\. Run past the trained depth, the routing "
+                r"freezes: from step 7 to 8, (\S+) of the tokens keep their expert, the load drifts away from the mean again "
+                r"\((\S+) at step 8\), and accuracy falls from (\S+) at 4 steps to (\S+) at 8",
+          lambda m: [m[1], m[2]] == [mean([k[i] for k in ch09_routing("looped MoE", "routing", "keep")]) for i in (0, 2)]
+          and m[3] == mean([k[6] for k in ch09_routing("looped MoE", "routing_8", "keep")])
+          and m[4] == f"{sum(s[7] for s in spreads('looped MoE', 'routing_8')) / 3:.2f}"
+          and (m[5], m[6]) == (mean(ch09("looped MoE", "test_acc"), 3), mean(ch09("looped MoE", "test_acc_8"), 3))),
+    Claim("09", r"In the stored run the grouped layer took (\S+) of the loop's time \((\S+) times as fast\)",
+          lambda m: re.search(r"grouped, 16 experts top-2\s+\S+\s+" + re.escape(m[1]), output_after("09", '"looplm.bench", "moe"'))
+          is not None and f"{1 / float(m[1]):.2f}" == m[2]),
+    Claim("09", r"A training step of the looped MoE cost (\S+) times the dense step at equal active weights, within the 1\.5 "
+                r"aimed for; greedy decoding cost (\S+) and (\S+) times at batch 1 and 16",
+          lambda m: all(re.search(what + r"\s+MoE, 8 experts top-2\s+\S+\s+" + re.escape(value), output_after("09", '"looplm.bench", "moe"'))
+                        for what, value in (("training step, batch 16 x 64", m[1]), ("decoding 32 tokens, batch 1", m[2]),
+                                            ("decoding 32 tokens, batch 16", m[3])))
+          and float(m[1]) <= 1.5),
 ]
 
 
@@ -364,6 +426,13 @@ def test_findings_tables_are_the_results_files():
     for objective, cells in rows.items():
         assert cells[1:] == [pm(ch06(objective, "test_accuracy")), pm(ch06(objective, "entropy"), 2),
                              pm(ch06(objective, "test_steps"), 2)], objective
+
+    rows = findings_rows("moe-loop")
+    assert set(rows) == set(results("moe-loop")["results"]["0"]["models"])
+    for model, cells in rows.items():
+        first = results("moe-loop")["results"]["0"]["models"][model]
+        assert cells[1:] == [f"{first['parameters']:,}", f"{first['active']:,}", pm(ch09(model, "test_acc")),
+                             pm(ch09(model, "ood_acc"))], model
 
     runs = [results("exit-modes")["results"][str(seed)]["rows"] for seed in results("exit-modes")["seeds"]]
     rows = findings_rows("exit-modes")

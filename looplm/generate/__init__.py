@@ -201,6 +201,8 @@ class GenerationResult:
     strategy: str                 # the cache strategy's name
     seconds: dict = field(default_factory=dict)  # wall time of "prefill" and "decode"
     cache: object = None          # the LoopKVCache (for inspection)
+    expert_load: torch.Tensor | None = None   # [S, E] with experts (chapter 9): per step, the share of the
+                                  # decoded tokens' routed assignments per expert (0 where none ran)
 
     @property
     def new_tokens(self):
@@ -217,7 +219,7 @@ class GenerationResult:
             out.append(prompt.tolist() + new.tolist())
         return out
 
-# --- book/07_inference.py:564 (cell 23) ---
+# --- book/07_inference.py:566 (cell 23) ---
 def _prompt_batch(idx, vocab_size, pad_id, max_new_tokens, max_seq_len):
     """-> (padded [B, Tp] LongTensor, lengths [B]) from a [B, T] tensor or a list of sequences."""
     if isinstance(idx, torch.Tensor):
@@ -331,7 +333,7 @@ def _check_cache_fits(model, strategy, batch, prompt_len, n_new, n_steps, device
                          f"this machine has {available / 2**30:,.1f} GiB of memory; use fewer loop steps "
                          f"(n_loops), a shorter generation or a sharing cache strategy")
 
-# --- book/07_inference.py:689 (cell 25) ---
+# --- book/07_inference.py:691 (cell 25) ---
 def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     """logits [R, V] -> token ids [R]: argmax if temperature == 0, else a tempered top-k draw."""
     if temperature == 0:
@@ -344,7 +346,7 @@ def choose_tokens(logits, temperature=0.0, top_k=None, generator=None):
     probs = scaled.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-# --- book/07_inference.py:713 (cell 27) ---
+# --- book/07_inference.py:715 (cell 27) ---
 def _logits_dtype(model):
     """The precision of generate's logits: the model's, at least float32."""
     return torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -367,20 +369,29 @@ def _prefill(model, cache, prompt, positions, n_steps, generator=None):
             gates.append(model.exit_gate(z)[:, 0])
     return torch.stack(logits), (torch.stack(gates) if gates else None), torch.stack(hidden)
 
-# --- book/07_inference.py:768 (cell 31) ---
+# --- book/07_inference.py:770 (cell 31) ---
+def _count_routing(model, blocks, load, step):
+    """Add the kept expert assignments of `blocks`' last calls to load[step] (experts, chapter 9)."""
+    if load is not None:
+        for _, record in model.take_routing(blocks):
+            load[step] += torch.bincount(record.chosen[record.kept], minlength=load.shape[1]).to(load.dtype)
+
+
 def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, generator=None, mode="skip",
-                     weighted=False):
+                     weighted=False, load=None):
     """Run one new token per row; -> (logits [R, V] at each token's exit step, steps [R] from 1).
 
     tokens, positions [R]; rows: the batch rows they belong to (None: all rows, in order).
     mode "skip": a token that exits stops running; "select": every token runs every step and
     the rule only picks the readout (chapter 8). weighted: read out Σ_t p_t logits_t instead.
+    load [S, E]: where a mixture of experts counts the assignments of the steps that ran (chapter 9).
     """
     R = tokens.shape[0]
     dtype = _logits_dtype(model)
     cos, sin = model.rope.cos[positions][:, None], model.rope.sin[positions][:, None]   # (R, 1, hs/2)
     x0 = model.encode(tokens[:, None], cos, sin,
                       attend=lambda i: cache.decode_attend("prelude", i, 1, rows))      # (R, 1, D)
+    _count_routing(model, model.prelude, load, 0)
     h = model.init_state(x0, generator=generator)
     out_logits = torch.zeros(R, model.config.vocab_size, device=tokens.device, dtype=dtype)
     out_steps = torch.full((R,), n_steps, dtype=torch.long, device=tokens.device)
@@ -394,8 +405,10 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, gener
     prev_logits = prev_hidden = None
     for s in range(1, n_steps + 1):
         h = model.step(h, x0, cos, sin, attend=lambda l: cache.decode_attend("core", l, s, sub))
+        _count_routing(model, model.core, load, s - 1)
         logits, z = model.readout(h, cos, sin, attend=lambda j: cache.decode_attend("coda", j, s, sub),
                                   last_only=True)
+        _count_routing(model, model.coda, load, s - 1)
         logits, state = logits[:, 0], h[:, 0]                                           # (r, V), (r, D)
         if need_gate:
             gates[s - 1, live] = model.exit_gate(z)[:, 0].to(dtype)
@@ -429,7 +442,7 @@ def _decode_position(model, cache, tokens, positions, rows, rule, n_steps, gener
         out_logits = (probs * torch.stack(step_logits)).sum(0)
     return out_logits, out_steps
 
-# --- book/07_inference.py:835 (cell 33) ---
+# --- book/07_inference.py:848 (cell 33) ---
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_tokens=None, cache="exact",
              exit_rule=None, n_loops=None, pad_id=0, generator=None, record=False, exit_mode="skip",
@@ -467,6 +480,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
     if max_new_tokens == 0:
         return GenerationResult(prompt, steps, all_logits, lengths, kv.nbytes(), strategy.name, seconds, kv)
 
+    load = None if c.mlp == "dense" else torch.zeros(n_steps, c.moe_shape[0], dtype=torch.float64, device=device)
     start = time.perf_counter()
     positions = (torch.arange(Tp, device=device)[None] - (Tp - lengths)[:, None]).clamp_min(0)   # (B, Tp)
     step_logits, gates, hidden = _prefill(model, kv, prompt, positions, n_steps, generator)
@@ -487,7 +501,7 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
         if n > 0:
             rows = None if active.numel() == B else active
             logits, used = _decode_position(model, kv, tokens[active, n - 1], lengths[active] + n - 1,
-                                            rows, rule, n_steps, generator, exit_mode, weighted_exit)
+                                            rows, rule, n_steps, generator, exit_mode, weighted_exit, load)
             kv.n_decoded += 1
         else:
             used = first_steps
@@ -499,8 +513,10 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=None, stop_to
             if active.numel() == 0:
                 break
     seconds["decode"] = time.perf_counter() - start
+    if load is not None:
+        load = load / load.sum(1, keepdim=True).clamp_min(1)
     return GenerationResult(torch.cat([prompt, tokens], dim=1), steps, all_logits, lengths, kv.nbytes(),
-                            strategy.name, seconds, kv)
+                            strategy.name, seconds, kv, expert_load=load)
 
 # --- book/07a_appendix_decoding.py:278 (cell 10) ---
 class _Parser(argparse.ArgumentParser):
