@@ -488,6 +488,7 @@ INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
 ATTENTIONS = {}                             # chapter 8 adds "grouped", grouped-query attention
 MLPS = {}                                   # chapter 9 adds "moe", a mixture of experts
+CONFIG_CHECKS = {}                          # chapters 8 and 9 add the checks of their config fields
 
 # %% [markdown]
 # Each module of this chapter is an identity with no parameters, so the defaults leave the
@@ -528,71 +529,10 @@ def _validate_exit_gate(cfg):
     require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
 # %% [markdown]
-# Six more fields are what published models need, and chapter 8 explains each: fewer key/value
-# heads, a bias on queries and keys, a scaled embedding, the final norm fed back into the loop
-# (Ouro) or run before the coda too (Huginn), and the spread of a random initial state. Their
-# defaults change nothing. Their checks are simple ranges, plus two rules: a feedback norm
-# needs a model without a coda, and the attention options need chapter 8's attention.
-
-# %%
-#| export
-def _validate_published_options(cfg):
-    if cfg.n_kv_heads is not None:
-        require_int("n_kv_heads", cfg.n_kv_heads, 1, cfg.n_heads)
-        if cfg.n_heads % cfg.n_kv_heads:
-            raise ValueError(f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}: each key/value "
-                             f"head serves the same number of query heads")
-    require_bool("qk_bias", cfg.qk_bias)
-    require_number("embed_scale", cfg.embed_scale, 0, low_open=True)
-    require_bool("feedback_norm", cfg.feedback_norm)
-    require_bool("norm_before_coda", cfg.norm_before_coda)
-    require_number("init_state_std", cfg.init_state_std, 0, low_open=True)
-    if cfg.feedback_norm and (cfg.n_coda or cfg.norm_before_coda):
-        raise ValueError(f"feedback_norm=True makes the final norm the last op of every step, which the head "
-                         f"then reads directly; it needs n_coda=0 and norm_before_coda=False, got "
-                         f"n_coda={cfg.n_coda}, norm_before_coda={cfg.norm_before_coda}")
-    grouped = (cfg.n_kv_heads not in (None, cfg.n_heads)) or cfg.qk_bias
-    if grouped and "grouped" not in ATTENTIONS:
-        raise ValueError("n_kv_heads or qk_bias asks for grouped-query attention, which chapter 8 registers "
-                         "in ATTENTIONS; it is not available yet")
-
-# %% [markdown]
-# The last fields describe a mixture of experts in place of each block's MLP, chapter 9's
-# subject. With the default `mlp="dense"` any of them set is an error naming it: a config
-# that asks for experts must not silently get a dense model.
-
-# %%
-#| export
-MOE_DEFAULTS = dict(n_experts=None, top_k=None, d_expert=None, n_shared_experts=0, router="softmax",
-                    capacity_factor=None, balance="switch", balance_pool="all", z_loss=0.0, bias_rate=1e-3)
-ROUTERS, BALANCES, BALANCE_POOLS = ("softmax", "sigmoid"), ("switch", "entropy", "bias", "none"), ("all", "step")
-
-
-def _validate_moe(cfg):
-    require_choice("mlp", cfg.mlp, ("dense", *MLPS))
-    if cfg.mlp == "dense":
-        for name, default in MOE_DEFAULTS.items():
-            if getattr(cfg, name) != default:
-                raise ValueError(f"{name}={getattr(cfg, name)!r} is an option of a mixture of experts, and "
-                                 f"mlp='dense' has none: use mlp='moe' (chapter 9), or leave {name} at {default!r}")
-        return
-    n_experts = require_int("n_experts", cfg.n_experts if cfg.n_experts is not None else 8, 1)
-    top_k = require_int("top_k", cfg.top_k if cfg.top_k is not None else 2, 1)
-    if top_k > n_experts:
-        raise ValueError(f"top_k={top_k} must be <= n_experts={n_experts}: a token cannot use more experts "
-                         f"than there are")
-    if cfg.d_expert is not None:
-        require_int("d_expert", cfg.d_expert, 1)
-    require_int("n_shared_experts", cfg.n_shared_experts, 0)
-    require_choice("router", cfg.router, ROUTERS)
-    if cfg.capacity_factor is not None:
-        require_number("capacity_factor", cfg.capacity_factor, 0, low_open=True)
-    require_choice("balance", cfg.balance, BALANCES)
-    require_choice("balance_pool", cfg.balance_pool, BALANCE_POOLS)
-    require_number("z_loss", cfg.z_loss, 0)
-    require_number("bias_rate", cfg.bias_rate, 0)
-
-# %% [markdown]
+# The fields after `init_std` serve published models (chapter 8) and a mixture of experts
+# (chapter 9). Their defaults change nothing, and those chapters check them: each adds its check
+# to the registry `CONFIG_CHECKS`, which `__post_init__` runs.
+#
 # The config also knows its effective depth, $n_{\text{prelude}} + n_{\text{core}} \cdot S + n_{\text{coda}}$:
 
 # %%
@@ -647,8 +587,8 @@ class LoopLMConfig:
 
     def __post_init__(self):
         _validate_common(self)
-        _validate_published_options(self)
-        _validate_moe(self)
+        for check in CONFIG_CHECKS.values():      # the fields of chapters 8 and 9
+            check(self)
         require_int("n_prelude", self.n_prelude, 0)
         require_int("n_core", self.n_core, 1)
         require_int("n_coda", self.n_coda, 0)

@@ -80,7 +80,7 @@ from looplm.block import CausalSelfAttention, _check_hidden, apply_rope
 from looplm.checks import require_int
 from looplm.experiments import _ch07_prefix, _ch07_setup
 from looplm.generate import generate
-from looplm.model import ATTENTIONS
+from looplm.model import ATTENTIONS, CONFIG_CHECKS
 from looplm.testing import run_tests
 
 torch.set_num_threads(1)  # tiny models gain nothing from more threads, and results stay the same
@@ -197,6 +197,38 @@ def _grouped_attention(config):
 
 
 ATTENTIONS["grouped"] = _grouped_attention
+
+# %% [markdown]
+# This chapter's config fields get their checks here, added to chapter 2's `CONFIG_CHECKS`,
+# which every `LoopLMConfig` runs: simple ranges, and two rules. A feedback norm (section 8.4)
+# needs a model without a coda, since the head reads the fed-back state directly; and the bias
+# on queries and keys needs as many key/value heads as query heads, as in Huginn.
+
+# %%
+#| export model
+from looplm.checks import require_bool, require_int, require_number
+
+
+def _validate_published_options(cfg):
+    if cfg.n_kv_heads is not None:
+        require_int("n_kv_heads", cfg.n_kv_heads, 1, cfg.n_heads)
+        if cfg.n_heads % cfg.n_kv_heads:
+            raise ValueError(f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}: each key/value "
+                             f"head serves the same number of query heads")
+    require_bool("qk_bias", cfg.qk_bias)
+    if cfg.qk_bias and cfg.kv_heads != cfg.n_heads:
+        raise ValueError(f"qk_bias=True needs n_kv_heads == n_heads (as in Huginn), got n_kv_heads={cfg.n_kv_heads}")
+    require_number("embed_scale", cfg.embed_scale, 0, low_open=True)
+    require_bool("feedback_norm", cfg.feedback_norm)
+    require_bool("norm_before_coda", cfg.norm_before_coda)
+    require_number("init_state_std", cfg.init_state_std, 0, low_open=True)
+    if cfg.feedback_norm and (cfg.n_coda or cfg.norm_before_coda):
+        raise ValueError(f"feedback_norm=True makes the final norm the last op of every step, which the head "
+                         f"then reads directly; it needs n_coda=0 and norm_before_coda=False, got "
+                         f"n_coda={cfg.n_coda}, norm_before_coda={cfg.norm_before_coda}")
+
+
+CONFIG_CHECKS["published models"] = _validate_published_options
 
 # %% [markdown]
 # Three properties pin the layer down. With $n_{kv} = n_h$ and no bias it *is* chapter 1's

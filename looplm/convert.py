@@ -15,7 +15,7 @@ from looplm.block import RotaryEmbedding, rope_angles
 from looplm.exits import FixedDepth, QExit
 from looplm.model import LoopLM, LoopLMConfig
 
-# --- book/08_real_models.py:364 (cell 20) ---
+# --- book/08_real_models.py:396 (cell 22) ---
 def pairs_to_halves(rows, n_heads, head_dim):
     """Reorder the rows [n_heads * head_dim, ...] of a q or k projection (or a flattened bias)
     whose heads rotate pairs (2i, 2i+1), for rope that rotates pairs (i, i + hs/2): new row j of
@@ -23,7 +23,7 @@ def pairs_to_halves(rows, n_heads, head_dim):
     perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
     return rows.reshape(n_heads, head_dim, *rows.shape[1:])[:, perm].reshape(rows.shape)
 
-# --- book/08_real_models.py:758 (cell 32) ---
+# --- book/08_real_models.py:790 (cell 34) ---
 class ConversionError(ValueError):
     """A checkpoint or config looplm cannot load exactly; the message names the key or field."""
 
@@ -66,7 +66,7 @@ def _with_overrides(fields, overrides):
                         f"e.g. n_loops=8 or max_seq_len=4096")
     return LoopLMConfig(**{**fields, **overrides})
 
-# --- book/08_real_models.py:807 (cell 34) ---
+# --- book/08_real_models.py:839 (cell 36) ---
 def ouro_config(config, **overrides):
     """The LoopLMConfig of an Ouro config.json (a dict); overrides are LoopLMConfig fields."""
     d = _field(config, "hidden_size", int, required=True)
@@ -109,7 +109,7 @@ def ouro_exit_rule(config):
     q = _field(config, "early_exit_threshold", float)
     return None if q is None else QExit(q)
 
-# --- book/08_real_models.py:858 (cell 36) ---
+# --- book/08_real_models.py:890 (cell 38) ---
 def huginn_config(config, **overrides):
     """The LoopLMConfig of a Huginn (RavenConfig) config.json; overrides are LoopLMConfig fields."""
     d = _field(config, "n_embd", int) or _field(config, "hidden_size", int, required=True)
@@ -151,7 +151,7 @@ def huginn_config(config, **overrides):
                   init_state_std=init.get("std", math.sqrt(2 / (5 * d))) * scale)
     return _with_overrides(fields, overrides)
 
-# --- book/08_real_models.py:909 (cell 38) ---
+# --- book/08_real_models.py:941 (cell 40) ---
 def _checked(state_dict, expected, optional=()):
     """Raise ConversionError naming a missing, unexpected or wrongly shaped tensor."""
     if not isinstance(state_dict, dict):
@@ -265,7 +265,7 @@ def huginn_state_dict(state_dict, config):
             out.update({q + f"norms.{k}.weight": sd[p + f"norm_{k + 1}.weight"] for k in range(4)})
     return out
 
-# --- book/08_real_models.py:1030 (cell 40) ---
+# --- book/08_real_models.py:1062 (cell 42) ---
 def _build(config, state, dtype):
     dtype = dtype or next(iter(state.values())).dtype
     with torch.device("meta"):
@@ -296,7 +296,7 @@ def from_huginn(state_dict, config, *, dtype=None, **overrides):
 CONVERTERS = {"ouro": from_ouro, "huginn_raven": from_huginn}
 _ARCHITECTURES = {"OuroForCausalLM": "ouro", "RavenForCausalLM": "huginn_raven"}
 
-# --- book/08_real_models.py:1067 (cell 42) ---
+# --- book/08_real_models.py:1099 (cell 44) ---
 def _architecture(config):
     kind = config.get("model_type")
     if kind is None:

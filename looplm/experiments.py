@@ -356,7 +356,7 @@ CACHE_STRATEGIES_EXPERIMENT = register(Experiment(
     "cache-strategies", "07", "chapter 7: accuracy and steps of every cache strategy and exit rule while decoding",
     _ch07_run, _ch07_prefix))
 
-# --- book/08_real_models.py:1474 (cell 54) ---
+# --- book/08_real_models.py:1506 (cell 56) ---
 CH08_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
 
 
@@ -403,7 +403,7 @@ EXIT_MODES_EXPERIMENT = register(Experiment(
     "exit-modes", "08", "chapter 8: accuracy of Q-exit decoding when exited tokens skip or still run the deeper steps",
     _ch08_run, _ch07_prefix))
 
-# --- book/09_mixture_of_experts.py:828 (cell 34) ---
+# --- book/09_mixture_of_experts.py:861 (cell 34) ---
 CH09_MODELS = {  # name -> the LoopLMConfig changes of chapter 3's width-64, 4-head model
     "looped dense": dict(n_loops=4),
     "looped MoE": dict(n_loops=4, mlp="moe", n_experts=8, top_k=2),

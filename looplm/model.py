@@ -1,6 +1,6 @@
 # Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py, book/05_learning_when_to_stop.py, book/08_real_models.py, book/09_mixture_of_experts.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'ATTENTIONS', 'MLPS', 'MOE_DEFAULTS', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate']
+__all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'ATTENTIONS', 'MLPS', 'CONFIG_CHECKS', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate', 'MOE_DEFAULTS']
 # fmt: on
 
 import math
@@ -184,8 +184,9 @@ INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
 ATTENTIONS = {}                             # chapter 8 adds "grouped", grouped-query attention
 MLPS = {}                                   # chapter 9 adds "moe", a mixture of experts
+CONFIG_CHECKS = {}                          # chapters 8 and 9 add the checks of their config fields
 
-# --- book/02_one_step_is_a_gpt.py:519 (cell 51) ---
+# --- book/02_one_step_is_a_gpt.py:520 (cell 51) ---
 def _validate_exit_gate(cfg):
     require_bool("exit_gate", cfg.exit_gate)
     if not isinstance(cfg.gate_head, str):
@@ -197,58 +198,7 @@ def _validate_exit_gate(cfg):
                          "until chapter 5 (adaptive depth) registers one; use exit_gate=False")
     require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
-# --- book/02_one_step_is_a_gpt.py:539 (cell 53) ---
-def _validate_published_options(cfg):
-    if cfg.n_kv_heads is not None:
-        require_int("n_kv_heads", cfg.n_kv_heads, 1, cfg.n_heads)
-        if cfg.n_heads % cfg.n_kv_heads:
-            raise ValueError(f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}: each key/value "
-                             f"head serves the same number of query heads")
-    require_bool("qk_bias", cfg.qk_bias)
-    require_number("embed_scale", cfg.embed_scale, 0, low_open=True)
-    require_bool("feedback_norm", cfg.feedback_norm)
-    require_bool("norm_before_coda", cfg.norm_before_coda)
-    require_number("init_state_std", cfg.init_state_std, 0, low_open=True)
-    if cfg.feedback_norm and (cfg.n_coda or cfg.norm_before_coda):
-        raise ValueError(f"feedback_norm=True makes the final norm the last op of every step, which the head "
-                         f"then reads directly; it needs n_coda=0 and norm_before_coda=False, got "
-                         f"n_coda={cfg.n_coda}, norm_before_coda={cfg.norm_before_coda}")
-    grouped = (cfg.n_kv_heads not in (None, cfg.n_heads)) or cfg.qk_bias
-    if grouped and "grouped" not in ATTENTIONS:
-        raise ValueError("n_kv_heads or qk_bias asks for grouped-query attention, which chapter 8 registers "
-                         "in ATTENTIONS; it is not available yet")
-
-# --- book/02_one_step_is_a_gpt.py:566 (cell 55) ---
-MOE_DEFAULTS = dict(n_experts=None, top_k=None, d_expert=None, n_shared_experts=0, router="softmax",
-                    capacity_factor=None, balance="switch", balance_pool="all", z_loss=0.0, bias_rate=1e-3)
-ROUTERS, BALANCES, BALANCE_POOLS = ("softmax", "sigmoid"), ("switch", "entropy", "bias", "none"), ("all", "step")
-
-
-def _validate_moe(cfg):
-    require_choice("mlp", cfg.mlp, ("dense", *MLPS))
-    if cfg.mlp == "dense":
-        for name, default in MOE_DEFAULTS.items():
-            if getattr(cfg, name) != default:
-                raise ValueError(f"{name}={getattr(cfg, name)!r} is an option of a mixture of experts, and "
-                                 f"mlp='dense' has none: use mlp='moe' (chapter 9), or leave {name} at {default!r}")
-        return
-    n_experts = require_int("n_experts", cfg.n_experts if cfg.n_experts is not None else 8, 1)
-    top_k = require_int("top_k", cfg.top_k if cfg.top_k is not None else 2, 1)
-    if top_k > n_experts:
-        raise ValueError(f"top_k={top_k} must be <= n_experts={n_experts}: a token cannot use more experts "
-                         f"than there are")
-    if cfg.d_expert is not None:
-        require_int("d_expert", cfg.d_expert, 1)
-    require_int("n_shared_experts", cfg.n_shared_experts, 0)
-    require_choice("router", cfg.router, ROUTERS)
-    if cfg.capacity_factor is not None:
-        require_number("capacity_factor", cfg.capacity_factor, 0, low_open=True)
-    require_choice("balance", cfg.balance, BALANCES)
-    require_choice("balance_pool", cfg.balance_pool, BALANCE_POOLS)
-    require_number("z_loss", cfg.z_loss, 0)
-    require_number("bias_rate", cfg.bias_rate, 0)
-
-# --- book/02_one_step_is_a_gpt.py:600 (cell 57) ---
+# --- book/02_one_step_is_a_gpt.py:540 (cell 53) ---
 @dataclass(frozen=True)
 class LoopLMConfig:
     """A looped LM: embed -> prelude (once) -> core (n_loops times, shared weights) -> readout.
@@ -299,8 +249,8 @@ class LoopLMConfig:
 
     def __post_init__(self):
         _validate_common(self)
-        _validate_published_options(self)
-        _validate_moe(self)
+        for check in CONFIG_CHECKS.values():      # the fields of chapters 8 and 9
+            check(self)
         require_int("n_prelude", self.n_prelude, 0)
         require_int("n_core", self.n_core, 1)
         require_int("n_coda", self.n_coda, 0)
@@ -338,7 +288,7 @@ class LoopLMConfig:
         require_int("n_loops", n_loops, 1)
         return self.n_prelude + self.n_core * n_loops + self.n_coda
 
-# --- book/02_one_step_is_a_gpt.py:719 (cell 61) ---
+# --- book/02_one_step_is_a_gpt.py:659 (cell 57) ---
 @dataclass
 class LoopOutput:
     """What LoopLM.forward returns. S is the number of loop steps that ran."""
@@ -353,7 +303,7 @@ class LoopOutput:
     aux_loss: torch.Tensor | None = None     # scalar: the experts' balancing loss (chapter 9), MoE only
     expert_load: torch.Tensor | None = None  # [S, E] share of each step's routed assignments per expert
 
-# --- book/02_one_step_is_a_gpt.py:756 (cell 64) ---
+# --- book/02_one_step_is_a_gpt.py:696 (cell 60) ---
 def token_losses(logits, targets):
     """Per-token cross-entropy: logits [..., B, T, V], targets [B, T] -> [..., B, T].
 
@@ -367,7 +317,7 @@ def token_losses(logits, targets):
                              ignore_index=IGNORE_INDEX, reduction="none")
     return losses.view(targets.shape)                         # (..., B, T)
 
-# --- book/02_one_step_is_a_gpt.py:776 (cell 66) ---
+# --- book/02_one_step_is_a_gpt.py:716 (cell 62) ---
 def _check_targets(targets, idx, vocab_size):
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
@@ -386,7 +336,7 @@ def _check_targets(targets, idx, vocab_size):
         raise ValueError(f"targets holds ids outside [0, vocab_size={vocab_size}) other than "
                          f"IGNORE_INDEX={IGNORE_INDEX}, e.g. {targets[bad][0].item()}")
 
-# --- book/02_one_step_is_a_gpt.py:919 (cell 72) ---
+# --- book/02_one_step_is_a_gpt.py:859 (cell 68) ---
 def _check_grad_steps(grad_steps, n_loops):
     """grad_steps if it is an int in [1, n_loops]: how many of the last steps get gradients."""
     require_int("grad_steps", grad_steps, 1)
@@ -411,7 +361,7 @@ def _check_state0(state0, x0):
         raise ValueError(f"state0 must have shape [B, T, d_model] = {list(x0.shape)}, got {list(state0.shape)}")
     return state0.to(device=x0.device, dtype=x0.dtype)
 
-# --- book/02_one_step_is_a_gpt.py:945 (cell 73) ---
+# --- book/02_one_step_is_a_gpt.py:885 (cell 69) ---
 class LoopLM(nn.Module):
     """A looped (weight-tied) causal LM with a readout after every loop step.
 
@@ -609,7 +559,7 @@ class LoopLM(nn.Module):
         model.load_state_dict(state)  # strict: every weight is matched by name, or this raises
         return model
 
-# --- book/02_one_step_is_a_gpt.py:1579 (cell 112) ---
+# --- book/02_one_step_is_a_gpt.py:1519 (cell 108) ---
 def gpt_param_count(config):
     """Parameters of GPT(config): V d (x2 if untied) + n_layers * block + d (final norm)."""
     c = config
@@ -753,5 +703,58 @@ def _grouped_attention(config):
 
 ATTENTIONS["grouped"] = _grouped_attention
 
-# --- book/09_mixture_of_experts.py:606 (cell 28) ---
+# --- book/08_real_models.py:209 (cell 11) ---
+def _validate_published_options(cfg):
+    if cfg.n_kv_heads is not None:
+        require_int("n_kv_heads", cfg.n_kv_heads, 1, cfg.n_heads)
+        if cfg.n_heads % cfg.n_kv_heads:
+            raise ValueError(f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}: each key/value "
+                             f"head serves the same number of query heads")
+    require_bool("qk_bias", cfg.qk_bias)
+    if cfg.qk_bias and cfg.kv_heads != cfg.n_heads:
+        raise ValueError(f"qk_bias=True needs n_kv_heads == n_heads (as in Huginn), got n_kv_heads={cfg.n_kv_heads}")
+    require_number("embed_scale", cfg.embed_scale, 0, low_open=True)
+    require_bool("feedback_norm", cfg.feedback_norm)
+    require_bool("norm_before_coda", cfg.norm_before_coda)
+    require_number("init_state_std", cfg.init_state_std, 0, low_open=True)
+    if cfg.feedback_norm and (cfg.n_coda or cfg.norm_before_coda):
+        raise ValueError(f"feedback_norm=True makes the final norm the last op of every step, which the head "
+                         f"then reads directly; it needs n_coda=0 and norm_before_coda=False, got "
+                         f"n_coda={cfg.n_coda}, norm_before_coda={cfg.norm_before_coda}")
+
+
+CONFIG_CHECKS["published models"] = _validate_published_options
+
+# --- book/09_mixture_of_experts.py:607 (cell 28) ---
 MLPS["moe"] = LoopMoE
+MOE_DEFAULTS = dict(n_experts=None, top_k=None, d_expert=None, n_shared_experts=0, router="softmax",
+                    capacity_factor=None, balance="switch", balance_pool="all", z_loss=0.0, bias_rate=1e-3)
+
+
+def _validate_moe(cfg):
+    """The MoE fields: with mlp="dense" each must keep its default; with "moe", each in range."""
+    require_choice("mlp", cfg.mlp, ("dense", *MLPS))
+    if cfg.mlp == "dense":
+        for name, default in MOE_DEFAULTS.items():
+            if getattr(cfg, name) != default:
+                raise ValueError(f"{name}={getattr(cfg, name)!r} is an option of a mixture of experts, and "
+                                 f"mlp='dense' has none: use mlp='moe' (chapter 9), or leave {name} at {default!r}")
+        return
+    n_experts = require_int("n_experts", cfg.n_experts if cfg.n_experts is not None else 8, 1)
+    top_k = require_int("top_k", cfg.top_k if cfg.top_k is not None else 2, 1)
+    if top_k > n_experts:
+        raise ValueError(f"top_k={top_k} must be <= n_experts={n_experts}: a token cannot use more experts "
+                         f"than there are")
+    if cfg.d_expert is not None:
+        require_int("d_expert", cfg.d_expert, 1)
+    require_int("n_shared_experts", cfg.n_shared_experts, 0)
+    require_choice("router", cfg.router, ("softmax", "sigmoid"))
+    if cfg.capacity_factor is not None:
+        require_number("capacity_factor", cfg.capacity_factor, 0, low_open=True)
+    require_choice("balance", cfg.balance, ("switch", "entropy", "bias", "none"))
+    require_choice("balance_pool", cfg.balance_pool, ("all", "step"))
+    require_number("z_loss", cfg.z_loss, 0)
+    require_number("bias_rate", cfg.bias_rate, 0)
+
+
+CONFIG_CHECKS["mixture of experts"] = _validate_moe

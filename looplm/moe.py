@@ -182,7 +182,7 @@ def expert_load(records, n_experts):
     counts = sum(torch.bincount(r.chosen[r.kept], minlength=n_experts) for r in records).double()
     return counts / counts.sum().clamp_min(1)
 
-# --- book/09_mixture_of_experts.py:542 (cell 26) ---
+# --- book/09_mixture_of_experts.py:543 (cell 26) ---
 class LoopMoE(MoEFeedForward):
     """The MoE feed-forward of a LoopLMConfig with mlp="moe", with its balancing."""
 
@@ -226,7 +226,7 @@ class LoopMoE(MoEFeedForward):
             self.bias += self.bias_rate * torch.sign(self.pending.mean() - self.pending)
         self.pending.zero_()
 
-# --- book/09_mixture_of_experts.py:798 (cell 33) ---
+# --- book/09_mixture_of_experts.py:831 (cell 33) ---
 def routing_by_step(model, idx, n_loops=None):
     """The core's routing while running idx [B, T] for n_loops steps: a list over steps of
     [(layer, record)], one per core block (no gradients)."""

@@ -50,7 +50,7 @@ def recompute_greedy(model, prompt, n_new, n_loops=None):
             seq = torch.cat([seq, last.argmax().view(1, 1)], dim=1)
     return seq[0, len(prompt):], torch.stack(logits)
 
-# --- book/08_real_models.py:537 (cell 28) ---
+# --- book/08_real_models.py:569 (cell 30) ---
 def _rms(x, gain, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
 
@@ -160,7 +160,7 @@ def huginn_reference(sd, cfg, ids, num_steps, state0):
     x = _rms(x, w("transformer.ln_f.weight"), eps)                          # the same ln_f again [701]
     return x @ w("transformer.wte.weight").T                                # tied head, unscaled
 
-# --- book/08_real_models.py:661 (cell 30) ---
+# --- book/08_real_models.py:693 (cell 32) ---
 TINY_OURO = dict(model_type="ouro", architectures=["OuroForCausalLM"], vocab_size=64, hidden_size=32,
                  num_attention_heads=4, num_key_value_heads=4, head_dim=8, intermediate_size=48,
                  num_hidden_layers=2, total_ut_steps=3, rms_norm_eps=1e-6, rope_theta=1e6,

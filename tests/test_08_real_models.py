@@ -46,7 +46,7 @@ from looplm.testing import (  # noqa: F401
 )
 from looplm.testing import recompute_greedy
 
-# --- book/08_real_models.py:209 (cell 11) ---
+# --- book/08_real_models.py:241 (cell 13) ---
 def test_gqa_with_all_heads_is_chapter_1s_attention():
     torch.manual_seed(0)
     mha, gqa = CausalSelfAttention(32, 4), GroupedQueryAttention(32, 4, n_kv_heads=4)
@@ -93,7 +93,7 @@ def test_default_configs_keep_chapter_1s_attention():
     with pytest.raises(ValueError, match="qk_bias"):
         GroupedQueryAttention(32, 4, n_kv_heads=2, qk_bias=True)
 
-# --- book/08_real_models.py:328 (cell 18) ---
+# --- book/08_real_models.py:360 (cell 20) ---
 def test_gqa_cache_bytes_match_the_formula():
     for n_kv, layout in ((1, dict(n_prelude=1, n_core=2, n_coda=1)), (2, dict(n_core=3))):
         torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_gqa_cache_bytes_match_the_formula():
         positions = P * (Tp + N) + (C + K) * (S * Tp + slots * N)
         assert res.cache_bytes == 2 * 1 * n_kv * cfg.head_dim * 4 * positions
 
-# --- book/08_real_models.py:440 (cell 26) ---
+# --- book/08_real_models.py:472 (cell 28) ---
 def _tiny(**options):
     torch.manual_seed(0)
     model = LoopLM(LoopLMConfig(vocab_size=23, d_model=32, n_heads=4, n_loops=3, max_seq_len=40, **options))
@@ -169,7 +169,7 @@ def test_weighted_logits_average_the_steps():
     torch.testing.assert_close(out.weighted_logits, expected, atol=1e-12, rtol=0)
     assert _tiny()(torch.randint(0, 23, (1, 3))).weighted_logits is None       # no gate: none
 
-# --- book/08_real_models.py:1150 (cell 46) ---
+# --- book/08_real_models.py:1182 (cell 48) ---
 OURO_GQA = {**TINY_OURO, "num_key_value_heads": 2}
 
 
@@ -326,7 +326,7 @@ def test_load_pretrained_bad_folders():
     with pytest.raises(ConversionError, match="'model_type' = 'llama'"):
         load_pretrained(tmp_path / "x")
 
-# --- book/08_real_models.py:1368 (cell 50) ---
+# --- book/08_real_models.py:1400 (cell 52) ---
 def reference_select_decode(sd, cfg, prompt, n_new, q=None, weighted=False):
     """Greedy decoding with Ouro's own readout at every position, recomputed from scratch."""
     seq, logits = torch.tensor([prompt]), []

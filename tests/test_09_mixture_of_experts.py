@@ -14,13 +14,16 @@ from looplm.bench import (  # noqa: F401
 )
 from looplm.block import SwiGLU
 from looplm.checkpoints import load_model, save_model
-from looplm.exits import FixedDepth, QExit
+from looplm.exits import FixedDepth, QExit, exit_steps
 from looplm.experiments import (  # noqa: F401
     CH09_MODELS,
     active_parameters,
     MOE_LOOP_EXPERIMENT,
 )
 from looplm.generate import generate
+from looplm.model import (  # noqa: F401
+    MOE_DEFAULTS,
+)
 from looplm.model import LoopLM, LoopLMConfig, looplm_param_count
 from looplm.moe import (  # noqa: F401
     RoutingRecord,
@@ -152,7 +155,7 @@ def test_balancing_losses_by_hand():
     assert expert_load([REC_C], 3).tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3])        # kept only
     assert expert_load([REC_A, REC_B], 2).tolist() == [0.5, 0.5]
 
-# --- book/09_mixture_of_experts.py:612 (cell 29) ---
+# --- book/09_mixture_of_experts.py:645 (cell 29) ---
 def _moe_model(seed=0, **options):
     torch.manual_seed(seed)
     options = {"n_experts": 4, "top_k": 2, "n_loops": 3, **options}
@@ -259,7 +262,7 @@ def test_bad_moe_configs_name_the_field():
         with pytest.raises(ValueError, match=field):
             LoopLMConfig(**base, **options)
 
-# --- book/09_mixture_of_experts.py:745 (cell 31) ---
+# --- book/09_mixture_of_experts.py:778 (cell 31) ---
 def test_cached_decoding_with_experts_equals_recomputing():
     for options in (dict(), dict(n_prelude=1, n_coda=1, router="sigmoid", n_shared_experts=1)):
         model = _moe_model(seed=2, **options)
@@ -281,3 +284,22 @@ def test_early_exit_with_experts_and_the_load_of_active_tokens():
     gated = _moe_model(seed=4, n_loops=4, exit_gate=True)
     res = generate(gated, [[1, 5, 7, 3]], 6, exit_rule=QExit(0.5), exit_mode="select")
     torch.testing.assert_close(res.expert_load.sum(1), torch.ones(4, dtype=res.expert_load.dtype))
+
+# --- book/09_mixture_of_experts.py:1137 (cell 47) ---
+def test_per_token_exits_with_experts_equal_a_reference_without_a_cache():
+    """Section 9.6: tokens exit at different steps (Q-exit on the gate, the readout chosen per token
+    while every step runs); the reference recomputes the full forward for every new token."""
+    model = _moe_model(seed=6, n_loops=4, exit_gate=True, n_prelude=1)
+    with torch.no_grad():
+        model.exit_gate.proj.weight.normal_(0, 0.5)            # gates that differ from token to token
+    prompt, q = [1, 5, 7, 3, 9], 0.9
+    res = generate(model, [prompt], 6, exit_rule=QExit(q), exit_mode="select")
+    seq, used = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(6):
+            out = model(seq)
+            step = exit_steps(QExit(q), gate=out.gate)[0, -1]
+            used.append(int(step))
+            seq = torch.cat([seq, out.logits[step - 1, 0, -1].argmax().view(1, 1)], 1)
+    assert res.steps[0].tolist() == used and len(set(used)) > 1
+    assert torch.equal(res.new_tokens[0], seq[0, len(prompt):])
