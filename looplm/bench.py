@@ -459,7 +459,7 @@ def _decode_command(args):
 BENCHMARKS["decode"] = ("KV-cache strategies and per-token early exit while decoding", _decode_arguments,
                         _decode_command)
 
-# --- book/09_mixture_of_experts.py:1002 (cell 43) ---
+# --- book/09_mixture_of_experts.py:1003 (cell 43) ---
 def _median_seconds(fns, repeats, device):
     """{name: median seconds of fn()} over `repeats` turns, the order alternating each turn."""
     for fn in fns.values():                                        # warm up
@@ -475,20 +475,23 @@ def _median_seconds(fns, repeats, device):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_moe(n_experts=16, top_k=2, d_model=64, d_expert=64, tokens=1024, batch_size=16, seq_len=64,
+def bench_moe(n_experts=16, top_k=2, d_model=64, d_expert=64, tokens=(128, 1024), batch_size=16, seq_len=64,
               repeats=5, device="cpu", seed=0):
-    """The MoE layer (grouped against loop), a training step and decoding (MoE against dense at equal
-    active weights). -> dict with "rows": [(what, contestant, seconds, relative)] and "settings"."""
-    for name, value in (("n_experts", n_experts), ("top_k", top_k), ("tokens", tokens), ("repeats", repeats)):
+    """The MoE layer on each token count of `tokens` (grouped against loop), a training step and
+    decoding (MoE against dense at equal active weights). -> dict with "rows": [(what, contestant,
+    seconds, relative)] and "settings"."""
+    for name, value in (("n_experts", n_experts), ("top_k", top_k), ("repeats", repeats), *(("tokens", n) for n in tokens)):
         require_int(name, value, 1)
     torch.manual_seed(seed)
-    rows, x = [], torch.randn(tokens, d_model, device=device, requires_grad=True)
+    rows = []
     layers = {impl: MoEFeedForward(d_model, n_experts, top_k, d_expert, impl=impl).to(device) for impl in ("loop", "grouped")}
     layers["grouped"].load_state_dict(layers["loop"].state_dict())
-    layer_fns = {f"{impl}, {n_experts} experts top-{top_k}": (lambda m=m: m(x).square().sum().backward())
-                 for impl, m in layers.items()}
-    for name, seconds in _median_seconds(layer_fns, repeats, device).items():
-        rows.append(("MoE layer, forward + backward", name, seconds))
+    for n in tokens:
+        x = torch.randn(n, d_model, device=device, requires_grad=True)
+        layer_fns = {f"{impl}, {n_experts} experts top-{top_k}": (lambda m=m, x=x: m(x).square().sum().backward())
+                     for impl, m in layers.items()}
+        for name, seconds in _median_seconds(layer_fns, repeats, device).items():
+            rows.append((f"MoE layer, {n} tokens, fwd + bwd", name, seconds))
     base = dict(vocab_size=256, d_model=d_model, n_heads=4, n_loops=4, max_seq_len=seq_len)
     hidden = 8 * (-(-8 * d_model // 24))                           # the dense default, 8/3 d
     models = {"dense": LoopLM(LoopLMConfig(**base)).to(device),
@@ -545,7 +548,8 @@ def plot_moe(result, path):
 def _moe_arguments(parser):
     parser.add_argument("--experts", type=int, default=16, help="experts of the layer benchmark (default 16)")
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens of the layer benchmark (default 1024)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 1024],
+                        help="token counts of the layer benchmark (default 128 1024)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when there is one)")
@@ -553,13 +557,13 @@ def _moe_arguments(parser):
 
 
 def _moe_command(args):
-    for flag, value in (("--experts", args.experts), ("--top-k", args.top_k), ("--tokens", args.tokens),
-                        ("--repeats", args.repeats)):
+    for flag, value in (("--experts", args.experts), ("--top-k", args.top_k), ("--repeats", args.repeats),
+                        *(("--tokens", n) for n in args.tokens)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.top_k > args.experts:
         raise ValueError(f"--top-k {args.top_k} must be <= --experts {args.experts}")
-    result = bench_moe(n_experts=args.experts, top_k=args.top_k, tokens=args.tokens, repeats=args.repeats,
+    result = bench_moe(n_experts=args.experts, top_k=args.top_k, tokens=tuple(args.tokens), repeats=args.repeats,
                        device=args.device)
     print(format_moe_table(result))
     print(f"\nsaved {plot_moe(result, args.out)}")
