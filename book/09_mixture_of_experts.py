@@ -771,7 +771,9 @@ run_tests(test_outputs_and_parameter_count, test_aux_loss_is_the_switch_loss_of_
 # step that actually ran (a step no token reached is a row of zeros). The tests: cached decoding
 # equals recomputing the full forward, dropless (a capacity depends on which tokens share a
 # call, so a cache, which routes one position at a time, cannot equal it); early exit with
-# experts equals decoding at the exit depth; and the load counts only the active tokens.
+# experts equals decoding at the exit depth; per-token exits that pick each token's readout
+# while every step runs (chapter 8's `exit_mode="select"`) equal a full recomputation; and the
+# load counts only the active tokens.
 
 # %% tags=["remove-cell"]
 #| test

@@ -459,7 +459,7 @@ def _decode_command(args):
 BENCHMARKS["decode"] = ("KV-cache strategies and per-token early exit while decoding", _decode_arguments,
                         _decode_command)
 
-# --- book/09_mixture_of_experts.py:1003 (cell 43) ---
+# --- book/09_mixture_of_experts.py:1005 (cell 43) ---
 def _median_seconds(fns, repeats, device):
     """{name: median seconds of fn()} over `repeats` turns, the order alternating each turn."""
     for fn in fns.values():                                        # warm up

@@ -403,7 +403,7 @@ EXIT_MODES_EXPERIMENT = register(Experiment(
     "exit-modes", "08", "chapter 8: accuracy of Q-exit decoding when exited tokens skip or still run the deeper steps",
     _ch08_run, _ch07_prefix))
 
-# --- book/09_mixture_of_experts.py:861 (cell 34) ---
+# --- book/09_mixture_of_experts.py:863 (cell 34) ---
 CH09_MODELS = {  # name -> the LoopLMConfig changes of chapter 3's width-64, 4-head model
     "looped dense": dict(n_loops=4),
     "looped MoE": dict(n_loops=4, mlp="moe", n_experts=8, top_k=2),

@@ -226,7 +226,7 @@ class LoopMoE(MoEFeedForward):
             self.bias += self.bias_rate * torch.sign(self.pending.mean() - self.pending)
         self.pending.zero_()
 
-# --- book/09_mixture_of_experts.py:831 (cell 33) ---
+# --- book/09_mixture_of_experts.py:833 (cell 33) ---
 def routing_by_step(model, idx, n_loops=None):
     """The core's routing while running idx [B, T] for n_loops steps: a list over steps of
     [(layer, record)], one per core block (no gradients)."""
