@@ -1044,11 +1044,14 @@ def bench_moe(n_experts=16, top_k=2, d_model=64, d_expert=64, tokens=(128, 1024)
                                                                   d_expert=hidden // top_k)).to(device)}
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, 256, (batch_size, seq_len), generator=generator).to(device)
+    def loss_with_aux(model, idx, targets):                    # as the Trainer: + aux_weight * aux_loss
+        loss = default_loss(model, idx, targets)[0]
+        return loss if model.last_aux_loss is None else loss + 0.01 * model.last_aux_loss
+
     step_fns = {}
     for name, model in models.items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        step_fns[name] = _train_step(model, lambda m, i, t: default_loss(m, i, t)[0] + 0.01 * m.last_aux_loss
-                                     if m.last_aux_loss is not None else default_loss(m, i, t)[0], optimizer, idx, idx)
+        step_fns[name] = _train_step(model, loss_with_aux, optimizer, idx, idx)
     for name, seconds in _median_seconds(step_fns, repeats, device).items():
         rows.append((f"training step, batch {batch_size} x {seq_len}", name, seconds))
     for batch in (1, batch_size):
@@ -1129,14 +1132,13 @@ bench = subprocess.run([sys.executable, "-m", "looplm.bench", "moe", "--repeats"
 print(bench.stdout.split("\nsaved")[0], bench.stderr[-2000:])
 
 # %% [markdown]
-# In the stored run the grouped layer took 0.36 of the loop's time on 128 tokens (2.8 times as
-# fast) and 0.79 on 1024 (1.3 times). The 2× this chapter aimed for holds where the loop's
+# In the stored run the grouped layer took 0.37 of the loop's time on 128 tokens (2.7 times as
+# fast) and 0.68 on 1024 (1.5 times). The 2× this chapter aimed for holds where the loop's
 # launches dominate, at the token counts of decoding, and not for a training batch on a CPU:
-# there the batched matmuls take the largest share of the time (42% of the layer's forward and
-# backward in a profile), and padding every expert to the busiest one adds work the loop does not
-# do. On a GPU, where a launch costs far more than these small products, the grouping matters
-# more. A training step of the looped MoE cost 1.37 times the dense step at equal active weights,
-# within the 1.5 aimed for; greedy decoding cost 1.61 times at batch 1 and at batch 16, the router, the sort and the scatter of every step adding to a step that is small at
+# there the arithmetic dominates, and padding every expert to the busiest one adds arithmetic the
+# loop does not do. On a GPU, where a launch costs far more than these small products, the grouping matters
+# more. A training step of the looped MoE cost 1.33 times the dense step at equal active weights,
+# within the 1.5 aimed for; greedy decoding cost 1.65 and 1.71 times at batch 1 and 16, the router, the sort and the scatter of every step adding to a step that is small at
 # width 64. MegaBlocks reports near-dense cost on GPUs, with block-sparse kernels and large
 # experts; a GPU run of this benchmark is pending.
 
@@ -1208,8 +1210,8 @@ for options in (dict(mlp="moe", n_experts=4, top_k=6), dict(mlp="moe", capacity_
 # cached decoding with experts equals recomputing, and an exited token stops being routed. On the
 # stack task over three seeds the looped MoE did not beat the dense loop at equal compute (0.888
 # ± 0.048 against 0.902 ± 0.026) and the stacked model was best; the router's choices differ
-# somewhat by step and settle as the loop runs. On a CPU the grouped layer was 2.8 times as fast
-# as the loop on 128 tokens and 1.3 times on 1024, and a MoE training step cost 1.37 times a
+# somewhat by step and settle as the loop runs. On a CPU the grouped layer was 2.7 times as fast
+# as the loop on 128 tokens and 1.5 times on 1024, and a MoE training step cost 1.33 times a
 # dense one.
 
 # %% [markdown]

@@ -499,11 +499,14 @@ def bench_moe(n_experts=16, top_k=2, d_model=64, d_expert=64, tokens=(128, 1024)
                                                                   d_expert=hidden // top_k)).to(device)}
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, 256, (batch_size, seq_len), generator=generator).to(device)
+    def loss_with_aux(model, idx, targets):                    # as the Trainer: + aux_weight * aux_loss
+        loss = default_loss(model, idx, targets)[0]
+        return loss if model.last_aux_loss is None else loss + 0.01 * model.last_aux_loss
+
     step_fns = {}
     for name, model in models.items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        step_fns[name] = _train_step(model, lambda m, i, t: default_loss(m, i, t)[0] + 0.01 * m.last_aux_loss
-                                     if m.last_aux_loss is not None else default_loss(m, i, t)[0], optimizer, idx, idx)
+        step_fns[name] = _train_step(model, loss_with_aux, optimizer, idx, idx)
     for name, seconds in _median_seconds(step_fns, repeats, device).items():
         rows.append((f"training step, batch {batch_size} x {seq_len}", name, seconds))
     for batch in (1, batch_size):

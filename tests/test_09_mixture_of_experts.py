@@ -285,7 +285,7 @@ def test_early_exit_with_experts_and_the_load_of_active_tokens():
     res = generate(gated, [[1, 5, 7, 3]], 6, exit_rule=QExit(0.5), exit_mode="select")
     torch.testing.assert_close(res.expert_load.sum(1), torch.ones(4, dtype=res.expert_load.dtype))
 
-# --- book/09_mixture_of_experts.py:1145 (cell 47) ---
+# --- book/09_mixture_of_experts.py:1147 (cell 47) ---
 def test_per_token_exits_with_experts_equal_a_reference_without_a_cache():
     """Section 9.6: tokens exit at different steps (Q-exit on the gate, the readout chosen per token
     while every step runs); the reference recomputes the full forward for every new token."""
