@@ -488,7 +488,8 @@ INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
 ATTENTIONS = {}                             # chapter 8 adds "grouped", grouped-query attention
 MLPS = {}                                   # chapter 9 adds "moe", a mixture of experts
-CONFIG_CHECKS = {}                          # chapters 8 and 9 add the checks of their config fields
+CONFIG_CHECKS = {}                          # chapters 8-10 add the checks of their config fields
+KERNEL_BACKENDS = {}                        # chapter 10 adds "triton": the same model on fused kernels
 
 # %% [markdown]
 # Each module of this chapter is an identity with no parameters, so the defaults leave the
@@ -529,9 +530,9 @@ def _validate_exit_gate(cfg):
     require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
 # %% [markdown]
-# The fields after `init_std` serve published models (chapter 8) and a mixture of experts
-# (chapter 9). Their defaults change nothing, and those chapters check them: each adds its check
-# to the registry `CONFIG_CHECKS`, which `__post_init__` runs.
+# The fields after `init_std` serve published models (chapter 8), a mixture of experts
+# (chapter 9) and Triton kernels (chapter 10). Their defaults change nothing, and those chapters
+# check them: each adds its check to the registry `CONFIG_CHECKS`, which `__post_init__` runs.
 #
 # The config also knows its effective depth, $n_{\text{prelude}} + n_{\text{core}} \cdot S + n_{\text{coda}}$:
 
@@ -584,10 +585,11 @@ class LoopLMConfig:
     balance_pool: str = "all"        # "all": every step's tokens together; "step": per step
     z_loss: float = 0.0              # weight of the router z-loss in out.aux_loss
     bias_rate: float = 1e-3          # γ of balance="bias"
+    kernels: str = "torch"           # "torch", or "triton": fused Triton kernels (chapter 10)
 
     def __post_init__(self):
         _validate_common(self)
-        for check in CONFIG_CHECKS.values():      # the fields of chapters 8 and 9
+        for check in CONFIG_CHECKS.values():      # the fields of chapters 8 to 10
             check(self)
         require_int("n_prelude", self.n_prelude, 0)
         require_int("n_core", self.n_core, 1)
@@ -918,6 +920,8 @@ class LoopLM(nn.Module):
         self.injection = INJECTIONS[c.injection](c)
         self.exit_gate = EXIT_GATES[c.gate_head](c) if c.exit_gate else None
         self.last_aux_loss = None     # the last forward's out.aux_loss (a mixture of experts, chapter 9)
+        if c.kernels != "torch":      # chapter 10: the same parameters, computed by Triton kernels
+            KERNEL_BACKENDS[c.kernels](self)
 
     def encode(self, idx, cos, sin, attend=None):
         """x0 = prelude(embed(idx)): the input representation every step can see. -> [B, T, D]

@@ -1,6 +1,6 @@
 # Generated from book/02_one_step_is_a_gpt.py, book/03_fixed_loops.py, book/05_learning_when_to_stop.py, book/08_real_models.py, book/09_mixture_of_experts.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'ATTENTIONS', 'MLPS', 'CONFIG_CHECKS', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate', 'MOE_DEFAULTS']
+__all__ = ['MAX_VOCAB_SIZE', 'GPTConfig', 'GPT', 'NoInjection', 'EmbeddingInit', 'INJECTIONS', 'INIT_STATES', 'EXIT_GATES', 'ATTENTIONS', 'MLPS', 'CONFIG_CHECKS', 'KERNEL_BACKENDS', 'LoopLMConfig', 'LoopOutput', 'token_losses', 'LoopLM', 'gpt_param_count', 'looplm_param_count', 'AddInjection', 'ConcatInjection', 'ZerosInit', 'RandomInit', 'LinearExitGate', 'MOE_DEFAULTS']
 # fmt: on
 
 import math
@@ -184,9 +184,10 @@ INIT_STATES = {"embedding": EmbeddingInit}  # chapter 3 adds "zeros" and "random
 EXIT_GATES = {}                             # chapter 5 adds "linear", Ouro's gate
 ATTENTIONS = {}                             # chapter 8 adds "grouped", grouped-query attention
 MLPS = {}                                   # chapter 9 adds "moe", a mixture of experts
-CONFIG_CHECKS = {}                          # chapters 8 and 9 add the checks of their config fields
+CONFIG_CHECKS = {}                          # chapters 8-10 add the checks of their config fields
+KERNEL_BACKENDS = {}                        # chapter 10 adds "triton": the same model on fused kernels
 
-# --- book/02_one_step_is_a_gpt.py:520 (cell 51) ---
+# --- book/02_one_step_is_a_gpt.py:521 (cell 51) ---
 def _validate_exit_gate(cfg):
     require_bool("exit_gate", cfg.exit_gate)
     if not isinstance(cfg.gate_head, str):
@@ -198,7 +199,7 @@ def _validate_exit_gate(cfg):
                          "until chapter 5 (adaptive depth) registers one; use exit_gate=False")
     require_choice("gate_head", cfg.gate_head, tuple(EXIT_GATES))
 
-# --- book/02_one_step_is_a_gpt.py:540 (cell 53) ---
+# --- book/02_one_step_is_a_gpt.py:541 (cell 53) ---
 @dataclass(frozen=True)
 class LoopLMConfig:
     """A looped LM: embed -> prelude (once) -> core (n_loops times, shared weights) -> readout.
@@ -246,10 +247,11 @@ class LoopLMConfig:
     balance_pool: str = "all"        # "all": every step's tokens together; "step": per step
     z_loss: float = 0.0              # weight of the router z-loss in out.aux_loss
     bias_rate: float = 1e-3          # γ of balance="bias"
+    kernels: str = "torch"           # "torch", or "triton": fused Triton kernels (chapter 10)
 
     def __post_init__(self):
         _validate_common(self)
-        for check in CONFIG_CHECKS.values():      # the fields of chapters 8 and 9
+        for check in CONFIG_CHECKS.values():      # the fields of chapters 8 to 10
             check(self)
         require_int("n_prelude", self.n_prelude, 0)
         require_int("n_core", self.n_core, 1)
@@ -288,7 +290,7 @@ class LoopLMConfig:
         require_int("n_loops", n_loops, 1)
         return self.n_prelude + self.n_core * n_loops + self.n_coda
 
-# --- book/02_one_step_is_a_gpt.py:659 (cell 57) ---
+# --- book/02_one_step_is_a_gpt.py:661 (cell 57) ---
 @dataclass
 class LoopOutput:
     """What LoopLM.forward returns. S is the number of loop steps that ran."""
@@ -303,7 +305,7 @@ class LoopOutput:
     aux_loss: torch.Tensor | None = None     # scalar: the experts' balancing loss (chapter 9), MoE only
     expert_load: torch.Tensor | None = None  # [S, E] share of each step's routed assignments per expert
 
-# --- book/02_one_step_is_a_gpt.py:696 (cell 60) ---
+# --- book/02_one_step_is_a_gpt.py:698 (cell 60) ---
 def token_losses(logits, targets):
     """Per-token cross-entropy: logits [..., B, T, V], targets [B, T] -> [..., B, T].
 
@@ -317,7 +319,7 @@ def token_losses(logits, targets):
                              ignore_index=IGNORE_INDEX, reduction="none")
     return losses.view(targets.shape)                         # (..., B, T)
 
-# --- book/02_one_step_is_a_gpt.py:716 (cell 62) ---
+# --- book/02_one_step_is_a_gpt.py:718 (cell 62) ---
 def _check_targets(targets, idx, vocab_size):
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
@@ -336,7 +338,7 @@ def _check_targets(targets, idx, vocab_size):
         raise ValueError(f"targets holds ids outside [0, vocab_size={vocab_size}) other than "
                          f"IGNORE_INDEX={IGNORE_INDEX}, e.g. {targets[bad][0].item()}")
 
-# --- book/02_one_step_is_a_gpt.py:859 (cell 68) ---
+# --- book/02_one_step_is_a_gpt.py:861 (cell 68) ---
 def _check_grad_steps(grad_steps, n_loops):
     """grad_steps if it is an int in [1, n_loops]: how many of the last steps get gradients."""
     require_int("grad_steps", grad_steps, 1)
@@ -361,7 +363,7 @@ def _check_state0(state0, x0):
         raise ValueError(f"state0 must have shape [B, T, d_model] = {list(x0.shape)}, got {list(state0.shape)}")
     return state0.to(device=x0.device, dtype=x0.dtype)
 
-# --- book/02_one_step_is_a_gpt.py:885 (cell 69) ---
+# --- book/02_one_step_is_a_gpt.py:887 (cell 69) ---
 class LoopLM(nn.Module):
     """A looped (weight-tied) causal LM with a readout after every loop step.
 
@@ -398,6 +400,8 @@ class LoopLM(nn.Module):
         self.injection = INJECTIONS[c.injection](c)
         self.exit_gate = EXIT_GATES[c.gate_head](c) if c.exit_gate else None
         self.last_aux_loss = None     # the last forward's out.aux_loss (a mixture of experts, chapter 9)
+        if c.kernels != "torch":      # chapter 10: the same parameters, computed by Triton kernels
+            KERNEL_BACKENDS[c.kernels](self)
 
     def encode(self, idx, cos, sin, attend=None):
         """x0 = prelude(embed(idx)): the input representation every step can see. -> [B, T, D]
@@ -559,7 +563,7 @@ class LoopLM(nn.Module):
         model.load_state_dict(state)  # strict: every weight is matched by name, or this raises
         return model
 
-# --- book/02_one_step_is_a_gpt.py:1519 (cell 108) ---
+# --- book/02_one_step_is_a_gpt.py:1523 (cell 108) ---
 def gpt_param_count(config):
     """Parameters of GPT(config): V d (x2 if untied) + n_layers * block + d (final norm)."""
     c = config
