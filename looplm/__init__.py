@@ -21,6 +21,9 @@ public names of the book's API; the submodules hold the rest:
                     (a package: `python -m looplm.generate` runs its __main__)
     looplm.experiments, looplm.results  multi-seed stored results        (chapters 3-7, appendix B)
     looplm.grade    the exercise grader                                  (appendix A)
+    looplm.convert  loading Ouro and Huginn checkpoints                  (chapter 8)
+    looplm.moe      the mixture-of-experts feed-forward                  (chapter 9)
+    looplm.kernels  Triton kernels and the kernel model (Triton optional) (chapter 10)
 """
 
 __version__ = "0.1.0"
@@ -28,6 +31,7 @@ __version__ = "0.1.0"
 from looplm.model import GPT, GPTConfig, LoopLM, LoopLMConfig, LoopOutput  # noqa: E402
 from looplm.adaptive import exit_distribution, q_exit_steps, stage1_loss, stage2_gate_loss  # noqa: E402
 import looplm.objectives  # noqa: E402,F401  (registers ACT, PonderNet and Gumbel in adaptive.OBJECTIVES)
+import looplm.kernels.loop  # noqa: E402,F401  (registers kernels="triton"; Triton itself is optional)
 # the function generate, bound after the submodule of the same name is imported, so the package
 # attribute stays the function however the submodule is imported later
 from looplm.generate import GenerationResult, generate  # noqa: E402

@@ -1,12 +1,15 @@
-# Generated from book/04a_appendix_engineering.py, book/07_inference.py, book/09_mixture_of_experts.py: edit the chapter, then run `make export`.
+# Generated from book/04a_appendix_engineering.py, book/07_inference.py, book/09_mixture_of_experts.py, book/10a_appendix_kernels.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'decode_quality', 'bench_decode', 'format_decode_table', 'plot_decode', 'bench_moe', 'format_moe_table', 'plot_moe']
+__all__ = ['MinimalLoopedLM', 'minimal_from_looplm', 'bench_train', 'format_train_table', 'plot_train', 'BENCHMARKS', 'main', 'DECODE_SETTINGS', 'decode_quality', 'bench_decode', 'format_decode_table', 'plot_decode', 'bench_moe', 'format_moe_table', 'plot_moe', 'kernel_checks', 'format_kernel_checks', 'bench_kernels', 'format_kernel_table', 'plot_kernels', 'bench_exit_update', 'format_exit_update_table']
 # fmt: on
 
 import argparse
+import inspect
 import math
+import os
 import statistics
 import statistics as _statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,11 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from looplm.backprop import make_loop_loss
+from looplm.block import apply_rope, rope_angles
 from looplm.checkpoints import load_model_flag
 from looplm.checks import require_int
 from looplm.data import TASKS, TASK_VOCAB, decode_answer, make_splits, make_task
 from looplm.exits import make_exit_rule
 from looplm.generate import generate
+from looplm.kernels.attention import flash_attention
+from looplm.kernels.cross_entropy import multi_exit_cross_entropy_reference, multi_exit_linear_cross_entropy
+from looplm.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
+from looplm.kernels.rope import rope
+from looplm.kernels.runtime import INTERPRET, runs_in_triton
+from looplm.kernels.swiglu import swiglu, swiglu_reference
+from looplm.kernels.update import masked_update, masked_update_reference
 from looplm.model import LoopLM, LoopLMConfig
 from looplm.moe import MoEFeedForward
 from looplm.train import TrainConfig, default_loss, task_batches, train_two_stage
@@ -575,6 +586,437 @@ def _moe_command(args):
 
 BENCHMARKS["moe"] = ("mixture of experts: grouped against looped experts, MoE against dense", _moe_arguments,
                      _moe_command)
+
+# --- book/10a_appendix_kernels.py:1556 (cell 23) ---
+def kernel_checks(device="cpu"):
+    """[(kernel, case, largest relative error, tolerance)] of every kernel against its float64
+    reference, forward and backward (the interpreter on a CPU). Needs the kernels runnable here."""
+    g = torch.Generator().manual_seed(0)
+
+    def worst(fn, reference, shapes, dtype, integer=(), grad=True):
+        inputs = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+        upstream = None
+        results = []
+        for f, dt in ((fn, dtype), (reference, torch.float64)):
+            args = [x.to(device, dt, copy=True).requires_grad_(grad) for x in inputs]
+            outs = f(*args, *integer)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            if upstream is None:
+                upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(device) for o in outs]
+            if grad:
+                sum((o.double() * u).sum() for o, u in zip(outs, upstream)).backward()
+            results.append([*outs, *(a.grad for a in args if grad)])
+        errors = []
+        for a, b in zip(*results):
+            diff, scale = (a.double() - b.double()).abs().max().item(), b.double().abs().max().item()
+            errors.append(diff / scale if scale > 0 else diff)
+        return max(errors)
+
+    cos, sin = (t.to(device) for t in rope_angles(12, 11))
+    targets = torch.randint(0, 53, (13,), generator=g).to(device)
+    targets[::4] = -100
+    active = (torch.rand(5, 3, generator=g) < 0.6).to(device)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    cases = [
+        ("add_rmsnorm", "[3, 7, 24] + injection", lambda d: worst(lambda h, j, w: add_rmsnorm(h, j, w, 1e-6),
+         lambda h, j, w: add_rmsnorm_reference(h, j, w, 1e-6), [(3, 7, 24), (3, 7, 24), (24,)], d)),
+        ("swiglu", "[3, 5, 77]", lambda d: worst(swiglu, swiglu_reference, [(3, 5, 77), (3, 5, 77)], d)),
+        ("rope", "[2, 3, 11, 12]", lambda d: worst(lambda x: rope(x, cos.to(d), sin.to(d)),
+         lambda x: apply_rope(x, cos.double(), sin.double()), [(2, 3, 11, 12)], d)),
+        ("flash_attention", "[2, 3, 13, 24], causal", lambda d: worst(flash_attention, sdpa, [(2, 3, 13, 24)] * 3, d)),
+        ("multi_exit_linear_cross_entropy", "S 3, N 13, D 24, V 53, ignored rows",
+         lambda d: worst(multi_exit_linear_cross_entropy, multi_exit_cross_entropy_reference, [(3, 13, 24), (53, 24)],
+                         d, integer=(targets,))),
+        ("masked_update", "[5, 3, 37], 40% exited", lambda d: worst(
+            lambda h, x, u: masked_update(h, x, u, active), lambda h, x, u: masked_update_reference(h, x, u, active),
+            [(5, 3, 37)] * 3, d, grad=False)),                       # decoding: no backward
+    ]
+    rows = []
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if torch.device(device).type == "cuda" else ())
+    for name, case, run in cases:
+        for dtype in dtypes:
+            tolerance = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+            rows.append((name, f"{case}, {str(dtype).removeprefix('torch.')}", run(dtype), tolerance))
+    return rows
+
+
+def format_kernel_checks(rows):
+    lines = [f"{'kernel':32s} {'case':48s} {'error':>9s} {'tolerance':>9s}"]
+    for name, case, error, tolerance in rows:
+        lines.append(f"{name:32s} {case:48s} {error:9.1e} {tolerance:9.1e}  {'ok' if error <= tolerance else 'FAIL'}")
+    return "\n".join(lines)
+
+# --- book/10a_appendix_kernels.py:1642 (cell 25) ---
+def _gpu_ceilings(dtype):
+    """(copy bandwidth in bytes/s, matmul FLOP/s) measured on this GPU."""
+    from triton.testing import do_bench
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    copy = 2 * x.numel() / (do_bench(lambda: y.copy_(x)) * 1e-3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    matmul = 2 * 8192**3 / (do_bench(lambda: a @ b) * 1e-3)
+    return copy, matmul
+
+
+def _timed(fn, check=None):
+    """(milliseconds, peak MB allocated beyond the inputs, None) or (None, None, why)."""
+    from triton.testing import do_bench
+    try:
+        if check is not None:
+            problem = check()
+            if problem:
+                return None, None, problem
+        ms = do_bench(fn, warmup=10, rep=50)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return ms, (torch.cuda.max_memory_allocated() - base) / 2**20, None
+    except Exception as e:                        # a contestant that fails says why, the rest run on
+        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+
+
+def _liger(name):
+    """A Liger-Kernel object by dotted path, or None when Liger is not installed."""
+    try:
+        module, _, attribute = name.rpartition(".")
+        return getattr(__import__(module, fromlist=[attribute]), attribute)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _agree(a, b, dtype):
+    """'' when a equals b within 8 roundings of dtype (relative to b's largest value), else a message."""
+    a, b = (t.double() for t in (a, b))
+    error = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return "" if error <= 8 * torch.finfo(dtype).eps else f"disagrees with eager: relative error {error:.1e}"
+
+
+def bench_kernels(dtype=torch.bfloat16, quick=False, compile=True, seed=0):
+    """Every kernel against eager, torch.compile and Liger-Kernel on this GPU. -> dict with "rows":
+    [(kernel, contestant, mode, ms, peak MB, roofline fraction or None, note)], "ceilings", "settings".
+    quick=True: smaller sizes (a smoke run)."""
+    if not torch.cuda.is_available():
+        raise ValueError("bench_kernels times kernels on a GPU, and this machine has none")
+    torch.manual_seed(seed)
+    dev, size = "cuda", dtype.itemsize
+    copy_bw, matmul_peak = _gpu_ceilings(dtype)
+    rows = []
+
+    def add(kernel, contestants, bytes_or_flops, kind):
+        """contestants: {name: (forward, forward_and_backward, output for the check)}."""
+        reference = None
+        for name, (forward, both, output) in contestants.items():
+            if reference is None:
+                reference = output()
+            check = (lambda output=output: _agree(output(), reference, dtype)) if reference is not None else None
+            for mode, fn in (("fwd", forward), ("fwd+bwd", both)):
+                if fn is None:
+                    continue
+                ms, mb, note = _timed(fn, check if mode == "fwd" else None)
+                work = bytes_or_flops[mode]
+                peak = copy_bw if kind == "bytes" else matmul_peak
+                fraction = None if ms is None else work / (ms * 1e-3) / peak
+                rows.append((kernel, name, mode, ms, mb, fraction, note or ""))
+
+    def compiled(fn):
+        return torch.compile(fn) if compile else None
+
+    def with_backward(fn, inputs, upstream):
+        def run():
+            outs = fn()
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            torch.autograd.backward(outs, upstream[:len(outs)])
+            for x in inputs:
+                x.grad = None
+        return run
+
+    # 1. RMSNorm + injection, 16384 x 4096
+    N, D = (4096, 1024) if quick else (16384, 4096)
+    h, inj = (torch.randn(N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+    w = torch.ones(D, device=dev, dtype=dtype, requires_grad=True)
+    up = [torch.randn(N, D, device=dev, dtype=dtype) for _ in range(2)]
+    eager = lambda: (lambda u: (u, F.rms_norm(u, (D,), w, 1e-6)))(h + inj)
+    fused = lambda: add_rmsnorm(h, inj, w, 1e-6)
+    contestants = {"torch eager (add, F.rms_norm)": eager, "triton fused": fused}
+    if compile:
+        contestants["torch.compile"] = torch.compile(eager)
+    liger = _liger("liger_kernel.ops.rms_norm.LigerRMSNormFunction")
+    if liger is not None:
+        contestants["Liger (add, LigerRMSNorm)"] = lambda: (lambda u: (u, liger.apply(u, w, 1e-6)))(h + inj)
+    add("RMSNorm + injection", {name: (lambda f=f: f(), with_backward(f, (h, inj, w), up), lambda f=f: f()[1])
+                                for name, f in contestants.items()},
+        {"fwd": 4 * N * D * size, "fwd+bwd": 8 * N * D * size}, "bytes")
+
+    # 2. SwiGLU, 16384 x 8192 (hidden)
+    N, H = (4096, 2048) if quick else (16384, 8192)
+    gate, upp = (torch.randn(N, H, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+    dy = [torch.randn(N, H, device=dev, dtype=dtype)]
+    eager = lambda: F.silu(gate) * upp
+    contestants = {"torch eager": eager, "triton fused": lambda: swiglu(gate, upp)}
+    if compile:
+        contestants["torch.compile"] = torch.compile(eager)
+    liger = _liger("liger_kernel.ops.swiglu.LigerSiLUMulFunction")
+    if liger is not None:
+        contestants["Liger"] = lambda: liger.apply(gate, upp)
+    add("SwiGLU", {name: (f, with_backward(f, (gate, upp), dy), f) for name, f in contestants.items()},
+        {"fwd": 3 * N * H * size, "fwd+bwd": 8 * N * H * size}, "bytes")
+
+    # 3. rotary embedding of q, [8, 32, 2048, 128]
+    B, Hh, T, hs = (2, 8, 1024, 128) if quick else (8, 32, 2048, 128)
+    q = torch.randn(B, Hh, T, hs, device=dev, dtype=dtype, requires_grad=True)
+    cos, sin = (t.to(dev, dtype) for t in rope_angles(hs, T))
+    dq = [torch.randn_like(q)]
+    eager = lambda: apply_rope(q, cos, sin)
+    contestants = {"torch eager": eager, "triton": lambda: rope(q, cos, sin)}
+    if compile:
+        contestants["torch.compile"] = torch.compile(eager)
+    add("rotary embedding", {name: (f, with_backward(f, (q,), dq), f) for name, f in contestants.items()},
+        {"fwd": 2 * q.numel() * size, "fwd+bwd": 4 * q.numel() * size}, "bytes")
+
+    # 4. causal attention, [4, 16, 2048, 64]
+    B, Hh, T, hs = (2, 8, 1024, 64) if quick else (4, 16, 2048, 64)
+    qkv = [torch.randn(B, Hh, T, hs, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
+    do = [torch.randn(B, Hh, T, hs, device=dev, dtype=dtype)]
+    sdpa = lambda: F.scaled_dot_product_attention(*qkv, is_causal=True)
+    flash = lambda: flash_attention(*qkv)
+    flops = 4 * B * Hh * T * T * hs / 2                                   # causal: half the square
+    add("causal attention", {name: (f, with_backward(f, qkv, do), f) for name, f in
+                             {"torch SDPA": sdpa, "triton flash": flash}.items()},
+        {"fwd": flops, "fwd+bwd": 3.5 * flops}, "flops")
+
+    # 5. four exits' linear cross-entropy, N 8192, D 2048, V 50304
+    S, N, D, V = (4, 2048, 1024, 50304) if quick else (4, 8192, 2048, 50304)
+    states = torch.randn(S, N, D, device=dev, dtype=dtype, requires_grad=True)
+    head = (torch.randn(V, D, device=dev, dtype=dtype) / D**0.5).requires_grad_()
+    targets = torch.randint(0, V, (N,), device=dev)
+
+    def per_exit():
+        return torch.stack([F.cross_entropy(F.linear(states[s], head).float(), targets, reduction="none")
+                            for s in range(S)]).mean()
+
+    ours = lambda: multi_exit_linear_cross_entropy(states, head, targets).mean()
+    contestants = {"torch eager, per exit": per_exit, "triton multi-exit": ours}
+    if compile:
+        contestants["torch.compile, per exit"] = torch.compile(per_exit)
+    liger = _liger("liger_kernel.transformers.fused_linear_cross_entropy.LigerFusedLinearCrossEntropyLoss")
+    if liger is not None:
+        loss = liger()
+        contestants["Liger FLCE, exits concatenated"] = lambda: loss(head, states.view(S * N, D), targets.repeat(S))
+    one = torch.ones((), device=dev)
+    add("4-exit linear cross-entropy", {name: (f, with_backward(f, (states, head), [one]), f)
+                                        for name, f in contestants.items()},
+        {"fwd": 2 * S * N * V * D, "fwd+bwd": 6 * S * N * V * D}, "flops")
+
+    # 6. a full training step of a looped model: kernels="triton" against torch.compile
+    rows.extend(_bench_training_step(dtype, quick, compile, seed))
+    return {"rows": rows, "ceilings": (copy_bw, matmul_peak),
+            "settings": dict(dtype=str(dtype), device=torch.cuda.get_device_name(), quick=quick,
+                             torch=torch.__version__, triton=__import__("triton").__version__,
+                             liger=_liger("liger_kernel.__version__") or "not installed")}
+
+
+def _bench_training_step(dtype, quick, compile, seed):
+    from triton.testing import do_bench
+    options = dict(vocab_size=50304, d_model=512 if quick else 1024, n_heads=8 if quick else 16, n_loops=4,
+                   injection="add", init_state="zeros", max_seq_len=1024)
+    B, T = (4, 512) if quick else (8, 1024)
+    idx = torch.randint(0, 50304, (B, T + 1), device="cuda")
+    rows = []
+    torch.manual_seed(seed)
+    reference = LoopLM(LoopLMConfig(**options)).to("cuda", dtype)
+    contestants = {"torch eager": (reference, {}), "triton kernels, no logits": (None, dict(return_logits=False))}
+    if compile:
+        contestants["torch.compile"] = (torch.compile(reference), {})
+    for name, (model, kwargs) in contestants.items():
+        if model is None:
+            model = LoopLM(LoopLMConfig(**options, kernels="triton")).to("cuda", dtype)
+            model.load_state_dict(reference.state_dict())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, kwargs=kwargs, optimizer=optimizer):
+            loss = model(idx[:, :-1], idx[:, 1:], **kwargs).step_losses.mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        try:
+            ms = do_bench(step, warmup=3, rep=30)
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            rows.append(("training step", name, f"batch {B} x {T}", ms, torch.cuda.max_memory_allocated() / 2**20,
+                         None, ""))
+        except Exception as e:
+            rows.append(("training step", name, f"batch {B} x {T}", None, None, None,
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"))
+    return rows
+
+
+def format_kernel_table(result):
+    copy_bw, matmul = result["ceilings"]
+    s = result["settings"]
+    lines = [f"kernels on {s['device']}, {s['dtype']}; torch {s['torch']}, triton {s['triton']}, Liger {s['liger']}",
+             f"measured ceilings: copy {copy_bw / 1e12:.2f} TB/s, matmul {matmul / 1e12:.0f} TFLOP/s",
+             f"{'kernel':28s} {'contestant':32s} {'mode':14s} {'ms':>8s} {'vs first':>8s} {'peak MB':>8s} "
+             f"{'roofline':>8s}"]
+    for kernel, name, mode, ms, mb, fraction, note in result["rows"]:
+        first = next((r[3] for r in result["rows"] if r[0] == kernel and r[2] == mode and r[3] is not None), None)
+        if ms is None:
+            lines.append(f"{kernel:28s} {name:32s} {mode:14s} {note}")
+            continue
+        ratio = f"{first / ms:7.2f}x" if first else ""
+        roof = "" if fraction is None else f"{fraction:8.0%}"
+        lines.append(f"{kernel:28s} {name:32s} {mode:14s} {ms:8.3f} {ratio:>8s} {mb:8.0f} {roof:>8s}")
+    lines.append("vs first: speed relative to the first contestant of the group (above 1: faster); roofline: "
+                 "bytes (or FLOP) the function needs, over the time, as a share of the measured ceiling")
+    return "\n".join(lines)
+
+
+def plot_kernels(result, path):
+    from matplotlib.figure import Figure
+    groups = {}
+    for kernel, name, mode, ms, *_ in result["rows"]:
+        if ms is not None and mode != "fwd":
+            groups.setdefault(kernel, []).append((name, ms))
+    fig = Figure(figsize=(8, 0.5 + 0.35 * sum(len(v) for v in groups.values())))
+    ax = fig.add_subplot()
+    labels, values = [], []
+    for kernel, entries in groups.items():
+        base = entries[0][1]
+        for name, ms in entries:
+            labels.append(f"{kernel}: {name}")
+            values.append(base / ms)
+    ax.barh(labels[::-1], values[::-1], color="C0")
+    ax.axvline(1.0, color="gray", linewidth=0.8)
+    ax.set(xlabel="speed relative to the first contestant (forward + backward)",
+           title=f"python -m looplm.bench kernels ({result['settings']['device']})")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+# --- book/10a_appendix_kernels.py:1906 (cell 27) ---
+def bench_exit_update(model, batch=64, repeats=7, seeds=(0, 1, 2)):
+    """One decoding position's loop under per-token exit, two ways, for each seed's draw of the exit
+    steps. -> dict with "rows": [(strategy, [seconds per seed], [relative to indexing per seed])] and
+    "settings"; for each seed both strategies end with every row at its own exit state (checked)."""
+    require_int("batch", batch, 1)
+    require_int("repeats", repeats, 1)
+    c = model.config
+    weight = model.lm_head.weight
+    device, dtype, S = weight.device, weight.dtype, c.n_loops
+    cos, sin = model.rope(1)
+    kernel_step = "active" in inspect.signature(model.step).parameters
+    names = ("drop exited rows (indexing)", "run all rows, masked update")
+    seconds = {name: [] for name in names}
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        exit_at = torch.randint(1, S + 1, (batch,), generator=g).to(device)    # each token's exit step
+        x0 = torch.randn(batch, 1, c.d_model, generator=g).to(device, dtype)
+
+        @torch.no_grad()
+        def by_index():
+            out = torch.empty_like(x0)
+            h, inputs, live = model.init_state(x0), x0, torch.arange(batch, device=device)
+            for s in range(1, S + 1):
+                h = model.step(h, inputs, cos, sin)
+                leaving = exit_at[live] == s
+                out[live[leaving]] = h[leaving]
+                keep = ~leaving
+                if not keep.any():                                             # a host synchronisation
+                    break
+                live, h, inputs = live[keep], h[keep], inputs[keep]
+            return out
+
+        @torch.no_grad()
+        def by_mask():
+            h = model.init_state(x0)
+            for s in range(1, S + 1):
+                active = (exit_at >= s)[:, None]                               # (B, 1): still running
+                if kernel_step:
+                    h = model.step(h, x0, cos, sin, active=active)
+                else:
+                    h = torch.where(active[..., None], model.step(h, x0, cos, sin), h)
+            return h
+
+        a, b = by_index(), by_mask()
+        if ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() > 1e-4:
+            raise RuntimeError("the two exit strategies disagree; the benchmark would compare different work")
+        for name, t in _median_seconds(dict(zip(names, (by_index, by_mask))), repeats, device).items():
+            seconds[name].append(t)
+    first = seconds[names[0]]
+    return {"rows": [(name, t, [x / y for x, y in zip(t, first)]) for name, t in seconds.items()],
+            "settings": dict(batch=batch, n_loops=S, d_model=c.d_model, device=str(device), dtype=str(dtype),
+                             kernels=c.kernels, threads=torch.get_num_threads(), seeds=tuple(seeds))}
+
+
+def format_exit_update_table(result):
+    s = result["settings"]
+    lines = [f"per-token exit, one decoding position: batch {s['batch']}, {s['n_loops']} steps, d_model {s['d_model']}, "
+             f"kernels={s['kernels']!r}, {s['device']} ({s['threads']} threads), {s['dtype']}; exit steps drawn "
+             f"uniformly, seeds {', '.join(map(str, s['seeds']))}",
+             f"{'strategy':32s} {'ms per seed':>26s}   {'relative per seed':>20s}"]
+    for name, seconds, relative in result["rows"]:
+        lines.append(f"{name:32s} {' '.join(f'{t * 1e3:8.3f}' for t in seconds):>26s}   "
+                     f"{' '.join(f'{r:6.2f}' for r in relative):>20s}")
+    return "\n".join(lines)
+
+
+def _kernels_arguments(parser):
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda (timings) or cpu (interpreted checks; default: cuda when there is one)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--repeats", type=int, default=7, help="turns of the decoding benchmark (default 7)")
+    parser.add_argument("--out", default="build/bench/kernels.png", help="bar plot (default build/bench/kernels.png)")
+
+
+def _kernels_command(args):
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if args.device == "cpu" and not INTERPRET and os.environ.get("TRITON_INTERPRET") is None:
+        # the kernels were defined when looplm was imported, without the interpreter: run the
+        # command again in a process that has it from the start
+        flags = ["--device", "cpu", "--repeats", str(args.repeats), "--out", args.out]
+        flags += ["--quick"] * args.quick + ["--no-compile"] * args.no_compile
+        again = subprocess.run([sys.executable, "-m", "looplm.bench", "kernels", *flags],
+                               env={**os.environ, "TRITON_INTERPRET": "1"})
+        return again.returncode
+    failed = False
+    if args.device == "cpu":
+        print("Kernel timings need a GPU: on a CPU the kernels run in Triton's interpreter, whose speed says\n"
+              "nothing about a GPU's. Running the interpreted correctness checks instead.\n")
+    if not runs_in_triton(torch.zeros(1, device=args.device)):
+        print("The kernels cannot run here (Triton missing, or TRITON_INTERPRET=1 was not set before they were "
+              "imported): no checks.")
+        failed = True
+    else:
+        rows = kernel_checks(args.device)
+        print(format_kernel_checks(rows))
+        failed = any(error > tolerance for *_, error, tolerance in rows)
+    if args.device == "cuda":
+        result = bench_kernels(quick=args.quick, compile=not args.no_compile)
+        print("\n" + format_kernel_table(result))
+        print(f"\nsaved {plot_kernels(result, args.out)}")
+    options = dict(vocab_size=256, d_model=256, n_heads=4, n_loops=8, injection="add", init_state="zeros")
+    kinds = ("torch",) if args.device == "cpu" else ("torch", "triton")
+    for kernels in kinds:                                     # on a CPU the interpreter would time numpy
+        torch.manual_seed(0)
+        model = LoopLM(LoopLMConfig(**options, kernels=kernels)).to(args.device).eval()
+        print("\n" + format_exit_update_table(bench_exit_update(model, repeats=args.repeats)))
+    return 1 if failed else 0
+
+
+BENCHMARKS["kernels"] = ("Triton kernels: timings against eager, compile and Liger on a GPU; checks on a CPU",
+                         _kernels_arguments, _kernels_command)
 
 # --- book/04a_appendix_engineering.py:2654 (cell 100) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:

@@ -365,6 +365,20 @@ CLAIMS = [
                 r"aimed for; greedy decoding cost (\S+) and (\S+) times at batch 1 and 16",
           lambda m: m[1] == bench09("training step, batch 16 x 64", "MoE") and float(m[1]) <= 1.5
           and [m[2], m[3]] == [bench09(f"decoding 32 tokens, batch {b}", "MoE") for b in (1, 16)]),
+    # chapter 10: Triton kernels, all under the interpreter
+    Claim("10", r"The fused kernel moves (\d+) tensors where the unfused pair moves (\d+)",
+          lambda m: [int(m[1]), int(m[2])] == [int(line.split("total ")[1]) for line in output_after("10", "def passes(")
+                                               .splitlines()[::-1] if "total" in line]),
+    Claim("10", r"masking took (\S+) to (\S+) times as long as indexing in all three draws",
+          lambda m: (lambda r: [m[1], m[2]] == [f"{min(r):.2f}", f"{max(r):.2f}"] and min(r) > 1)(
+              numbers(next(line for line in output_after("10", '"kernels", "--device", "cpu"').splitlines()
+                           if line.startswith("run all rows, masked update")))[-3:])),
+    Claim("10", r"the kernel model equals the torch model within \$10\^\{-5\}\$ in outputs and every gradient",
+          lambda m: (lambda xs: len(xs) >= 20 and max(xs) <= 1e-5)(
+              [float(x) for x in re.findall(r"\d\.\de[-+]\d\d", output_after("10", "for name, options in LAYOUTS.items():"))])),
+    Claim("10", r"ten training steps give loss curves that agree within \$10\^\{-7\}\$",
+          lambda m: all(float(x) <= 1e-7 for x in re.findall(r"'(\d\.\de[-+]\d\d)'",
+                                                             output_after("10", "curves = {")))),
 ]
 
 

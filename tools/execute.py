@@ -29,6 +29,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -211,6 +212,10 @@ def main(argv: list[str]) -> int:
     # outputs, on machines with any number of cores
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    if shutil.which("nvidia-smi") is None:
+        # no GPU: Triton kernels run in its interpreter, which must be chosen before Triton is
+        # imported (importing looplm imports it); chapter 10 also sets this in its first cell
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     fresh_timings = "--fresh-timings" in argv or os.environ.get("LOOPLM_FRESH_TIMINGS") == "1"
     argv = [a for a in argv if a != "--fresh-timings"]
     chosen = chapter_files("py", BOOK)
