@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from looplm.kernels.runtime import INTERPRET, next_power_of_2, runs_in_triton, tl, triton
 
-# --- book/10_triton_kernels.py:728 (cell 35) ---
+# --- book/10_triton_kernels.py:729 (cell 35) ---
 MAX_HEAD_DIM = 128           # larger heads fall back to scaled_dot_product_attention
 _LOG2E = 1.4426950408889634
 

@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from looplm.kernels.runtime import INTERPRET, next_power_of_2, runs_in_triton, tl, triton
 
-# --- book/10_triton_kernels.py:922 (cell 41) ---
+# --- book/10_triton_kernels.py:923 (cell 41) ---
 # Exits handled by one tile. Larger S is split into groups of this many exits
 # (the head is then read once per group rather than once per exit).
 _MAX_EXITS_PER_TILE = 16
@@ -24,7 +24,7 @@ def multi_exit_cross_entropy_reference(states, weight, targets, ignore_index=-10
     return F.cross_entropy(logits.reshape(S * N, -1), targets.repeat(S), ignore_index=ignore_index,
                            reduction="none").view(S, N)
 
-# --- book/10_triton_kernels.py:947 (cell 43) ---
+# --- book/10_triton_kernels.py:948 (cell 43) ---
 @triton.jit
 def _lce_fwd_kernel(
     x_ptr, w_ptr, t_ptr, loss_ptr, lse_ptr,

@@ -18,7 +18,7 @@ from looplm.kernels.swiglu import swiglu
 from looplm.kernels.update import masked_update
 from looplm.model import CONFIG_CHECKS, IGNORE_INDEX, KERNEL_BACKENDS, AddInjection, LoopLM
 
-# --- book/10_triton_kernels.py:1143 (cell 51) ---
+# --- book/10_triton_kernels.py:1144 (cell 51) ---
 class KernelRMSNorm(RMSNorm):
     """RMSNorm computed by the fused kernel (without an injection)."""
 
@@ -63,7 +63,7 @@ class KernelBlock(Block):
             return x + self.mlp(m)
         return masked_update(prev, x, self.mlp(m), active)
 
-# --- book/10_triton_kernels.py:1211 (cell 53) ---
+# --- book/10_triton_kernels.py:1212 (cell 53) ---
 class KernelLoopLM(LoopLM):
     """LoopLM on kernels: the same parameters and outputs; see kernel_plan for what runs where."""
 
@@ -166,7 +166,7 @@ class KernelLoopLM(LoopLM):
         out.loss = out.step_losses[-1].sum() / (targets != IGNORE_INDEX).sum()
         return out
 
-# --- book/10_triton_kernels.py:1319 (cell 55) ---
+# --- book/10_triton_kernels.py:1320 (cell 55) ---
 def use_kernels(model):
     """Re-class model's modules in place to their kernel subclasses (the same parameters and
     state_dict keys); what the kernels do not cover keeps its torch module. -> model"""
@@ -230,7 +230,7 @@ def kernel_plan(model):
          if model.fuses_injection() and isinstance(model.core[-1], KernelBlock) else "torch: where"),
     ]
 
-# --- book/10_triton_kernels.py:1391 (cell 57) ---
+# --- book/10_triton_kernels.py:1392 (cell 57) ---
 def _validate_kernels(cfg):
     require_choice("kernels", cfg.kernels, ("torch", *KERNEL_BACKENDS))
     if cfg.kernels == "triton" and not HAS_TRITON:

@@ -7,7 +7,7 @@ import torch
 
 from looplm.kernels.runtime import row_tiles, runs_in_triton, tl, triton
 
-# --- book/10_triton_kernels.py:274 (cell 13) ---
+# --- book/10_triton_kernels.py:275 (cell 13) ---
 def add_rmsnorm_reference(h, inj, weight, eps):
     """(u, RMSNorm(u) * weight) with u = h + inj (u = h when inj is None), as chapter 1 computes
     it: the sum in h's dtype, the norm in float32 (float64 for float64), the result in h's dtype."""
@@ -16,7 +16,7 @@ def add_rmsnorm_reference(h, inj, weight, eps):
     y = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
     return u, (y * weight.to(wide.dtype)).to(u.dtype)
 
-# --- book/10_triton_kernels.py:294 (cell 15) ---
+# --- book/10_triton_kernels.py:295 (cell 15) ---
 @triton.jit
 def _add_rmsnorm_forward(H, INJ, W, U, Y, RSTD, n_rows, D, eps,
                          HAS_INJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -34,7 +34,7 @@ def _add_rmsnorm_forward(H, INJ, W, U, Y, RSTD, n_rows, D, eps,
     tl.store(Y + offsets, (x * rstd[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 
-# --- book/10_triton_kernels.py:327 (cell 17) ---
+# --- book/10_triton_kernels.py:328 (cell 17) ---
 @triton.jit
 def _add_rmsnorm_backward(DY, DU, U, W, RSTD, DX, DW_PARTS, n_rows, D,
                           HAS_DU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -68,7 +68,7 @@ def _sum_columns(X, OUT, n_rows, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
         total += tl.sum(tl.load(X + rows[:, None] * D + cols[None, :], mask=mask, other=0.0), axis=0)
     tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cols < D)
 
-# --- book/10_triton_kernels.py:368 (cell 19) ---
+# --- book/10_triton_kernels.py:369 (cell 19) ---
 class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, inj, weight, eps):

@@ -8,7 +8,7 @@ import torch
 from looplm.block import apply_rope
 from looplm.kernels.runtime import next_power_of_2, runs_in_triton, tl, triton
 
-# --- book/10_triton_kernels.py:611 (cell 31) ---
+# --- book/10_triton_kernels.py:612 (cell 31) ---
 @triton.jit
 def _rope_kernel(X, COS, SIN, Y, n_rows, n_heads, T, half, stride_xb, stride_xh, stride_xt, stride_cb,
                  SIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-# --- book/10_triton_kernels.py:107 (cell 4) ---
+# --- book/10_triton_kernels.py:108 (cell 4) ---
 # read once, as triton itself reads it when a kernel is defined
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from looplm.kernels.runtime import runs_in_triton, tl, triton
 
-# --- book/10_triton_kernels.py:503 (cell 26) ---
+# --- book/10_triton_kernels.py:504 (cell 26) ---
 SWIGLU_BLOCK = 1024          # numbers per program
 
 

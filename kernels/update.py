@@ -7,12 +7,12 @@ import torch
 
 from looplm.kernels.runtime import row_tiles, runs_in_triton, tl, triton
 
-# --- book/10_triton_kernels.py:184 (cell 6) ---
+# --- book/10_triton_kernels.py:185 (cell 6) ---
 def masked_update_reference(h, x, delta, active):
     """where(active, x + delta, h), row by row: h, x, delta [..., D]; active [...] bool."""
     return torch.where(active[..., None], x + delta, h)
 
-# --- book/10_triton_kernels.py:200 (cell 8) ---
+# --- book/10_triton_kernels.py:201 (cell 8) ---
 @triton.jit
 def _masked_update_kernel(H, X, DELTA, ACTIVE, OUT, n_rows, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)            # (BLOCK_M,) this program's rows
