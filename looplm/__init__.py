@@ -24,6 +24,7 @@ public names of the book's API; the submodules hold the rest:
     looplm.convert  loading Ouro and Huginn checkpoints                  (chapter 8)
     looplm.moe      the mixture-of-experts feed-forward                  (chapter 9)
     looplm.kernels  Triton kernels and the kernel model (Triton optional) (chapter 10)
+    looplm.distributed  launching workers, data, sharded and expert parallelism, sharded checkpoints (chapter 11)
 """
 
 __version__ = "0.1.0"

@@ -379,6 +379,18 @@ CLAIMS = [
     Claim("10", r"ten training steps give loss curves that agree within \$10\^\{-7\}\$",
           lambda m: all(float(x) <= 1e-7 for x in re.findall(r"'(\d\.\de[-+]\d\d)'",
                                                              output_after("10", "curves = {")))),
+    # chapter 11: many processes, 2 gloo ranks
+    Claim("11", r"Every hand-written and library version matches one process to within \$10\^\{-14\}\$",
+          lambda m: (lambda rows: all(float(r.split()[-2]) <= 1e-14 and float(r.split()[-1]) <= 1e-14
+                                      for r in rows if not r.startswith("ddp, model wrapped"))
+                     and any(float(r.split()[-1]) > 1e-3 for r in rows if r.startswith("ddp, model wrapped")))(
+              [line for line in output_after("11", 'launch("data_parallel_equals_one_process"').splitlines()
+               if line[:1].isalpha() and not line.startswith(("way", "bucketed:"))])),
+    Claim("11", r"With the core its own unit and resharded, a step does \$1 \+ 2S\$ all-gathers",
+          lambda m: all(int(line.split()[-2]) == {"resharded": 1 + 2 * int(line.split()[-3]),
+                                                  "kept": 1 + int(line.split()[-3]),
+                                                  "unit": 1}[line.split()[-4]]
+                        for line in output_after("11", 'launch("fsdp_collectives"').splitlines()[1:] if line.strip())),
 ]
 
 
