@@ -78,6 +78,7 @@ print("torch", torch.__version__, "| looplm", looplm.__version__, "| gloo", torc
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,7 +142,6 @@ def launch(name, args=None, nproc=2, timeout=180):
 
 def _first_error(log):
     """': ErrorName: message' of the first exception a worker printed, or ''."""
-    import re
     found = re.search(r"^\[rank\d+\]: (\w*(?:Error|Exception|Interrupt)\b.*)$", log, flags=re.M)
     return f": {found.group(1)}" if found else ""
 
@@ -1452,6 +1452,8 @@ def load_sharded(model, optimizer, directory, *, process_group=None):
 
 # %%
 #| export
+from looplm.train import _param_groups                  # the Trainer's grouping of the parameters
+
 # ----------------------------------------------------------------------------------------------
 # To and from the single-process checkpoint file of looplm.checkpoints
 
@@ -1500,7 +1502,6 @@ def _trainer_optimizer_by_name(path, model, trainer):
     stored = trainer.get("optimizer")
     if not isinstance(stored, dict) or not stored.get("state"):
         return None
-    from looplm.train import _param_groups            # the Trainer's grouping of the parameters
     optimizer = torch.optim.AdamW(_param_groups(model, 0.0))
     try:
         optimizer.load_state_dict(stored)

@@ -35,6 +35,7 @@ from looplm import __version__
 from looplm.checkpoints import CheckpointError, checkpoint_model, read_checkpoint, write_checkpoint
 from looplm.model import IGNORE_INDEX, LoopLM, LoopLMConfig
 from looplm.moe import MoEFeedForward, expert_forward, route
+from looplm.train import _param_groups                  # the Trainer's grouping of the parameters
 
 # --- book/11_many_processes.py:78 (cell 5) ---
 TASKS = {}          # name -> the function every rank runs; a worker looks its task up here
@@ -89,7 +90,6 @@ def launch(name, args=None, nproc=2, timeout=180):
 
 def _first_error(log):
     """': ErrorName: message' of the first exception a worker printed, or ''."""
-    import re
     found = re.search(r"^\[rank\d+\]: (\w*(?:Error|Exception|Interrupt)\b.*)$", log, flags=re.M)
     return f": {found.group(1)}" if found else ""
 
@@ -1124,7 +1124,6 @@ def _trainer_optimizer_by_name(path, model, trainer):
     stored = trainer.get("optimizer")
     if not isinstance(stored, dict) or not stored.get("state"):
         return None
-    from looplm.train import _param_groups            # the Trainer's grouping of the parameters
     optimizer = torch.optim.AdamW(_param_groups(model, 0.0))
     try:
         optimizer.load_state_dict(stored)
@@ -1172,7 +1171,7 @@ def from_single_process(path, directory, *, overwrite=False):
     info["world_size"] = None                     # not saved by ranks: converted from one file
     return Path(_finish(temporary, directory, info, overwrite))
 
-# --- book/11_many_processes.py:1561 (cell 38) ---
+# --- book/11_many_processes.py:1562 (cell 38) ---
 def _sharded_model(config, seed, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -1223,7 +1222,7 @@ def checkpoint_round_trip(phase, directory, config, load=None, save=None, seed=0
     weights = {name: _full(p).flatten().tolist() for name, p in model.named_parameters()}
     return {"step": step, "weights": weights, "losses": _train_steps(model, optimizer, config, step, 2)}
 
-# --- book/11_many_processes.py:1654 (cell 41) ---
+# --- book/11_many_processes.py:1655 (cell 41) ---
 @task
 def data_parallel_cases(cases):
     """data_parallel_equals_one_process for each case (a dict of its arguments). -> [report]"""
@@ -1281,6 +1280,6 @@ def sleeps(seconds=600):
     time.sleep(seconds)
     return "woke"
 
-# --- book/11_many_processes.py:1929 (cell 53) ---
+# --- book/11_many_processes.py:1930 (cell 53) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     main(sys.argv[1:])                    # a worker, started by torchrun through launch()
