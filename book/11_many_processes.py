@@ -34,7 +34,10 @@
 # 2. data parallelism by hand (one all-reduce per parameter, then buckets), then
 #    `DistributedDataParallel`, and what a looped block changes;
 # 3. FSDP2, `fully_shard`, and how often the looped core is gathered;
-# 4. what each step sends, on paper and counted.
+# 4. what each step sends, on paper and counted, and what that means for pipelines and at scale;
+# 5. expert parallelism: the mixture of experts' tokens sent to their experts' ranks;
+# 6. checkpoints saved on $N$ processes and loaded on $M$;
+# 7. the tests, and what a worker that fails or hangs does to a launch.
 #
 # The code goes to `looplm/distributed.py`: the notebook starts the workers as subprocesses with
 # `torchrun` and shows their logs, and the workers run functions from that module

@@ -37,7 +37,7 @@ from looplm.model import IGNORE_INDEX, LoopLM, LoopLMConfig
 from looplm.moe import MoEFeedForward, expert_forward, route
 from looplm.train import _param_groups                  # the Trainer's grouping of the parameters
 
-# --- book/11_many_processes.py:78 (cell 5) ---
+# --- book/11_many_processes.py:81 (cell 5) ---
 TASKS = {}          # name -> the function every rank runs; a worker looks its task up here
 
 
@@ -123,7 +123,7 @@ def main(argv):
     finally:
         dist.destroy_process_group()
 
-# --- book/11_many_processes.py:190 (cell 7) ---
+# --- book/11_many_processes.py:193 (cell 7) ---
 @task
 def collectives():
     """The four collectives on x = 10 * rank + (0, 1, 2, 3). -> {name: what this rank holds after it}"""
@@ -144,7 +144,7 @@ def collectives():
     shown["all-to-all"] = exchanged.tolist()
     return shown
 
-# --- book/11_many_processes.py:237 (cell 10) ---
+# --- book/11_many_processes.py:240 (cell 10) ---
 class TokenObjective(nn.Module):
     """model -> (sum over the batch's learned tokens of a per-token objective, their count).
 
@@ -182,7 +182,7 @@ def global_batch(seed, batch_size, seq_len, vocab_size):
     targets[torch.arange(seq_len)[None] < prompt[:, None]] = IGNORE_INDEX
     return idx[:, :-1], targets
 
-# --- book/11_many_processes.py:296 (cell 12) ---
+# --- book/11_many_processes.py:299 (cell 12) ---
 def allreduce_gradients(model):
     """Sum every parameter's gradient over the ranks: one all-reduce per parameter."""
     for p in dict.fromkeys(model.parameters()):       # a tied weight once
@@ -228,7 +228,7 @@ class BucketedAllReduce:
                 offset += q.numel()
         self.pending, self.ready = [], [0] * len(self.buckets)
 
-# --- book/11_many_processes.py:367 (cell 14) ---
+# --- book/11_many_processes.py:370 (cell 14) ---
 def _build(config, seed, dtype):
     torch.manual_seed(seed)
     return LoopLM(LoopLMConfig(**config)).to(dtype)
@@ -323,7 +323,7 @@ def data_parallel_equals_one_process(config, ways, steps=5, batch_size=8, seq_le
             report[way]["reductions per parameter per step"] = reducer.reductions / steps / len(reducer.params)
     return report
 
-# --- book/11_many_processes.py:505 (cell 18) ---
+# --- book/11_many_processes.py:508 (cell 18) ---
 # the functions a collective can go through; FSDP2 calls the *_single names where torch has them
 _COUNTED = (("all-gather", "all_gather_into_tensor"), ("all-gather", "all_gather_single"),
             ("reduce-scatter", "reduce_scatter_tensor"), ("reduce-scatter", "reduce_scatter_single"),
@@ -385,7 +385,7 @@ def fsdp_collectives(config, loops=(1, 2, 4), seed=0):
                          "all parameters": sum(p.numel() for p in model.parameters())})
     return rows
 
-# --- book/11_many_processes.py:608 (cell 21) ---
+# --- book/11_many_processes.py:611 (cell 21) ---
 def step_collectives(parameters, core_parameters, loops, way):
     """The collectives one training step issues, by this chapter's model: [(kind, values of the
     full tensor)]. way: "ddp", "fsdp resharded" (core its own unit), "fsdp kept" (its own unit,
@@ -415,7 +415,7 @@ def expert_parallel_traffic(tokens, top_k, width, world, loops, moe_blocks=1, by
     each sending the (W-1)/W of a rank's k * tokens * width values that go to other ranks' experts."""
     return 4 * loops * moe_blocks * (world - 1) / world * top_k * tokens * width * bytes_per_value
 
-# --- book/11_many_processes.py:722 (cell 27) ---
+# --- book/11_many_processes.py:725 (cell 27) ---
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
@@ -628,7 +628,7 @@ def shard_experts_state(moe_state_dict, rank, world):
     return {name: (t[first:first + n_local].clone() if name in EXPERT_WEIGHTS else t.clone())
             for name, t in moe_state_dict.items()}
 
-# --- book/11_many_processes.py:949 (cell 29) ---
+# --- book/11_many_processes.py:952 (cell 29) ---
 @task
 def expert_parallel_equals_local(cases, loops=3, seed=0):
     """For each case (MoEFeedForward options), expert parallelism on 2+ ranks against the local layer in
@@ -674,7 +674,7 @@ def expert_parallel_equals_local(cases, loops=3, seed=0):
         report.append(row)
     return report
 
-# --- book/11_many_processes.py:1028 (cell 32) ---
+# --- book/11_many_processes.py:1031 (cell 32) ---
 _UNUSED_ALL = ["SHARDED_FORMAT", "INFO_NAME", "save_sharded", "load_sharded", "read_info",
            "to_single_process", "from_single_process"]
 
@@ -1008,7 +1008,7 @@ def _require_step(step):
 def _model_dtype(base):
     return base.embed.weight.dtype
 
-# --- book/11_many_processes.py:1384 (cell 34) ---
+# --- book/11_many_processes.py:1387 (cell 34) ---
 # ----------------------------------------------------------------------------------------------
 # Save and load on any number of ranks
 
@@ -1075,7 +1075,7 @@ def load_sharded(model, optimizer, directory, *, process_group=None):
         raise RuntimeError("loading broke the tie between model.lm_head.weight and model.embed.weight")
     return info["step"]
 
-# --- book/11_many_processes.py:1455 (cell 36) ---
+# --- book/11_many_processes.py:1458 (cell 36) ---
 # ----------------------------------------------------------------------------------------------
 # To and from the single-process checkpoint file of looplm.checkpoints
 
@@ -1171,7 +1171,7 @@ def from_single_process(path, directory, *, overwrite=False):
     info["world_size"] = None                     # not saved by ranks: converted from one file
     return Path(_finish(temporary, directory, info, overwrite))
 
-# --- book/11_many_processes.py:1562 (cell 38) ---
+# --- book/11_many_processes.py:1565 (cell 38) ---
 def _sharded_model(config, seed, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -1222,7 +1222,7 @@ def checkpoint_round_trip(phase, directory, config, load=None, save=None, seed=0
     weights = {name: _full(p).flatten().tolist() for name, p in model.named_parameters()}
     return {"step": step, "weights": weights, "losses": _train_steps(model, optimizer, config, step, 2)}
 
-# --- book/11_many_processes.py:1655 (cell 41) ---
+# --- book/11_many_processes.py:1658 (cell 41) ---
 @task
 def data_parallel_cases(cases):
     """data_parallel_equals_one_process for each case (a dict of its arguments). -> [report]"""
@@ -1280,6 +1280,6 @@ def sleeps(seconds=600):
     time.sleep(seconds)
     return "woke"
 
-# --- book/11_many_processes.py:1930 (cell 53) ---
+# --- book/11_many_processes.py:1933 (cell 53) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     main(sys.argv[1:])                    # a worker, started by torchrun through launch()
