@@ -372,6 +372,19 @@ def _build(config, seed, dtype):
     return LoopLM(LoopLMConfig(**config)).to(dtype)
 
 
+def fsdp_shard(model, world, reshard=True):
+    """FSDP2 on a LoopLM: every block its own fully_shard unit (reshard_after_forward=reshard; None:
+    no block units, the blocks go with the root), then the root. -> model"""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    if reshard is not None:
+        for block in (*model.prelude, *model.core, *model.coda):
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _wrap(way, objective, world, reshard=True):
     """The objective made data parallel in one of the ways this chapter builds."""
     if way in ("ddp", "ddp, model wrapped", "ddp, accumulating"):
@@ -380,13 +393,7 @@ def _wrap(way, objective, world, reshard=True):
         return nn.parallel.DistributedDataParallel(objective.model if way == "ddp, model wrapped" else objective,
                                                    static_graph=way != "ddp, accumulating")
     if way == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (world,))
-        model = objective.model
-        for block in (*model.prelude, *model.core, *model.coda):
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh)
+        fsdp_shard(objective.model, world, reshard)
     return objective
 
 
@@ -544,18 +551,13 @@ def fsdp_collectives(config, loops=(1, 2, 4), seed=0):
     """For each S in `loops` and each way to shard the core: the collectives one training step of
     FSDP2 issues. reshard True / False: the core block is its own fully_shard unit with that
     reshard_after_forward; None: only the root is sharded, the core with it. -> [{S, reshard, counts}]"""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    world = dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
+    if config.get("n_prelude", 0) or config.get("n_coda", 0):
+        raise ValueError("fsdp_collectives counts the core's collectives: use a config without prelude or coda")
     rows = []
     for reshard in (True, False, None):                   # None: the core is part of the root's unit
         for n_loops in loops:
-            model = _build({**config, "n_loops": n_loops}, seed, torch.float32)
-            if reshard is not None:
-                for block in model.core:
-                    fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-            fully_shard(model, mesh=mesh)
+            model = fsdp_shard(_build({**config, "n_loops": n_loops}, seed, torch.float32), dist.get_world_size(),
+                               reshard)
             objective = TokenObjective(model)
             idx, targets = global_batch(seed, 2, 8, config["vocab_size"])
             with counting_collectives() as counts:
@@ -1563,14 +1565,9 @@ def from_single_process(path, directory, *, overwrite=False):
 # %%
 #| export
 def _sharded_model(config, seed, world):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     model = _build(config, seed, torch.float64)
     if world > 1:
-        mesh = init_device_mesh("cpu", (world,))
-        for block in (*model.prelude, *model.core, *model.coda):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fsdp_shard(model, world)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
@@ -1853,7 +1850,8 @@ run_tests(test_the_traffic_model_by_hand_and_bad_input)
 # |---|---|
 # | `launch(task, args, nproc, timeout)`, `task`, `TASKS` | run a registered function on $N$ local processes with `torchrun` (gloo), return every rank's result and the log; a failing or hanging worker fails the launch |
 # | `TokenObjective`, `global_batch` | the loss as (sum over learned tokens, count), tensors a wrapper can see; reproducible batches with prompts |
-# | `allreduce_gradients`, `BucketedAllReduce` | data parallelism by hand: one all-reduce per parameter, then buckets launched from post-accumulate hooks |
+# | `fsdp_shard(model, world, reshard)` | FSDP2 on a LoopLM: each block its own unit (or none), then the root |
+| `allreduce_gradients`, `BucketedAllReduce` | data parallelism by hand: one all-reduce per parameter, then buckets launched from post-accumulate hooks |
 # | `counting_collectives`, `step_collectives`, `step_traffic`, `expert_parallel_traffic` | what a step sends: counted, and modelled |
 # | `ExpertParallelMoE`, `AllToAll`, `reduce_replicated_grads`, `full_expert_grads` | experts sharded over ranks, tokens dispatched and combined with all-to-all |
 # | `save_sharded`, `load_sharded`, `to_single_process`, `from_single_process`, `read_info` | checkpoints saved on $N$ ranks and loaded on $M$, atomically, and converted to the single-process file and back |

@@ -1,6 +1,6 @@
 # Generated from book/11_many_processes.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['TASKS', 'task', 'free_port', 'Launch', 'launch', 'main', 'collectives', 'TokenObjective', 'global_batch', 'allreduce_gradients', 'BucketedAllReduce', 'data_parallel_equals_one_process', 'counting_collectives', 'fsdp_collectives', 'step_collectives', 'step_traffic', 'expert_parallel_traffic', 'EXPERT_WEIGHTS', 'AllToAll', 'ExpertParallelMoE', 'reduce_replicated_grads', 'gather_experts', 'full_expert_grads', 'shard_experts_state', 'expert_parallel_equals_local', 'SHARDED_FORMAT', 'INFO_NAME', 'METADATA_NAME', 'OPTIMIZER_KEY', 'read_info', 'save_sharded', 'load_sharded', 'to_single_process', 'from_single_process', 'checkpoint_round_trip', 'data_parallel_cases', 'ddp_reduced_values', 'run_in_file', 'fails_on_rank', 'sleeps']
+__all__ = ['TASKS', 'task', 'free_port', 'Launch', 'launch', 'main', 'collectives', 'TokenObjective', 'global_batch', 'allreduce_gradients', 'BucketedAllReduce', 'fsdp_shard', 'data_parallel_equals_one_process', 'counting_collectives', 'fsdp_collectives', 'step_collectives', 'step_traffic', 'expert_parallel_traffic', 'EXPERT_WEIGHTS', 'AllToAll', 'ExpertParallelMoE', 'reduce_replicated_grads', 'gather_experts', 'full_expert_grads', 'shard_experts_state', 'expert_parallel_equals_local', 'SHARDED_FORMAT', 'INFO_NAME', 'METADATA_NAME', 'OPTIMIZER_KEY', 'read_info', 'save_sharded', 'load_sharded', 'to_single_process', 'from_single_process', 'checkpoint_round_trip', 'data_parallel_cases', 'ddp_reduced_values', 'run_in_file', 'fails_on_rank', 'sleeps']
 # fmt: on
 
 import contextlib
@@ -234,6 +234,19 @@ def _build(config, seed, dtype):
     return LoopLM(LoopLMConfig(**config)).to(dtype)
 
 
+def fsdp_shard(model, world, reshard=True):
+    """FSDP2 on a LoopLM: every block its own fully_shard unit (reshard_after_forward=reshard; None:
+    no block units, the blocks go with the root), then the root. -> model"""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    if reshard is not None:
+        for block in (*model.prelude, *model.core, *model.coda):
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _wrap(way, objective, world, reshard=True):
     """The objective made data parallel in one of the ways this chapter builds."""
     if way in ("ddp", "ddp, model wrapped", "ddp, accumulating"):
@@ -242,13 +255,7 @@ def _wrap(way, objective, world, reshard=True):
         return nn.parallel.DistributedDataParallel(objective.model if way == "ddp, model wrapped" else objective,
                                                    static_graph=way != "ddp, accumulating")
     if way == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (world,))
-        model = objective.model
-        for block in (*model.prelude, *model.core, *model.coda):
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh)
+        fsdp_shard(objective.model, world, reshard)
     return objective
 
 
@@ -323,7 +330,7 @@ def data_parallel_equals_one_process(config, ways, steps=5, batch_size=8, seq_le
             report[way]["reductions per parameter per step"] = reducer.reductions / steps / len(reducer.params)
     return report
 
-# --- book/11_many_processes.py:508 (cell 18) ---
+# --- book/11_many_processes.py:515 (cell 18) ---
 # the functions a collective can go through; FSDP2 calls the *_single names where torch has them
 _COUNTED = (("all-gather", "all_gather_into_tensor"), ("all-gather", "all_gather_single"),
             ("reduce-scatter", "reduce_scatter_tensor"), ("reduce-scatter", "reduce_scatter_single"),
@@ -363,18 +370,13 @@ def fsdp_collectives(config, loops=(1, 2, 4), seed=0):
     """For each S in `loops` and each way to shard the core: the collectives one training step of
     FSDP2 issues. reshard True / False: the core block is its own fully_shard unit with that
     reshard_after_forward; None: only the root is sharded, the core with it. -> [{S, reshard, counts}]"""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    world = dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
+    if config.get("n_prelude", 0) or config.get("n_coda", 0):
+        raise ValueError("fsdp_collectives counts the core's collectives: use a config without prelude or coda")
     rows = []
     for reshard in (True, False, None):                   # None: the core is part of the root's unit
         for n_loops in loops:
-            model = _build({**config, "n_loops": n_loops}, seed, torch.float32)
-            if reshard is not None:
-                for block in model.core:
-                    fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-            fully_shard(model, mesh=mesh)
+            model = fsdp_shard(_build({**config, "n_loops": n_loops}, seed, torch.float32), dist.get_world_size(),
+                               reshard)
             objective = TokenObjective(model)
             idx, targets = global_batch(seed, 2, 8, config["vocab_size"])
             with counting_collectives() as counts:
@@ -385,7 +387,7 @@ def fsdp_collectives(config, loops=(1, 2, 4), seed=0):
                          "all parameters": sum(p.numel() for p in model.parameters())})
     return rows
 
-# --- book/11_many_processes.py:611 (cell 21) ---
+# --- book/11_many_processes.py:613 (cell 21) ---
 def step_collectives(parameters, core_parameters, loops, way):
     """The collectives one training step issues, by this chapter's model: [(kind, values of the
     full tensor)]. way: "ddp", "fsdp resharded" (core its own unit), "fsdp kept" (its own unit,
@@ -415,7 +417,7 @@ def expert_parallel_traffic(tokens, top_k, width, world, loops, moe_blocks=1, by
     each sending the (W-1)/W of a rank's k * tokens * width values that go to other ranks' experts."""
     return 4 * loops * moe_blocks * (world - 1) / world * top_k * tokens * width * bytes_per_value
 
-# --- book/11_many_processes.py:725 (cell 27) ---
+# --- book/11_many_processes.py:727 (cell 27) ---
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
@@ -628,7 +630,7 @@ def shard_experts_state(moe_state_dict, rank, world):
     return {name: (t[first:first + n_local].clone() if name in EXPERT_WEIGHTS else t.clone())
             for name, t in moe_state_dict.items()}
 
-# --- book/11_many_processes.py:952 (cell 29) ---
+# --- book/11_many_processes.py:954 (cell 29) ---
 @task
 def expert_parallel_equals_local(cases, loops=3, seed=0):
     """For each case (MoEFeedForward options), expert parallelism on 2+ ranks against the local layer in
@@ -674,7 +676,7 @@ def expert_parallel_equals_local(cases, loops=3, seed=0):
         report.append(row)
     return report
 
-# --- book/11_many_processes.py:1031 (cell 32) ---
+# --- book/11_many_processes.py:1033 (cell 32) ---
 _UNUSED_ALL = ["SHARDED_FORMAT", "INFO_NAME", "save_sharded", "load_sharded", "read_info",
            "to_single_process", "from_single_process"]
 
@@ -1008,7 +1010,7 @@ def _require_step(step):
 def _model_dtype(base):
     return base.embed.weight.dtype
 
-# --- book/11_many_processes.py:1387 (cell 34) ---
+# --- book/11_many_processes.py:1389 (cell 34) ---
 # ----------------------------------------------------------------------------------------------
 # Save and load on any number of ranks
 
@@ -1075,7 +1077,7 @@ def load_sharded(model, optimizer, directory, *, process_group=None):
         raise RuntimeError("loading broke the tie between model.lm_head.weight and model.embed.weight")
     return info["step"]
 
-# --- book/11_many_processes.py:1458 (cell 36) ---
+# --- book/11_many_processes.py:1460 (cell 36) ---
 # ----------------------------------------------------------------------------------------------
 # To and from the single-process checkpoint file of looplm.checkpoints
 
@@ -1171,16 +1173,11 @@ def from_single_process(path, directory, *, overwrite=False):
     info["world_size"] = None                     # not saved by ranks: converted from one file
     return Path(_finish(temporary, directory, info, overwrite))
 
-# --- book/11_many_processes.py:1565 (cell 38) ---
+# --- book/11_many_processes.py:1567 (cell 38) ---
 def _sharded_model(config, seed, world):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     model = _build(config, seed, torch.float64)
     if world > 1:
-        mesh = init_device_mesh("cpu", (world,))
-        for block in (*model.prelude, *model.core, *model.coda):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fsdp_shard(model, world)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
@@ -1222,7 +1219,7 @@ def checkpoint_round_trip(phase, directory, config, load=None, save=None, seed=0
     weights = {name: _full(p).flatten().tolist() for name, p in model.named_parameters()}
     return {"step": step, "weights": weights, "losses": _train_steps(model, optimizer, config, step, 2)}
 
-# --- book/11_many_processes.py:1658 (cell 41) ---
+# --- book/11_many_processes.py:1655 (cell 41) ---
 @task
 def data_parallel_cases(cases):
     """data_parallel_equals_one_process for each case (a dict of its arguments). -> [report]"""
@@ -1280,6 +1277,6 @@ def sleeps(seconds=600):
     time.sleep(seconds)
     return "woke"
 
-# --- book/11_many_processes.py:1933 (cell 53) ---
+# --- book/11_many_processes.py:1931 (cell 53) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     main(sys.argv[1:])                    # a worker, started by torchrun through launch()
