@@ -949,18 +949,14 @@ class LoopLM(nn.Module):
         attend as in encode; last_only=True reads out the last position only (T = 1 in the
         results), which is all a decoder needs. Chapter 8's options: norm_before_coda runs the
         final norm before the coda too (Huginn); with feedback_norm, h is already normed (Ouro)."""
-        z = self.readout_state(h, cos, sin, attend, last_only)
-        return self.lm_head(z), z
-
-    def readout_state(self, h, cos, sin, attend=None, last_only=False):
-        """z = norm(coda(h)), the state the LM head reads (readout without the head)."""
         c = self.config
         if c.norm_before_coda:
             h = self.norm(h)
         for i, block in enumerate(self.coda):
             h = block(h, cos, sin, None if attend is None else attend(i))
         z = h[:, -1:] if last_only else h
-        return z if c.feedback_norm else self.norm(z)
+        z = z if c.feedback_norm else self.norm(z)
+        return self.lm_head(z), z
 
     def forward(self, idx, targets=None, n_loops=None, return_hidden=False, state0=None, generator=None,
                 grad_steps=None, checkpoint=False, readout="all"):

@@ -1282,7 +1282,11 @@ class KernelLoopLM(LoopLM):
         routed = self.take_routing(self.core)
         if not read:
             return h, None, None, routed
-        z = self.readout_state(h, cos, sin)
+        c = self.config
+        z = self.norm(h) if c.norm_before_coda else h
+        for block in self.coda:
+            z = block(z, cos, sin)
+        z = z if c.feedback_norm else self.norm(z)
         routed = routed + self.take_routing(self.coda)
         return h, z, None if self.exit_gate is None else self.exit_gate(z), routed
 
@@ -1546,7 +1550,7 @@ print(checks.stdout, checks.stderr[-2000:])
 # fixed shapes. The benchmark times one decoding position's loop both ways (the states only: the
 # cache gathers, which only indexing pays, are left out), for three draws of the exit steps.
 #
-# In the stored run, on this CPU with one thread, masking took 1.13 to 1.29 times as long as
+# In the stored run, on this CPU with one thread, masking took 1.31 to 1.36 times as long as
 # indexing in all three draws: with exits spread evenly over 8 steps, indexing skips about
 # half the rows' steps, and that outweighs the gathers. So decoding keeps indexing, as chapter 7
 # built it. A GPU at small batch is a different machine (a step there costs about the same for 4

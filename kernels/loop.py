@@ -137,7 +137,11 @@ class KernelLoopLM(LoopLM):
         routed = self.take_routing(self.core)
         if not read:
             return h, None, None, routed
-        z = self.readout_state(h, cos, sin)
+        c = self.config
+        z = self.norm(h) if c.norm_before_coda else h
+        for block in self.coda:
+            z = block(z, cos, sin)
+        z = z if c.feedback_norm else self.norm(z)
         routed = routed + self.take_routing(self.coda)
         return h, z, None if self.exit_gate is None else self.exit_gate(z), routed
 
@@ -162,7 +166,7 @@ class KernelLoopLM(LoopLM):
         out.loss = out.step_losses[-1].sum() / (targets != IGNORE_INDEX).sum()
         return out
 
-# --- book/10_triton_kernels.py:1316 (cell 55) ---
+# --- book/10_triton_kernels.py:1320 (cell 55) ---
 def use_kernels(model):
     """Re-class model's modules in place to their kernel subclasses (the same parameters and
     state_dict keys); what the kernels do not cover keeps its torch module. -> model"""
@@ -226,7 +230,7 @@ def kernel_plan(model):
          if model.fuses_injection() and isinstance(model.core[-1], KernelBlock) else "torch: where"),
     ]
 
-# --- book/10_triton_kernels.py:1388 (cell 57) ---
+# --- book/10_triton_kernels.py:1392 (cell 57) ---
 def _validate_kernels(cfg):
     require_choice("kernels", cfg.kernels, ("torch", *KERNEL_BACKENDS))
     if cfg.kernels == "triton" and not HAS_TRITON:

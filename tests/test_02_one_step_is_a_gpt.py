@@ -30,7 +30,7 @@ from looplm.model import (  # noqa: F401
     looplm_param_count,
 )
 
-# --- book/02_one_step_is_a_gpt.py:1266 (cell 101) ---
+# --- book/02_one_step_is_a_gpt.py:1262 (cell 101) ---
 def _max_diff(a, b):
     return (a - b).abs().max().item()
 
@@ -61,7 +61,7 @@ def test_from_gpt_copies_instead_of_sharing():
     with pytest.raises(TypeError, match="gpt must be a GPT"):
         LoopLM.from_gpt(model)
 
-# --- book/02_one_step_is_a_gpt.py:1317 (cell 103) ---
+# --- book/02_one_step_is_a_gpt.py:1313 (cell 103) ---
 def _gpt_config_like(cfg, n_layers):
     """The GPTConfig with cfg's shared fields and n_layers blocks."""
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)
@@ -97,7 +97,7 @@ def test_each_step_is_an_unrolled_gpt():
             gpt.load_state_dict(state)
             assert _max_diff(steps[t - 1], gpt(idx)) <= 1e-6, t
 
-# --- book/02_one_step_is_a_gpt.py:1362 (cell 105) ---
+# --- book/02_one_step_is_a_gpt.py:1358 (cell 105) ---
 def _small_loop_config(**changes):
     base = dict(vocab_size=37, d_model=32, n_heads=4, n_prelude=1, n_core=2, n_coda=1, n_loops=3)
     return LoopLMConfig(**{**base, **changes})
@@ -231,7 +231,7 @@ def test_float64_model_computes_in_float64():
                                   reduction="none").view(3, 2, 9)
         torch.testing.assert_close(out.step_losses, by_hand, rtol=0, atol=1e-12)
 
-# --- book/02_one_step_is_a_gpt.py:1630 (cell 121) ---
+# --- book/02_one_step_is_a_gpt.py:1626 (cell 121) ---
 def test_weights_are_shared_across_steps():
     counts = set()
     for n_loops in (1, 2, 8):
