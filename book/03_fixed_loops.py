@@ -726,7 +726,7 @@ run_tests(test_diagnostics_match_an_explicit_loop, test_diagnostics_errors)
 # ## 3.5 A training loop
 #
 # Every experiment from here on trains models, so the training loop lives in the package, in
-# `looplm/train.py`. Appendix C builds and tests it; this chapter only uses it:
+# `looplm/train/__init__.py`. Appendix C builds and tests it; this chapter only uses it:
 #
 # - `TrainConfig`: the run's settings. The optimizer is AdamW with $\beta = (0.9, 0.95)$, weight
 #   decay 0.1 and gradient clipping at norm 1, the settings of Ouro's recipe (Table 1 of

@@ -18,7 +18,7 @@
 # experiment leans on and no idea of the book depends on. Chapters 3, 4 and 7 use them and say
 # in a paragraph what they use; this appendix builds and tests them:
 #
-# 1. **the Trainer** (`looplm/train.py`), chapter 3's training loop: owned randomness, exact
+# 1. **the Trainer** (`looplm/train/__init__.py`), chapter 3's training loop: owned randomness, exact
 #    resumption, no silent failure, a record of every step;
 # 2. **checkpoints on disk**: saving a `Trainer` atomically, loading it back bit for bit, and
 #    refusing files that are broken, foreign or hostile;
@@ -35,10 +35,11 @@
 # `05a_…` after chapter 5, `07a_…` after chapter 7), so that every module is built before a
 # later chapter adds to it.
 #
-# `looplm/train.py` ends up the package's largest module, about 830 lines, and stays one
-# module on purpose: the Trainer (about 300 lines) and the command line that drives it (about
-# 330, with the recipes later chapters register in it) change together, and the two-stage
-# recipe adds about 120. What is not about training went to modules of its own: the
+# `looplm/train/__init__.py` ends up the package's largest module, about 950 lines, and stays one
+# module on purpose: the Trainer with its one-process strategy (about 380 lines) and the command
+# line that drives it (about 380, with the recipes later chapters register in it) change
+# together, and the two-stage recipe adds about 120. `looplm/train/__main__.py` is only what
+# `python -m looplm.train` runs. What is not about training went to modules of its own: the
 # checkpoint file to `looplm/checkpoints.py`, the argument checks to `looplm/checks.py`.
 
 # %% tags=["hide-input"]
@@ -74,7 +75,7 @@ VOCAB_SIZE = TASK_VOCAB.vocab_size
 print("torch", torch.__version__, "| looplm", looplm.__version__)
 
 # %% [markdown]
-# The next cell names this appendix's default module, chapter 3's `looplm/train.py`; cells
+# The next cell names this appendix's default module, chapter 3's `looplm/train/__init__.py`; cells
 # marked `#| export bench` go to `looplm/bench.py`.
 
 # %%
@@ -96,7 +97,7 @@ from looplm.model import (EXIT_GATES, GPT, INIT_STATES, INJECTIONS, EmbeddingIni
 # ## C.1 The Trainer
 #
 # Every experiment from here on trains models, so the training loop goes into the package:
-# `looplm/train.py`. It is a plain PyTorch loop with a few properties we insist on:
+# `looplm/train/__init__.py`. It is a plain PyTorch loop with a few properties we insist on:
 #
 # - **all randomness is owned**: batches come from a `torch.Generator` that the trainer seeds
 #   and saves, so two runs with the same seed see the same batches;
@@ -372,6 +373,71 @@ def _progress_enabled(config):
             and os.environ.get("CI", "") in off)
 
 # %% [markdown]
+# One object stands between the trainer and the processes it may share a run with. A
+# `OneProcess` does what a single process does: it keeps the whole batch, calls the loss
+# function directly, clips the gradient norm, and snapshots the model and optimizer as they are.
+# The multi-process strategy of chapter 11's command line subclasses it
+# (`looplm.distributed.DataParallel`, in this appendix's last part): each
+# process keeps its share of the global batch, its loss is normalised by the token count of the
+# whole batch, and the logged numbers are the whole batch's. A trainer takes the strategy it is
+# given, else the one a `with training_processes(strategy):` block around it names, else a
+# `OneProcess`; the block is how the command line reaches the trainers a recipe builds.
+
+# %%
+#| export train
+class OneProcess:
+    """How a Trainer spreads a step over processes: here over one, this one. Every method's
+    default is what a single process does; chapter 11's looplm.distributed.DataParallel overrides
+    them. `writes`: whether this process writes the run's files."""
+
+    rank, world_size, writes = 0, 1, True
+
+    def prepare(self, trainer):
+        """Called once by Trainer.__init__, before the optimizer is built (a strategy may shard the
+        model's parameters in place). -> loss_step(idx, targets) -> (loss tensor, metrics dict)."""
+        return lambda idx, targets: trainer.loss_fn(trainer.model, idx, targets)
+
+    def shard(self, idx, targets):
+        """The global batch [batch_size, T] -> the rows this process trains on."""
+        return idx, targets
+
+    def reduce(self, values, targets):
+        """{name: number on this process's rows} -> {name: the number for the global batch}."""
+        return values
+
+    def after_backward(self, trainer):
+        """Called after loss.backward(), before clipping: finish any gradient communication."""
+
+    def clip(self, parameters, max_norm):
+        """Clip the global gradient norm to max_norm. -> the norm before clipping (a float)."""
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
+
+    def state(self, trainer):
+        """-> (model state_dict, optimizer state_dict) in the single-process form, as copies."""
+        return ({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                copy.deepcopy(trainer.optimizer.state_dict()))
+
+    def load_state(self, trainer, model_state, optimizer_state):
+        """Load what state() returned (from this process or from a single-process run)."""
+        trainer.model.load_state_dict(model_state)
+        trainer.optimizer.load_state_dict(optimizer_state)
+
+
+_STRATEGIES = [OneProcess()]
+
+
+@contextlib.contextmanager
+def training_processes(strategy):
+    """with training_processes(strategy): Trainers built inside (without parallel=) use it."""
+    if not isinstance(strategy, OneProcess):
+        raise TypeError(f"strategy must be a OneProcess (or a subclass), got {type(strategy).__name__}")
+    _STRATEGIES.append(strategy)
+    try:
+        yield strategy
+    finally:
+        _STRATEGIES.pop()
+
+# %% [markdown]
 # The trainer itself. `state_dict()` returns copies (a snapshot that later training does not
 # change) of the model, the optimizer (Adam's moments and step counts), the step, the history,
 # the batch generator's state and torch's global generator state (and CUDA's, when training
@@ -387,10 +453,11 @@ class Trainer:
     loss_fn(model, idx, targets) -> (loss, metrics dict); evaluate(model) -> dict of numbers,
     run under torch.no_grad() in eval mode every config.eval_every steps and at config.steps.
     `history` has one row per step: {"step", "lr", "loss", "grad_norm", **metrics, "eval_<name>"...}.
-    AdamW decays weight matrices only (not norm gains, biases or embedding tables).
+    AdamW decays weight matrices only (not norm gains, biases or embedding tables). parallel: a
+    OneProcess strategy (default: the innermost training_processes block's, else one process).
     """
 
-    def __init__(self, model, get_batch, config, loss_fn=default_loss, evaluate=None):
+    def __init__(self, model, get_batch, config, loss_fn=default_loss, evaluate=None, parallel=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(config, TrainConfig):
@@ -400,9 +467,13 @@ class Trainer:
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         if evaluate is not None and not callable(evaluate):
             raise TypeError(f"evaluate must be callable or None, got {type(evaluate).__name__}")
+        if parallel is not None and not isinstance(parallel, OneProcess):
+            raise TypeError(f"parallel must be a OneProcess strategy or None, got {type(parallel).__name__}")
         self.config, self.get_batch, self.loss_fn, self.evaluate = config, get_batch, loss_fn, evaluate
+        self.parallel = _STRATEGIES[-1] if parallel is None else parallel
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
+        self._loss_step = self.parallel.prepare(self)          # may shard the model: before the optimizer
         self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
                                            betas=config.betas)
         self.generator = torch.Generator().manual_seed(config.seed)   # batches are drawn on the CPU
@@ -420,11 +491,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         idx, targets = _check_batch(self.get_batch(self.generator), c.batch_size)
+        idx, targets = self.parallel.shard(idx, targets)       # this process's rows of the batch
         idx, targets = idx.to(self.device), targets.to(self.device)
         if hasattr(self.model, "last_aux_loss"):
             self.model.last_aux_loss = None                   # this step's forward sets it again
         with self._autocast():
-            loss, metrics = self.loss_fn(self.model, idx, targets)
+            loss, metrics = self._loss_step(idx, targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return (scalar loss tensor, metrics), got {type(loss).__name__}")
         metrics = _check_metrics(metrics, {"step", "lr", "loss", "grad_norm", "aux_loss"})
@@ -432,13 +504,15 @@ class Trainer:
         if aux is not None:
             loss = loss + c.aux_weight * aux
             metrics["aux_loss"] = aux.item()
-        loss_value = loss.item()
+        metrics = self.parallel.reduce({"loss": loss.item(), **metrics}, targets)   # the global batch's
+        loss_value = metrics.pop("loss")
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"step {step}: the loss is {loss_value}; no update was applied "
                                      f"(the model and optimizer are as after step {step - 1})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
+        self.parallel.after_backward(self)
+        grad_norm = self.parallel.clip(self.model.parameters(), c.grad_clip)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm}; no update was "
@@ -482,9 +556,10 @@ class Trainer:
     def state_dict(self):
         """A snapshot: model, optimizer, step, history, batch generator and torch RNG states."""
         cuda = self.device.type == "cuda"
+        model_state, optimizer_state = self.parallel.state(self)
         return {
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "step": self.step,
             "history": copy.deepcopy(self.history),
             "generator": self.generator.get_state(),
@@ -499,8 +574,7 @@ class Trainer:
         missing = [k for k in needed if not isinstance(state, dict) or k not in state]
         if missing:
             raise ValueError(f"state is missing {missing}; pass what Trainer.state_dict() returned")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_state(self, state["model"], state["optimizer"])
         self.step = state["step"]
         self.history = copy.deepcopy(state["history"])
         self.generator.set_state(state["generator"])
@@ -1204,15 +1278,16 @@ def write_checkpoint(path, model, *, trainer_state=None, train_config=None, loss
     temporary files of `path` that killed writes left behind are deleted. Refuses (ValueError)
     a model holding non-finite weights. Returns the path.
     """
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+    weights = model.state_dict() if trainer_state is None else trainer_state["model"]
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"refusing to save a checkpoint: parameter {name} holds non-finite values")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "looplm_version": __version__,
         "model_config": _config_dict(model.config),
         "train_config": _config_dict(train_config),
-        "trainer": {"model": model.state_dict()} if trainer_state is None else trainer_state,
+        "trainer": {"model": weights} if trainer_state is None else trainer_state,
         "loss_fn": loss_state,
         "extra": extra,
     }
@@ -1315,9 +1390,14 @@ def checkpoint_model(path, payload, model=None):
 #| export train
 def save_checkpoint(path, trainer, extra=None):
     """Write a Trainer (model config and weights, TrainConfig, optimizer and batch state, loss
-    function state) to `path` with write_checkpoint, atomically. -> path."""
+    function state) to `path` with write_checkpoint, atomically. -> path. In a multi-process run
+    every process calls it (the state may be gathered from all of them); the one whose strategy
+    `writes` writes the file."""
     loss_fn = getattr(trainer, "loss_fn", None)
-    return write_checkpoint(path, trainer.model, trainer_state=trainer.state_dict(), train_config=trainer.config,
+    state = trainer.state_dict()
+    if not trainer.parallel.writes:
+        return Path(path)
+    return write_checkpoint(path, trainer.model, trainer_state=state, train_config=trainer.config,
                             loss_state=loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
                             extra=extra)
 
@@ -1618,7 +1698,8 @@ def _task_splits(args):
 from collections.abc import Callable
 from dataclasses import dataclass
 
-RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "no_progress")   # flags --resume may change
+# flags --resume may change: a run saved by one process may go on with several, and back
+RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "no_progress", "parallel", "expert_parallel")
 
 
 def _flag(dest):
@@ -1666,6 +1747,10 @@ def _parser():
     model.add_argument("--n-core", type=int, default=1, help="blocks in the looped core (default 1)")
     model.add_argument("--injection", default="none", choices=sorted(INJECTIONS))
     model.add_argument("--norm-style", default="pre", choices=["pre", "sandwich", "huginn"])
+    model.add_argument("--mlp", default="dense", choices=["dense", "moe"],
+                       help="moe: a mixture of experts in every block (chapter 9)")
+    model.add_argument("--n-experts", type=int, default=8, help="--mlp moe: experts per block (default 8)")
+    model.add_argument("--top-k", type=int, default=2, help="--mlp moe: experts per token (default 2)")
     train = p.add_argument_group("training")
     train.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
                        help="; ".join(f"{name}: {r.help}" for name, r in sorted(RECIPES.items())))
@@ -1676,6 +1761,12 @@ def _parser():
     train.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default steps/10)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    processes = p.add_argument_group("processes (chapter 11; start the command with torchrun)")
+    processes.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"],
+                           help="data parallel over torchrun's processes: ddp (DistributedDataParallel) or "
+                                "fsdp (FSDP2, parameters sharded); --batch-size stays the global batch")
+    processes.add_argument("--expert-parallel", action="store_true",
+                           help="--mlp moe: each process holds n_experts / world size of every block's experts")
     out = p.add_argument_group("output")
     out.add_argument("--out", default="runs/run",
                      help="folder for checkpoint.pt, metrics.jsonl and loss.png (default runs/run)")
@@ -1821,10 +1912,12 @@ def write_metrics(path, history):
 
 
 def _save_run(args, trainer):
-    """OUT/checkpoint.pt (with the run's flags), then OUT/metrics.jsonl."""
+    """OUT/checkpoint.pt (with the run's flags), then OUT/metrics.jsonl. Every process of a
+    multi-process run calls it; the one that writes (rank 0) writes both."""
     out = Path(args.out)
     save_checkpoint(out / "checkpoint.pt", trainer, extra={"argv": args.argv, "flags": args.flags})
-    write_metrics(out / "metrics.jsonl", trainer.history)
+    if trainer.parallel.writes:
+        write_metrics(out / "metrics.jsonl", trainer.history)
 
 
 def _plot_history(history, path):
@@ -1907,6 +2000,46 @@ def _prepare_out(out):
         _remove_stale_temporaries(out / name)
 
 
+# --parallel NAME -> start(args, model_config): a context manager that joins torchrun's process
+# group and yields a OneProcess strategy, leaving the group at the end (chapter 11's
+# looplm.distributed registers "ddp" and "fsdp"; `python -m looplm.train` imports it)
+PARALLEL = {}
+
+
+def _processes(args, model_config):
+    """The strategy of the run (a context manager): one process, or --parallel's under torchrun."""
+    world = os.environ.get("WORLD_SIZE")
+    if args.expert_parallel and model_config.mlp != "moe":
+        raise ValueError("--expert-parallel splits a mixture of experts over the processes, and this "
+                         "model is dense: add --mlp moe")
+    if args.parallel == "none":
+        if world not in (None, "1"):
+            raise ValueError(f"torchrun started {world} processes, and --parallel is none: each would train "
+                             f"the whole run alone and write the same files; pass --parallel ddp or fsdp")
+        if args.expert_parallel:
+            raise ValueError("--expert-parallel needs several processes: torchrun --nproc_per_node=N "
+                             "-m looplm.train ... --parallel ddp --expert-parallel")
+        return contextlib.nullcontext(OneProcess())
+    if world is None or "RANK" not in os.environ:
+        raise ValueError(f"--parallel {args.parallel} runs one process per device, started by torchrun: "
+                         f"torchrun --nproc_per_node=2 -m looplm.train ... --parallel {args.parallel} "
+                         f"(RANK and WORLD_SIZE are not set in this process)")
+    if args.parallel not in PARALLEL:
+        raise ValueError(f"--parallel {args.parallel} is registered by looplm.distributed; import it first "
+                         f"(python -m looplm.train does)")
+    return PARALLEL[args.parallel](args, model_config)
+
+
+@contextlib.contextmanager
+def _quiet_unless(speaks):
+    """Standard output discarded unless `speaks`: in a multi-process run, rank 0 alone reports."""
+    if speaks:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
 def main(argv=None):
     """The command line: python -m looplm.train --help. Returns an exit status."""
     parser, owned = _parser()
@@ -1934,30 +2067,36 @@ def main(argv=None):
             _check_resumed_flags(parser, args, args.resume_from, checkpoint_path, unused)
         splits = _task_splits(args)
         seq_len = max(len(e.prompt) + len(e.answer) for e in splits.train + splits.test)
+        experts = {"mlp": "moe", "n_experts": args.n_experts, "top_k": args.top_k} if args.mlp == "moe" else {}
         model_config = LoopLMConfig(
             vocab_size=TASK_VOCAB.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
             n_core=args.n_core, n_loops=args.n_loops, injection=args.injection,
-            norm_style=args.norm_style, max_seq_len=seq_len)
+            norm_style=args.norm_style, max_seq_len=seq_len, **experts)
         if args.eval_every is not None and args.eval_every < 1:
             raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
         warmup = min(50, args.steps // 10) if args.warmup_steps is None else args.warmup_steps
-        train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                   min_lr=args.lr / 10, warmup_steps=warmup,
-                                   eval_every=args.eval_every or max(1, args.steps // 10),
-                                   seed=args.seed, device=args.device, progress=not args.no_progress)
-        get_batch = task_batches(splits.train, args.batch_size, seq_len)
-        evaluate = evaluate_tasks({"test": splits.test})
-        torch.manual_seed(args.seed)
-        model = _build_model(model_config, args)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"task {args.task} (difficulty 1..{args.difficulty}): {len(splits.train)} train, "
-              f"{len(splits.test)} test examples; model {n_params:,} parameters, {args.n_loops} loops, "
-              f"recipe {args.recipe}", flush=True)
-        _prepare_out(out)
-        trainer = recipe.run(args, model, get_batch, train_config, evaluate)
-        _save_run(args, trainer)
-        if trainer.history:
-            _plot_history(trainer.history, out / "loss.png")
+        with _processes(args, model_config) as strategy, training_processes(strategy), \
+                _quiet_unless(strategy.writes):
+            train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                       min_lr=args.lr / 10, warmup_steps=warmup,
+                                       eval_every=args.eval_every or max(1, args.steps // 10), seed=args.seed,
+                                       device=args.device, progress=strategy.writes and not args.no_progress)
+            get_batch = task_batches(splits.train, args.batch_size, seq_len)
+            evaluate = evaluate_tasks({"test": splits.test})
+            torch.manual_seed(args.seed)
+            model = _build_model(model_config, args)
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"task {args.task} (difficulty 1..{args.difficulty}): {len(splits.train)} train, "
+                  f"{len(splits.test)} test examples; model {n_params:,} parameters, {args.n_loops} loops, "
+                  f"recipe {args.recipe}" + (f", {strategy}" if strategy.world_size > 1 else ""), flush=True)
+            if strategy.writes:
+                _prepare_out(out)
+            trainer = recipe.run(args, model, get_batch, train_config, evaluate)
+            _save_run(args, trainer)
+            if trainer.history and strategy.writes:
+                _plot_history(trainer.history, out / "loss.png")
+            if not strategy.writes:
+                return 0
     except (ValueError, TypeError) as e:
         print(f"python -m looplm.train: error: {e}", file=sys.stderr)
         return 2
@@ -1978,12 +2117,18 @@ def main(argv=None):
     print(f"wrote {checkpoint_path}, {out / 'metrics.jsonl'} and {out / 'loss.png'}", flush=True)
     return 0
 
+# %% [markdown]
+# `python -m looplm.train` runs `looplm/train/__main__.py`: this cell, and one line that this
+# appendix's last part (after chapter 11) adds to it, the import of `looplm.distributed`, which
+# registers `--parallel ddp` and `--parallel fsdp`.
+# The trainer and the recipes live in `looplm/train/__init__.py`.
+
 # %%
-#| export train
-if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
-    # `python -m looplm.train` (not a notebook, not the chapter run as a script). The export
-    # places this cell last in looplm/train.py, after the recipes later chapters register.
-    sys.exit(main())
+#| export train.__main__
+from looplm.train import main
+
+if __name__ == "__main__" and "get_ipython" not in globals():
+    raise SystemExit(main())
 
 # %% [markdown]
 # We run the command in a subprocess, as you would in a terminal: a short run of 30
@@ -2672,8 +2817,8 @@ display(Image(filename=bench_plot))
 
 # %% [markdown]
 # Timings on a shared machine move from run to run by several percent, so only the larger of
-# the two gaps means something. In the stored run, `LoopLM` with `make_loop_loss()` was 1.4%
-# faster than the minimal model, within that noise, and with `default_loss` it was 11.3%
+# the two gaps means something. In the stored run, `LoopLM` with `make_loop_loss()` was 3.6%
+# slower than the minimal model, within that noise, and with `default_loss` it was 19.6%
 # slower.
 #
 # The cause of that gap is the readouts, not the checks. `default_loss` calls
@@ -3185,7 +3330,7 @@ run_tests(test_corpus_is_the_shipped_excerpt, test_compact_tokenizer_matches_cl1
 # %% [markdown]
 # ## Summary
 #
-# `looplm/train.py`: `TrainConfig`, `lr_at`, `Trainer` (with `state_dict()` for exact
+# `looplm/train/__init__.py`: `TrainConfig`, `lr_at`, `Trainer` (with `state_dict()` for exact
 # resumption), `train`, `task_batches`, `task_accuracy`, `evaluate_tasks`; `save_checkpoint(path,
 # trainer, extra=None)` (atomic, and it removes what killed saves left behind),
 # `read_checkpoint(path)` (refuses NaN or inf weights), `checkpoint_model(path, payload,

@@ -1472,7 +1472,7 @@ plt.show()
 # ## 5.8 Ouro's two stages as a recipe
 #
 # The chapter trained Stage I and Stage II by hand. Three functions package the recipe for
-# any `get_batch`, in `looplm/train.py` beside the Trainer (Appendix C builds them):
+# any `get_batch`, in `looplm/train/__init__.py` beside the Trainer (Appendix C builds them):
 #
 # - `train_stage1` trains model and gate together: `warm_steps` updates on the last step's
 #   loss alone, then the rest of `config.steps` on `AdaptiveLoss("stage1", beta, last_weight)`,
@@ -1576,7 +1576,7 @@ show_error(lambda: make_exit_rule("median", 0.5))
 # `looplm/adaptive.py` holds the exit distribution and the two stages' losses (the Trainer
 # loss functions around them are Appendix C.6's), and `looplm/exits.py` the exit rules; the
 # gate itself, `LinearExitGate`, is registered in `EXIT_GATES["linear"]` in `looplm/model.py`,
-# and the recipe lives in `looplm/train.py`.
+# and the recipe lives in `looplm/train/__init__.py`.
 #
 # | name | what it does |
 # |---|---|

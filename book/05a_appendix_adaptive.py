@@ -17,7 +17,7 @@
 # What chapter 5 uses and does not show: the exit rules as objects, the two-stage recipe as
 # functions and on the command line, the stability checks, the stored experiment behind
 # section 5.7, and the tests of the gate, the losses and the exit rules. Its cells build
-# `looplm/exits.py` and extend `looplm/adaptive.py`, `looplm/train.py` and
+# `looplm/exits.py` and extend `looplm/adaptive.py`, `looplm/train/__init__.py` and
 # `looplm/experiments.py`.
 
 # %% tags=["hide-input"]
@@ -545,7 +545,7 @@ def hidden_change_exit_steps(hidden, eps=0.03, min_steps=1):
 # ## C.7 Two stages in one call
 #
 # Chapter 5, section 5.8, describes the recipe; these are its functions: `train_stage1`,
-# `train_stage2` and `train_two_stage`, in `looplm/train.py` beside the Trainer.
+# `train_stage2` and `train_two_stage`, in `looplm/train/__init__.py` beside the Trainer.
 
 # %%
 #| export train

@@ -160,7 +160,7 @@ def step_consistency(logits, targets):
     kl = (teacher.exp() * (teacher - log_p[:-1])).sum(dim=-1)          # (S-1, M)
     return kl.mean()
 
-# --- book/04a_appendix_engineering.py:812 (cell 36) ---
+# --- book/04a_appendix_engineering.py:886 (cell 38) ---
 _named_step_weights, _draw_depth = step_weights, sample_depth   # LoopLoss's arguments shadow these names
 
 

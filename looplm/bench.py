@@ -36,7 +36,7 @@ from looplm.model import LoopLM, LoopLMConfig
 from looplm.moe import MoEFeedForward
 from looplm.train import TrainConfig, default_loss, task_batches, train_two_stage
 
-# --- book/04a_appendix_engineering.py:2368 (cell 91) ---
+# --- book/04a_appendix_engineering.py:2513 (cell 94) ---
 class _Norm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -89,7 +89,7 @@ class MinimalLoopedLM(nn.Module):
             h = self.block(h, cos, sin)
         return F.linear(self.norm(h), self.embed.weight)            # (B, T, V), tied head
 
-# --- book/04a_appendix_engineering.py:2443 (cell 93) ---
+# --- book/04a_appendix_engineering.py:2588 (cell 96) ---
 def minimal_from_looplm(model):
     """A MinimalLoopedLM holding a LoopLM's weights (one pre-norm core block, tied head, no
     prelude, coda, injection or gate): same logits as model(idx).logits[-1]."""
@@ -111,7 +111,7 @@ def minimal_from_looplm(model):
             mine.weight.copy_(theirs.weight)
     return minimal.to(next(model.parameters()).device)
 
-# --- book/04a_appendix_engineering.py:2473 (cell 95) ---
+# --- book/04a_appendix_engineering.py:2618 (cell 98) ---
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -177,7 +177,7 @@ def bench_train(d_model=128, n_heads=4, n_loops=4, batch_size=16, seq_len=64, vo
                     device=str(device), threads=torch.get_num_threads())
     return {"rows": rows, "max_logit_difference": difference, "settings": settings}
 
-# --- book/04a_appendix_engineering.py:2544 (cell 97) ---
+# --- book/04a_appendix_engineering.py:2689 (cell 100) ---
 def format_train_table(result):
     s = result["settings"]
     lines = [f"training throughput: d_model {s['d_model']}, {s['n_heads']} heads, {s['n_loops']} loops, "
@@ -207,7 +207,7 @@ def plot_train(result, path):
     fig.savefig(path, dpi=100)
     return path
 
-# --- book/04a_appendix_engineering.py:2586 (cell 99) ---
+# --- book/04a_appendix_engineering.py:2731 (cell 102) ---
 def _train_arguments(parser):
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed turn (default 10)")
     parser.add_argument("--repeats", type=int, default=7, help="timed turns per model (default 7)")
@@ -1018,7 +1018,7 @@ def _kernels_command(args):
 BENCHMARKS["kernels"] = ("Triton kernels: timings against eager, compile and Liger on a GPU; checks on a CPU",
                          _kernels_arguments, _kernels_command)
 
-# --- book/04a_appendix_engineering.py:2654 (cell 100) ---
+# --- book/04a_appendix_engineering.py:2799 (cell 103) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     # `python -m looplm.bench`. The export places this cell last in looplm/bench.py, after the
     # benchmarks later chapters register.

@@ -15,7 +15,7 @@ import torch
 from looplm import __version__
 from looplm.model import LoopLM, LoopLMConfig
 
-# --- book/04a_appendix_engineering.py:1096 (cell 48) ---
+# --- book/04a_appendix_engineering.py:1170 (cell 50) ---
 def _temporary_name_pattern(path):
     """The names of the temporary files of `path`: .NAME.<random>.tmp (random: hex here, or
     letters, digits and _ as tempfile.mkstemp, which earlier versions used)."""
@@ -101,7 +101,7 @@ def _atomic_write(path, write):
         raise
     return path
 
-# --- book/04a_appendix_engineering.py:1186 (cell 50) ---
+# --- book/04a_appendix_engineering.py:1260 (cell 52) ---
 CHECKPOINT_FORMAT = "looplm-checkpoint"
 
 
@@ -123,21 +123,22 @@ def write_checkpoint(path, model, *, trainer_state=None, train_config=None, loss
     temporary files of `path` that killed writes left behind are deleted. Refuses (ValueError)
     a model holding non-finite weights. Returns the path.
     """
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+    weights = model.state_dict() if trainer_state is None else trainer_state["model"]
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"refusing to save a checkpoint: parameter {name} holds non-finite values")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "looplm_version": __version__,
         "model_config": _config_dict(model.config),
         "train_config": _config_dict(train_config),
-        "trainer": {"model": model.state_dict()} if trainer_state is None else trainer_state,
+        "trainer": {"model": weights} if trainer_state is None else trainer_state,
         "loss_fn": loss_state,
         "extra": extra,
     }
     return _atomic_write(Path(path), lambda f: torch.save(payload, f))
 
-# --- book/04a_appendix_engineering.py:1236 (cell 52) ---
+# --- book/04a_appendix_engineering.py:1311 (cell 54) ---
 def _version_tuple(version):
     return tuple(int(part) for part in re.findall(r"\d+", str(version))[:3])
 

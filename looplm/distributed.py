@@ -1,11 +1,12 @@
-# Generated from book/11_many_processes.py: edit the chapter, then run `make export`.
+# Generated from book/11_many_processes.py, book/11a_appendix_processes.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['TASKS', 'task', 'free_port', 'Launch', 'launch', 'main', 'collectives', 'TokenObjective', 'global_batch', 'allreduce_gradients', 'BucketedAllReduce', 'fsdp_shard', 'data_parallel_equals_one_process', 'counting_collectives', 'fsdp_collectives', 'step_collectives', 'step_traffic', 'expert_parallel_traffic', 'EXPERT_WEIGHTS', 'AllToAll', 'ExpertParallelMoE', 'reduce_replicated_grads', 'gather_experts', 'full_expert_grads', 'shard_experts_state', 'expert_parallel_equals_local', 'SHARDED_FORMAT', 'INFO_NAME', 'METADATA_NAME', 'OPTIMIZER_KEY', 'read_info', 'save_sharded', 'load_sharded', 'to_single_process', 'from_single_process', 'checkpoint_round_trip', 'data_parallel_cases', 'ddp_reduced_values', 'run_in_file', 'fails_on_rank', 'sleeps']
+__all__ = ['TASKS', 'task', 'free_port', 'Launch', 'launch', 'main', 'collectives', 'TokenObjective', 'global_batch', 'allreduce_gradients', 'BucketedAllReduce', 'fsdp_shard', 'data_parallel_equals_one_process', 'counting_collectives', 'fsdp_collectives', 'step_collectives', 'step_traffic', 'expert_parallel_traffic', 'EXPERT_WEIGHTS', 'AllToAll', 'ExpertParallelMoE', 'reduce_replicated_grads', 'gather_experts', 'full_expert_grads', 'shard_experts_state', 'expert_parallel_equals_local', 'SHARDED_FORMAT', 'INFO_NAME', 'METADATA_NAME', 'OPTIMIZER_KEY', 'read_info', 'save_sharded', 'load_sharded', 'to_single_process', 'from_single_process', 'checkpoint_round_trip', 'data_parallel_cases', 'ddp_reduced_values', 'run_in_file', 'fails_on_rank', 'sleeps', 'gather_routing', 'ExpertParallelLoopMoE', 'split_experts', 'DataParallel', 'run_train']
 # fmt: on
 
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -29,12 +30,17 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict,
+                                                     set_state_dict)
 
 from looplm import __version__
+from looplm.backprop import LoopLoss
 from looplm.checkpoints import CheckpointError, checkpoint_model, read_checkpoint, write_checkpoint
 from looplm.model import IGNORE_INDEX, LoopLM, LoopLMConfig
-from looplm.moe import MoEFeedForward, expert_forward, route
+from looplm.moe import LoopMoE, MoEFeedForward, RoutingRecord, expert_forward, route
+from looplm.train import PARALLEL, OneProcess
 from looplm.train import _param_groups                  # the Trainer's grouping of the parameters
 
 # --- book/11_many_processes.py:81 (cell 5) ---
@@ -1219,7 +1225,7 @@ def checkpoint_round_trip(phase, directory, config, load=None, save=None, seed=0
     weights = {name: _full(p).flatten().tolist() for name, p in model.named_parameters()}
     return {"step": step, "weights": weights, "losses": _train_steps(model, optimizer, config, step, 2)}
 
-# --- book/11_many_processes.py:1655 (cell 41) ---
+# --- book/11_many_processes.py:1653 (cell 41) ---
 @task
 def data_parallel_cases(cases):
     """data_parallel_equals_one_process for each case (a dict of its arguments). -> [report]"""
@@ -1277,6 +1283,357 @@ def sleeps(seconds=600):
     time.sleep(seconds)
     return "woke"
 
-# --- book/11_many_processes.py:1931 (cell 53) ---
+# --- book/11a_appendix_processes.py:105 (cell 3) ---
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 (the same number of rows on every rank). Backward: the gradient is
+    all-reduced and this rank's rows are kept, so a loss computed identically on every rank from
+    the gathered rows sends each rank the gradient of its own rows, summed over the ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
+        sent = x.to(torch.uint8) if x.dtype == torch.bool else x.contiguous()   # gloo has no bool
+        parts = [torch.empty_like(sent) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, sent, group=group)
+        gathered = torch.cat(parts)
+        return gathered.bool() if x.dtype == torch.bool else gathered
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def gather_routing(record, group=None):
+    """A RoutingRecord of this rank's tokens -> the record of every rank's tokens, rank by rank
+    (probabilities and logits differentiable)."""
+    return RoutingRecord(**{field.name: _GatherRows.apply(getattr(record, field.name), group)
+                            for field in dataclasses.fields(record)})
+
+
+def _gather_routing_after_forward(layer, inputs, output):
+    if layer.last_routing is not None:
+        layer.last_routing = gather_routing(layer.last_routing)
+
+
+class ExpertParallelLoopMoE(ExpertParallelMoE):
+    """Chapter 11's ExpertParallelMoE for a LoopLM block: a LoopMoE's experts split over the
+    ranks, with the LoopMoE's bias balancing (pending counts, balance_step)."""
+
+    def __init__(self, moe: LoopMoE, group=None):
+        if not isinstance(moe, LoopMoE):
+            raise TypeError(f"expected a LoopMoE (a block of LoopLMConfig(mlp='moe')), got {type(moe).__name__}")
+        super().__init__(moe, group)
+        self.balance, self.bias_rate = moe.balance, moe.bias_rate
+        self.register_buffer("pending", moe.pending.detach().clone(), persistent=False)
+
+    balance_step = LoopMoE.balance_step
+
+
+def _blocks(model):
+    return (*model.prelude, *model.core, *model.coda)
+
+
+def split_experts(model, group=None):
+    """Replace every LoopMoE of `model` (a LoopLM, the same weights on every rank) by an
+    ExpertParallelLoopMoE, in place. -> model"""
+    for block in _blocks(model):
+        if isinstance(block.mlp, LoopMoE):
+            block.mlp = ExpertParallelLoopMoE(block.mlp, group).to(next(block.parameters()).device)
+    return model
+
+
+def _expert_layers(model):
+    return {f"{name}.": m for name, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
+
+
+def _unwrapped(name):
+    """A parameter name as the single-process LoopLM spells it (FSDP2 and DDP keep names, but a
+    wrapper's or checkpointing's prefixes are dropped)."""
+    return name.replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
+
+# --- book/11a_appendix_processes.py:205 (cell 6) ---
+def _slice_experts(tensor, layer):
+    return tensor[layer.first_expert:layer.first_expert + layer.n_local].clone()
+
+
+class _ShareOfLoss(nn.Module):
+    """What DDP wraps: forward(idx, targets) -> this rank's scaled loss, a tensor; the loss
+    function's metrics are kept in .metrics."""
+
+    def __init__(self, trainer, strategy):
+        super().__init__()
+        self.model, self.metrics = trainer.model, {}
+        self._trainer, self._strategy = [trainer], strategy     # in lists: not submodules
+
+    def forward(self, idx, targets):
+        loss_fn = self._trainer[0].loss_fn
+        loss, self.metrics = loss_fn(self.model, idx, targets)
+        drawn = isinstance(loss_fn, LoopLoss) and loss_fn.sample_depth is not None
+        self._strategy.drawn_depth = self.metrics["depth"] if drawn else None
+        return loss * self._strategy.share
+
+
+class DataParallel(OneProcess):
+    """The Trainer strategy of `--parallel ddp|fsdp [--expert-parallel]` (section C.1's OneProcess,
+    overridden): each rank trains on its B / W rows of every global batch, its loss scaled by
+    n_r W / N (n_r its learned tokens, N the batch's), the logged numbers those of the global
+    batch, MoE routing statistics global, the experts split over the ranks when expert_parallel.
+    kind: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2's fully_shard per block and on the
+    model). Needs an initialised process group; rank 0 writes the files."""
+
+    def __init__(self, kind="ddp", expert_parallel=False):
+        if kind not in ("ddp", "fsdp"):
+            raise ValueError(f"kind must be 'ddp' or 'fsdp', got {kind!r}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DataParallel needs an initialised torch.distributed process group")
+        self.kind, self.expert_parallel = kind, bool(expert_parallel)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.writes = self.rank == 0
+        self.share, self.tokens, self._experts, self.drawn_depth = 1.0, (0, 0), set(), None
+
+    def __repr__(self):
+        experts = ", experts split" if self.expert_parallel else ""
+        return f"{self.kind} over {self.world_size} processes{experts}"
+
+    def prepare(self, trainer):
+        model = trainer.model
+        if not isinstance(model, LoopLM):
+            raise TypeError(f"DataParallel trains a LoopLM, got {type(model).__name__}")
+        if self.expert_parallel and model.config.mlp != "moe":
+            raise ValueError("expert parallelism splits a mixture of experts, and this model is dense: "
+                             "build it with LoopLMConfig(..., mlp='moe')")
+        ready = getattr(model, "_data_parallel_ready", False)    # a second Trainer on the same model
+        if not ready:
+            if self.expert_parallel:
+                split_experts(model)
+            for block in _blocks(model):
+                if isinstance(block.mlp, (LoopMoE, ExpertParallelMoE)):
+                    block.mlp.register_forward_hook(_gather_routing_after_forward)
+        self._experts = {id(getattr(layer, name)) for layer in _expert_layers(model).values()
+                         for name in EXPERT_WEIGHTS}
+        if not ready:
+            if self.kind == "fsdp":
+                self._shard(model)
+            model._data_parallel_ready = True
+        objective = _ShareOfLoss(trainer, self)
+        if self.kind == "fsdp":
+            return lambda idx, targets: (objective(idx, targets), objective.metrics)
+        experts = [f"model.{n}" for n, p in model.named_parameters() if id(p) in self._experts]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, experts)
+        wrapped = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=model.exit_gate is not None)
+        return lambda idx, targets: (wrapped(idx, targets), objective.metrics)
+
+    def _shard(self, model):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        device = next(model.parameters()).device
+        mesh = init_device_mesh(device.type, (self.world_size,))
+        ignored = {p for p in model.parameters() if id(p) in self._experts}
+        # the gate is a unit of its own: Stage II runs it alone, after a forward without gradients,
+        # and a unit's backward hooks are what make FSDP2 reduce the root's gradients at all
+        gate = [] if model.exit_gate is None else [model.exit_gate]
+        for unit in (*_blocks(model), *gate):
+            fully_shard(unit, mesh=mesh, ignored_params={p for p in unit.parameters() if p in ignored})
+        fully_shard(model, mesh=mesh, ignored_params=ignored)
+
+    def shard(self, idx, targets):
+        B, W = idx.shape[0], self.world_size
+        if B % W:
+            raise ValueError(f"the global batch of {B} rows cannot be split over {W} processes; use a "
+                             f"--batch-size divisible by {W}")
+        mine = slice(self.rank * B // W, (self.rank + 1) * B // W)
+        idx, targets = idx[mine], targets[mine]
+        counts = torch.tensor([(targets != IGNORE_INDEX).sum().item(), 0])
+        total = counts.clone()
+        dist.all_reduce(total)
+        if counts[0] == 0:
+            raise ValueError(f"rank {self.rank}'s rows of the global batch hold no learned token; use a "
+                             f"larger --batch-size")
+        self.tokens = (int(counts[0]), int(total[0]))
+        self.share = self.tokens[0] * W / self.tokens[1]
+        return idx, targets
+
+    def reduce(self, values, targets):
+        mine, total = self.tokens
+        names = list(values)
+        local = [values[k] / self.world_size if k == "loss" else values[k] * mine / total for k in names]
+        summed = torch.tensor(local, dtype=torch.float64)
+        dist.all_reduce(summed)
+        if self.drawn_depth is not None:                         # the same randomized depth everywhere
+            spread = torch.tensor([self.drawn_depth, -self.drawn_depth], dtype=torch.float64)
+            dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+            if spread[0] != -spread[1]:
+                raise RuntimeError(f"the ranks ran different depths this step ({-spread[1].item():g} to "
+                                   f"{spread[0].item():g}); the depth sampler must be seeded alike on every rank")
+        return dict(zip(names, summed.tolist()))
+
+    def after_backward(self, trainer):
+        for layer in _expert_layers(trainer.model).values():
+            for name in EXPERT_WEIGHTS:
+                grad = getattr(layer, name).grad
+                if grad is not None:
+                    grad /= self.world_size          # every rank's scaled loss reached these experts
+
+    def clip(self, parameters, max_norm):
+        """Clip to the global norm as clip_grad_norm_ does in one process (coefficient
+        max_norm / (norm + 1e-6), at most 1): replicated gradients count once, DTensor shards and
+        expert slices are summed over the ranks. -> the norm before clipping"""
+        params = [p for p in parameters if p.grad is not None]
+        replicated, spread = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for p in params:
+            if hasattr(p.grad, "to_local"):
+                spread += p.grad.to_local().double().pow(2).sum().cpu()
+            elif id(p) in self._experts:
+                spread += p.grad.double().pow(2).sum().cpu()
+            else:
+                replicated += p.grad.double().pow(2).sum().cpu()
+        dist.all_reduce(spread)
+        norm = (replicated + spread).sqrt().item()
+        coefficient = min(1.0, max_norm / (norm + 1e-6))
+        if coefficient < 1.0:
+            for p in params:
+                p.grad.mul_(coefficient)
+        return norm
+
+    def _names(self, trainer):
+        """The single-process names of the optimizer's parameters, in its order."""
+        names = {id(p): _unwrapped(n) for n, p in trainer.model.named_parameters()}
+        return [names[id(p)] for group in trainer.optimizer.param_groups for p in group["params"]]
+
+    def _expert_of(self, trainer):
+        """{parameter name: its ExpertParallelMoE} for the expert weights."""
+        return {f"{prefix}{name}": layer for prefix, layer in _expert_layers(trainer.model).items()
+                for name in EXPERT_WEIGHTS}
+
+    def state(self, trainer):
+        model, optimizer = trainer.model, trainer.optimizer
+        if self.kind == "fsdp":
+            options = StateDictOptions(full_state_dict=True)
+            weights = get_model_state_dict(model, options=options)
+            by_name = get_optimizer_state_dict(model, optimizer, options=options)
+            position = {name: i for i, name in enumerate(self._names(trainer))}
+            optimizer_state = {
+                "state": {position[_unwrapped(n)]: s for n, s in by_name["state"].items()},
+                "param_groups": [{**g, "params": [position[_unwrapped(n)] for n in g["params"]]}
+                                 for g in by_name["param_groups"]]}
+        else:
+            weights, optimizer_state = model.state_dict(), optimizer.state_dict()
+        weights = {_unwrapped(k): v.detach().clone() for k, v in weights.items()}
+        optimizer_state = copy.deepcopy(optimizer_state)
+        experts = self._expert_of(trainer)
+        for name, layer in experts.items():
+            weights[name] = _gather_experts_of({name: weights[name]}, layer)[name]
+        for i, name in enumerate(self._names(trainer)):
+            if name in experts and i in optimizer_state["state"]:
+                moments = optimizer_state["state"][i]
+                for key, t in moments.items():
+                    if isinstance(t, torch.Tensor) and t.ndim:
+                        moments[key] = _gather_experts_of({key: t}, experts[name])[key]
+        return weights, optimizer_state
+
+    def load_state(self, trainer, model_state, optimizer_state):
+        model, optimizer = trainer.model, trainer.optimizer
+        weights, optimizer_state = dict(model_state), copy.deepcopy(optimizer_state)
+        experts, names = self._expert_of(trainer), self._names(trainer)
+        for name, layer in experts.items():
+            weights[name] = _slice_experts(weights[name], layer)
+        for i, name in enumerate(names):
+            if name in experts and i in optimizer_state["state"]:
+                moments = optimizer_state["state"][i]
+                for key, t in moments.items():
+                    if isinstance(t, torch.Tensor) and t.ndim:
+                        moments[key] = _slice_experts(t, experts[name])
+        if self.kind != "fsdp":
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(optimizer_state)
+            return
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, weights, options=options)
+        by_name = {"state": {names[i]: s for i, s in optimizer_state["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                    for g in optimizer_state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+# --- book/11a_appendix_processes.py:415 (cell 8) ---
+@contextlib.contextmanager
+def _start_processes(kind, args, model_config):
+    world = int(os.environ["WORLD_SIZE"])
+    flag = f"--parallel {kind}"
+    if getattr(args, "norm_penalty", 0):
+        raise ValueError(f"--norm-penalty is a mean over all positions, not over learned tokens, so the "
+                         f"token-count normalisation of {flag} would weight it wrongly; drop one of them")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is the global batch, and it does not split over the "
+                         f"{world} processes torchrun started; use a multiple of {world}")
+    if args.expert_parallel and model_config.moe_shape[0] % world:
+        raise ValueError(f"--expert-parallel: --n-experts {model_config.moe_shape[0]} does not split over the "
+                         f"{world} processes; use a multiple of {world}")
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        with warnings.catch_warnings():
+            # FSDP2 warns once that the LoopOutput it returns holds views (its loss, for one): an
+            # in-place op on them would skip its hooks. Nothing here modifies an output in place.
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            yield DataParallel(kind, args.expert_parallel)
+    finally:
+        dist.destroy_process_group()
+
+
+PARALLEL["ddp"] = functools.partial(_start_processes, "ddp")
+PARALLEL["fsdp"] = functools.partial(_start_processes, "fsdp")
+
+# --- book/11a_appendix_processes.py:461 (cell 11) ---
+def _why_it_failed(log):
+    """The reason a torchrun launch failed, from its log: a worker killed by a signal, the
+    command line's error message, or the first exception a worker printed."""
+    killed = re.findall(r"Signal \d+ \((\w+)\) received by PID (\d+)", log)
+    # torchrun stops the other workers with SIGTERM once one has died: name the first other signal
+    killed = sorted(killed, key=lambda found: found[0] == "SIGTERM")
+    if killed:
+        return f": a worker (pid {killed[0][1]}) was killed by {killed[0][0]}"
+    said = re.search(r"python -m looplm\.train: (error|stopped): (.*)$", log, flags=re.M)
+    return f": {said.group(2)}" if said else _first_error(log)
+
+
+def run_train(flags, nproc=2, nnodes=1, timeout=300, env=None):
+    """torchrun --nnodes=nnodes --nproc_per_node=nproc -m looplm.train FLAGS on this machine, one
+    thread per process; nnodes > 1 starts that many launches joining one c10d rendezvous.
+    -> Launch(results=[], log, seconds). RuntimeError with the reason and the end of the log if a
+    launch fails, or if the launches outlive `timeout` seconds (then they are stopped)."""
+    endpoint, launches = f"127.0.0.1:{free_port()}", []
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id=looplm-{os.getpid()}",
+               "--max-restarts=0", "-m", "looplm.train", *map(str, flags)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env or {})}
+    start = time.perf_counter()
+    for _ in range(nnodes):
+        launches.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         env=environment, start_new_session=True))
+    logs, late = [], False
+    for process in launches:
+        try:
+            log, _ = process.communicate(timeout=max(1.0, timeout - (time.perf_counter() - start)))
+        except subprocess.TimeoutExpired:
+            log, late = _stop(process), True
+        logs.append(log)
+    log = "\n".join(logs)
+    what = f"looplm.train on {nnodes} x {nproc} processes"
+    if late:
+        for process in launches:
+            if process.poll() is None:
+                _stop(process)
+        raise RuntimeError(f"{what} did not finish within {timeout} s; the end of its log:\n{log[-3000:]}")
+    failed = [p.returncode for p in launches if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"{what} failed{_why_it_failed(log)} (exit status {failed[0]}); the end of its "
+                           f"log:\n{log[-3000:]}")
+    return Launch([], log, time.perf_counter() - start)
+
+# --- book/11_many_processes.py:1933 (cell 53) ---
 if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
     main(sys.argv[1:])                    # a worker, started by torchrun through launch()

@@ -50,6 +50,8 @@ from looplm.train import (  # noqa: F401
     TrainConfig,
     lr_at,
     default_loss,
+    OneProcess,
+    training_processes,
     Trainer,
     train,
     task_batches,
@@ -61,10 +63,11 @@ from looplm.train import (  # noqa: F401
     Recipe,
     RECIPES,
     write_metrics,
+    PARALLEL,
 )
 from looplm.train import main
 
-# --- book/04a_appendix_engineering.py:607 (cell 30) ---
+# --- book/04a_appendix_engineering.py:681 (cell 32) ---
 def test_lr_schedule_at_key_steps():
     c = TrainConfig(steps=200, lr=1e-2, min_lr=1e-3, warmup_steps=20)
     assert lr_at(0, c) == 0.0
@@ -80,7 +83,7 @@ def test_lr_schedule_at_key_steps():
     with pytest.raises(ValueError, match="step must be an int >= 0"):
         lr_at(-1, c)
 
-# --- book/04a_appendix_engineering.py:635 (cell 32) ---
+# --- book/04a_appendix_engineering.py:709 (cell 34) ---
 def _copy_batches(batch_size=8, seq_len=10, vocab_size=23):
     def get_batch(generator):
         idx = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
@@ -155,7 +158,7 @@ def test_non_finite_loss_or_gradient_stops_without_an_update():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())
 
-# --- book/04a_appendix_engineering.py:718 (cell 34) ---
+# --- book/04a_appendix_engineering.py:792 (cell 36) ---
 def test_weight_decay_groups():
     model = _tiny_model(injection="concat", tie_embeddings=False)
     decay, no_decay = (group["params"] for group in Trainer(model, _copy_batches(), _tiny_config())
@@ -234,7 +237,7 @@ def test_bad_batches_and_metrics():
     with pytest.raises(ValueError, match=r"state is missing \['generator'"):
         trainer.load_state_dict({k: v for k, v in trainer.state_dict().items() if k != "generator"})
 
-# --- book/04a_appendix_engineering.py:922 (cell 38) ---
+# --- book/04a_appendix_engineering.py:996 (cell 40) ---
 def _full_model(seed=0):
     torch.manual_seed(seed)
     return LoopLM(LoopLMConfig(vocab_size=13, d_model=16, n_heads=2, n_prelude=1, n_core=2,
@@ -310,7 +313,7 @@ def test_scale_core_grad_divides_the_core_gradient_once():
     for name, g in grads(make_loop_loss(grad_steps=2)).items():  # the hooks are gone
         torch.testing.assert_close(g, plain[name])
 
-# --- book/04a_appendix_engineering.py:1424 (cell 61) ---
+# --- book/04a_appendix_engineering.py:1504 (cell 63) ---
 def _tiny_get_batch(generator):
     idx = torch.randint(0, 13, (4, 8), generator=generator)
     return idx, idx.roll(-1, dims=1)
@@ -387,7 +390,7 @@ def test_unusable_checkpoints_get_clear_errors():
         with pytest.raises(FileNotFoundError):
             read_checkpoint(Path(folder) / "missing.pt")
 
-# --- book/04a_appendix_engineering.py:1520 (cell 63) ---
+# --- book/04a_appendix_engineering.py:1600 (cell 65) ---
 def test_checkpoints_with_non_finite_weights_are_refused():
     trainer = _tiny_trainer()
     with tempfile.TemporaryDirectory() as folder:
@@ -419,7 +422,7 @@ def test_a_save_removes_the_temporary_files_of_killed_saves():
         save_checkpoint(folder / "checkpoint.pt", trainer)
         assert sorted(os.listdir(folder)) == sorted(["checkpoint.pt", *others])
 
-# --- book/04a_appendix_engineering.py:2037 (cell 85) ---
+# --- book/04a_appendix_engineering.py:2182 (cell 88) ---
 def _quiet_main(argv):
     """main(argv) with its output captured (it names temporary folders)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -442,7 +445,7 @@ def test_command_line_trains_saves_and_resumes():
         assert read_checkpoint(Path(folder) / "checkpoint.pt")["trainer"]["step"] == 6
         assert _quiet_main([*args, "--steps", "8", "--resume", "--d-model", "32"]) == 2   # another model
 
-# --- book/04a_appendix_engineering.py:2081 (cell 87) ---
+# --- book/04a_appendix_engineering.py:2226 (cell 90) ---
 _TINY_RUN = ["--task", "stack", "--difficulty", "2", "--n-loops", "2", "--d-model", "8", "--n-heads", "2",
              "--batch-size", "4", "--n-train", "40", "--n-test", "10", "--eval-every", "2", "--no-progress"]
 
@@ -569,7 +572,7 @@ def test_loss_plot_is_written_atomically():
         _plot_history(history, path)
         assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(folder) == ["loss.png"]
 
-# --- book/04a_appendix_engineering.py:2217 (cell 88) ---
+# --- book/04a_appendix_engineering.py:2362 (cell 91) ---
 class _FullDisk:
     """A file that takes `room` bytes, then fails as a full disk does (OSError ENOSPC)."""
 
@@ -698,7 +701,7 @@ def test_memory_errors_get_one_line():
         assert status == 1 and "out of memory while training" in _one_line(err, "python -m looplm.train: stopped: ")
         assert os.listdir(out) == []
 
-# --- book/04a_appendix_engineering.py:2695 (cell 106) ---
+# --- book/04a_appendix_engineering.py:2840 (cell 109) ---
 def test_minimal_model_matches_looplm_and_the_benchmark_runs():
     torch.manual_seed(0)
     model = LoopLM(LoopLMConfig(vocab_size=40, d_model=32, n_heads=4, n_loops=3, max_seq_len=16))
@@ -713,7 +716,7 @@ def test_minimal_model_matches_looplm_and_the_benchmark_runs():
                                                   "LoopLM + make_loop_loss()", "LoopLM + default_loss"]
     assert result["max_logit_difference"] <= 1e-6 and "overhead" in format_train_table(result)
 
-# --- book/04a_appendix_engineering.py:2722 (cell 108) ---
+# --- book/04a_appendix_engineering.py:2867 (cell 111) ---
 def _bench_output(argv):
     """(exit status, stderr) of python -m looplm.bench's main(argv), its output captured."""
     err = io.StringIO()
@@ -752,7 +755,7 @@ def test_bench_bad_input_gets_one_error_line():
             start = "python -m looplm.bench: stopped: " if kind == "full" else "python -m looplm.bench: error: "
             assert status == (1 if kind == "full" else 2) and _one_line(err, start) == start + str(error), err
 
-# --- book/04a_appendix_engineering.py:2823 (cell 114) ---
+# --- book/04a_appendix_engineering.py:2968 (cell 117) ---
 def test_config_validation_errors():
     base = dict(vocab_size=50, d_model=32, n_heads=4)
     cases = [
@@ -874,7 +877,7 @@ def test_state0_and_generator_arguments():
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
         model(idx, generator=0)
 
-# --- book/04a_appendix_engineering.py:2953 (cell 115) ---
+# --- book/04a_appendix_engineering.py:3098 (cell 118) ---
 class _HalfGate(torch.nn.Module):
     """A stand-in exit gate: λ = 1/2 everywhere, exit_probs uniform over the steps."""
 
@@ -909,7 +912,7 @@ def test_registries_and_exit_gate_hook():
         EXIT_GATES.clear()
         EXIT_GATES.update(saved)
 
-# --- book/04a_appendix_engineering.py:3007 (cell 118) ---
+# --- book/04a_appendix_engineering.py:3152 (cell 121) ---
 def test_splits_are_disjoint_and_in_range():
     for name in TASKS:
         splits = make_splits(name, n_train=500, n_test=100, max_difficulty=6, ood_max_difficulty=8, seed=0)
@@ -946,7 +949,7 @@ def test_split_errors():
     with pytest.raises(ValueError, match="n_test"):
         make_splits("parentheses", 10, 50, max_difficulty=1, ood_max_difficulty=2)
 
-# --- book/04a_appendix_engineering.py:3058 (cell 120) ---
+# --- book/04a_appendix_engineering.py:3203 (cell 123) ---
 def test_answer_accuracy_on_hand_built_logits():
     targets = torch.tensor([[IGNORE_INDEX, 4, 5, IGNORE_INDEX],
                             [IGNORE_INDEX, IGNORE_INDEX, 2, 1]])  # [B=2, T=4]
@@ -990,7 +993,7 @@ def test_exact_match_takes_functions_strings_and_token_ids():
     with pytest.raises(ValueError, match="predictions has 2 entries"):
         exact_match(["1", "2"], examples)
 
-# --- book/04a_appendix_engineering.py:3117 (cell 122) ---
+# --- book/04a_appendix_engineering.py:3262 (cell 125) ---
 @functools.cache
 def shakespeare_tokenizer():
     return CompactTokenizer.from_text(load_corpus())

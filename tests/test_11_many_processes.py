@@ -51,7 +51,7 @@ from looplm.distributed import (  # noqa: F401
 from looplm.distributed import _owned
 from looplm.model import LoopLM, LoopLMConfig
 
-# --- book/11_many_processes.py:1714 (cell 42) ---
+# --- book/11_many_processes.py:1712 (cell 42) ---
 BASE = dict(vocab_size=23, d_model=16, n_heads=2, n_loops=4, injection="add", init_state="zeros", max_seq_len=16)
 
 

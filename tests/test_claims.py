@@ -391,6 +391,10 @@ CLAIMS = [
                                                   "kept": 1 + int(line.split()[-3]),
                                                   "unit": 1}[line.split()[-4]]
                         for line in output_after("11", 'launch("fsdp_collectives"').splitlines()[1:] if line.strip())),
+    # Appendix C, the multi-process command line: every run within about 1e-7 of one process
+    Claim("11a", r"Every multi-process run logs the one-process losses to within about \$10\^\{-7\}\$, relative",
+          lambda m: (lambda worst: len(worst) == 5 and max(worst) <= 5e-7)(
+              [float(line.split()[-1]) for line in output_after("11a", "RUNS = {").splitlines()[1:] if line.strip()])),
 ]
 
 

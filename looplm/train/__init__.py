@@ -1,6 +1,6 @@
 # Generated from book/04a_appendix_engineering.py, book/05a_appendix_adaptive.py: edit the chapter, then run `make export`.
 # fmt: off
-__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'save_checkpoint', 'load_checkpoint', 'RESUME_MAY_CHANGE', 'Recipe', 'RECIPES', 'write_metrics', 'main', 'train_stage1', 'train_stage2', 'stage2_config', 'train_two_stage']
+__all__ = ['TrainConfig', 'lr_at', 'default_loss', 'OneProcess', 'training_processes', 'Trainer', 'train', 'task_batches', 'task_accuracy', 'evaluate_tasks', 'save_checkpoint', 'load_checkpoint', 'RESUME_MAY_CHANGE', 'Recipe', 'RECIPES', 'write_metrics', 'PARALLEL', 'main', 'train_stage1', 'train_stage2', 'stage2_config', 'train_two_stage']
 # fmt: on
 
 import argparse
@@ -28,7 +28,7 @@ from looplm.data import (TASKS, TASK_VOCAB, Example, TaskBatch, TaskSplits, answ
                          make_splits, make_task)
 from looplm.model import INJECTIONS, LoopLM, LoopLMConfig
 
-# --- book/04a_appendix_engineering.py:140 (cell 8) ---
+# --- book/04a_appendix_engineering.py:141 (cell 8) ---
 @dataclass
 class TrainConfig:
     """How to train: schedule, optimizer, clipping, evaluation, seed, device.
@@ -86,7 +86,7 @@ def _check_device(device):
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but CUDA is not available on this machine; use 'cpu'")
 
-# --- book/04a_appendix_engineering.py:230 (cell 12) ---
+# --- book/04a_appendix_engineering.py:231 (cell 12) ---
 def lr_at(step, config):
     """The learning rate of update number `step` (1 = the first): linear warmup, cosine decay.
 
@@ -101,12 +101,12 @@ def lr_at(step, config):
     progress = (step - c.warmup_steps) / (c.steps - c.warmup_steps)
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
 
-# --- book/04a_appendix_engineering.py:269 (cell 16) ---
+# --- book/04a_appendix_engineering.py:270 (cell 16) ---
 def default_loss(model, idx, targets):
     """model(idx, targets=targets).loss: the last step's mean cross-entropy. -> (loss, {})."""
     return model(idx, targets=targets).loss, {}
 
-# --- book/04a_appendix_engineering.py:290 (cell 18) ---
+# --- book/04a_appendix_engineering.py:291 (cell 18) ---
 def _param_groups(model, weight_decay):
     """AdamW groups: decay for matrices, none for norm gains, biases and embedding tables."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -121,7 +121,7 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
-# --- book/04a_appendix_engineering.py:338 (cell 22) ---
+# --- book/04a_appendix_engineering.py:339 (cell 22) ---
 def _check_batch(batch, batch_size):
     """(idx, targets) from get_batch: integer tensors of the same shape [batch_size, T]."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -158,17 +158,71 @@ def _progress_enabled(config):
     return (config.progress and os.environ.get("TQDM_DISABLE", "") in off
             and os.environ.get("CI", "") in off)
 
-# --- book/04a_appendix_engineering.py:384 (cell 24) ---
+# --- book/04a_appendix_engineering.py:388 (cell 24) ---
+class OneProcess:
+    """How a Trainer spreads a step over processes: here over one, this one. Every method's
+    default is what a single process does; chapter 11's looplm.distributed.DataParallel overrides
+    them. `writes`: whether this process writes the run's files."""
+
+    rank, world_size, writes = 0, 1, True
+
+    def prepare(self, trainer):
+        """Called once by Trainer.__init__, before the optimizer is built (a strategy may shard the
+        model's parameters in place). -> loss_step(idx, targets) -> (loss tensor, metrics dict)."""
+        return lambda idx, targets: trainer.loss_fn(trainer.model, idx, targets)
+
+    def shard(self, idx, targets):
+        """The global batch [batch_size, T] -> the rows this process trains on."""
+        return idx, targets
+
+    def reduce(self, values, targets):
+        """{name: number on this process's rows} -> {name: the number for the global batch}."""
+        return values
+
+    def after_backward(self, trainer):
+        """Called after loss.backward(), before clipping: finish any gradient communication."""
+
+    def clip(self, parameters, max_norm):
+        """Clip the global gradient norm to max_norm. -> the norm before clipping (a float)."""
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
+
+    def state(self, trainer):
+        """-> (model state_dict, optimizer state_dict) in the single-process form, as copies."""
+        return ({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                copy.deepcopy(trainer.optimizer.state_dict()))
+
+    def load_state(self, trainer, model_state, optimizer_state):
+        """Load what state() returned (from this process or from a single-process run)."""
+        trainer.model.load_state_dict(model_state)
+        trainer.optimizer.load_state_dict(optimizer_state)
+
+
+_STRATEGIES = [OneProcess()]
+
+
+@contextlib.contextmanager
+def training_processes(strategy):
+    """with training_processes(strategy): Trainers built inside (without parallel=) use it."""
+    if not isinstance(strategy, OneProcess):
+        raise TypeError(f"strategy must be a OneProcess (or a subclass), got {type(strategy).__name__}")
+    _STRATEGIES.append(strategy)
+    try:
+        yield strategy
+    finally:
+        _STRATEGIES.pop()
+
+# --- book/04a_appendix_engineering.py:450 (cell 26) ---
 class Trainer:
     """Trains `model` on batches from `get_batch(generator) -> (idx, targets)`.
 
     loss_fn(model, idx, targets) -> (loss, metrics dict); evaluate(model) -> dict of numbers,
     run under torch.no_grad() in eval mode every config.eval_every steps and at config.steps.
     `history` has one row per step: {"step", "lr", "loss", "grad_norm", **metrics, "eval_<name>"...}.
-    AdamW decays weight matrices only (not norm gains, biases or embedding tables).
+    AdamW decays weight matrices only (not norm gains, biases or embedding tables). parallel: a
+    OneProcess strategy (default: the innermost training_processes block's, else one process).
     """
 
-    def __init__(self, model, get_batch, config, loss_fn=default_loss, evaluate=None):
+    def __init__(self, model, get_batch, config, loss_fn=default_loss, evaluate=None, parallel=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(config, TrainConfig):
@@ -178,9 +232,13 @@ class Trainer:
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         if evaluate is not None and not callable(evaluate):
             raise TypeError(f"evaluate must be callable or None, got {type(evaluate).__name__}")
+        if parallel is not None and not isinstance(parallel, OneProcess):
+            raise TypeError(f"parallel must be a OneProcess strategy or None, got {type(parallel).__name__}")
         self.config, self.get_batch, self.loss_fn, self.evaluate = config, get_batch, loss_fn, evaluate
+        self.parallel = _STRATEGIES[-1] if parallel is None else parallel
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
+        self._loss_step = self.parallel.prepare(self)          # may shard the model: before the optimizer
         self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
                                            betas=config.betas)
         self.generator = torch.Generator().manual_seed(config.seed)   # batches are drawn on the CPU
@@ -198,11 +256,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         idx, targets = _check_batch(self.get_batch(self.generator), c.batch_size)
+        idx, targets = self.parallel.shard(idx, targets)       # this process's rows of the batch
         idx, targets = idx.to(self.device), targets.to(self.device)
         if hasattr(self.model, "last_aux_loss"):
             self.model.last_aux_loss = None                   # this step's forward sets it again
         with self._autocast():
-            loss, metrics = self.loss_fn(self.model, idx, targets)
+            loss, metrics = self._loss_step(idx, targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return (scalar loss tensor, metrics), got {type(loss).__name__}")
         metrics = _check_metrics(metrics, {"step", "lr", "loss", "grad_norm", "aux_loss"})
@@ -210,13 +269,15 @@ class Trainer:
         if aux is not None:
             loss = loss + c.aux_weight * aux
             metrics["aux_loss"] = aux.item()
-        loss_value = loss.item()
+        metrics = self.parallel.reduce({"loss": loss.item(), **metrics}, targets)   # the global batch's
+        loss_value = metrics.pop("loss")
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"step {step}: the loss is {loss_value}; no update was applied "
                                      f"(the model and optimizer are as after step {step - 1})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
+        self.parallel.after_backward(self)
+        grad_norm = self.parallel.clip(self.model.parameters(), c.grad_clip)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm}; no update was "
@@ -260,9 +321,10 @@ class Trainer:
     def state_dict(self):
         """A snapshot: model, optimizer, step, history, batch generator and torch RNG states."""
         cuda = self.device.type == "cuda"
+        model_state, optimizer_state = self.parallel.state(self)
         return {
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "step": self.step,
             "history": copy.deepcopy(self.history),
             "generator": self.generator.get_state(),
@@ -277,8 +339,7 @@ class Trainer:
         missing = [k for k in needed if not isinstance(state, dict) or k not in state]
         if missing:
             raise ValueError(f"state is missing {missing}; pass what Trainer.state_dict() returned")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_state(self, state["model"], state["optimizer"])
         self.step = state["step"]
         self.history = copy.deepcopy(state["history"])
         self.generator.set_state(state["generator"])
@@ -293,7 +354,7 @@ def train(model, get_batch, config, **kwargs):
     trainer.run()
     return trainer
 
-# --- book/04a_appendix_engineering.py:528 (cell 26) ---
+# --- book/04a_appendix_engineering.py:602 (cell 28) ---
 def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
     """get_batch(generator) -> (idx, targets) [batch_size, T]: rows drawn from `examples`.
 
@@ -312,7 +373,7 @@ def task_batches(examples, batch_size, seq_len=None, vocab=TASK_VOCAB):
 
     return get_batch
 
-# --- book/04a_appendix_engineering.py:554 (cell 28) ---
+# --- book/04a_appendix_engineering.py:628 (cell 30) ---
 def _batch_accuracy(model, batch, n_loops, batch_size):
     device = next(model.parameters()).device
     correct = []
@@ -357,12 +418,17 @@ def evaluate_tasks(splits, n_loops=None, batch_size=1024, vocab=TASK_VOCAB):
 
     return evaluate
 
-# --- book/04a_appendix_engineering.py:1316 (cell 54) ---
+# --- book/04a_appendix_engineering.py:1391 (cell 56) ---
 def save_checkpoint(path, trainer, extra=None):
     """Write a Trainer (model config and weights, TrainConfig, optimizer and batch state, loss
-    function state) to `path` with write_checkpoint, atomically. -> path."""
+    function state) to `path` with write_checkpoint, atomically. -> path. In a multi-process run
+    every process calls it (the state may be gathered from all of them); the one whose strategy
+    `writes` writes the file."""
     loss_fn = getattr(trainer, "loss_fn", None)
-    return write_checkpoint(path, trainer.model, trainer_state=trainer.state_dict(), train_config=trainer.config,
+    state = trainer.state_dict()
+    if not trainer.parallel.writes:
+        return Path(path)
+    return write_checkpoint(path, trainer.model, trainer_state=state, train_config=trainer.config,
                             loss_state=loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
                             extra=extra)
 
@@ -391,7 +457,7 @@ def load_checkpoint(path, get_batch, config=None, *, model=None, loss_fn=None, e
         loss_fn.load_state_dict(payload["loss_fn"])
     return trainer
 
-# --- book/04a_appendix_engineering.py:1579 (cell 66) ---
+# --- book/04a_appendix_engineering.py:1659 (cell 68) ---
 def _task_splits(args):
     """The command line's TaskSplits: difficulties 1..N for training and testing."""
     options = {"reverse_answer": True} if args.reverse_answer else {}
@@ -401,8 +467,9 @@ def _task_splits(args):
                        max_difficulty=args.difficulty, ood_max_difficulty=args.difficulty + 1,
                        seed=args.seed)
 
-# --- book/04a_appendix_engineering.py:1618 (cell 69) ---
-RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "no_progress")   # flags --resume may change
+# --- book/04a_appendix_engineering.py:1698 (cell 71) ---
+# flags --resume may change: a run saved by one process may go on with several, and back
+RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "no_progress", "parallel", "expert_parallel")
 
 
 def _flag(dest):
@@ -450,6 +517,10 @@ def _parser():
     model.add_argument("--n-core", type=int, default=1, help="blocks in the looped core (default 1)")
     model.add_argument("--injection", default="none", choices=sorted(INJECTIONS))
     model.add_argument("--norm-style", default="pre", choices=["pre", "sandwich", "huginn"])
+    model.add_argument("--mlp", default="dense", choices=["dense", "moe"],
+                       help="moe: a mixture of experts in every block (chapter 9)")
+    model.add_argument("--n-experts", type=int, default=8, help="--mlp moe: experts per block (default 8)")
+    model.add_argument("--top-k", type=int, default=2, help="--mlp moe: experts per token (default 2)")
     train = p.add_argument_group("training")
     train.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
                        help="; ".join(f"{name}: {r.help}" for name, r in sorted(RECIPES.items())))
@@ -460,6 +531,12 @@ def _parser():
     train.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default steps/10)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    processes = p.add_argument_group("processes (chapter 11; start the command with torchrun)")
+    processes.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"],
+                           help="data parallel over torchrun's processes: ddp (DistributedDataParallel) or "
+                                "fsdp (FSDP2, parameters sharded); --batch-size stays the global batch")
+    processes.add_argument("--expert-parallel", action="store_true",
+                           help="--mlp moe: each process holds n_experts / world size of every block's experts")
     out = p.add_argument_group("output")
     out.add_argument("--out", default="runs/run",
                      help="folder for checkpoint.pt, metrics.jsonl and loss.png (default runs/run)")
@@ -521,7 +598,7 @@ def _check_resumed_flags(parser, args, payload, path, other_recipes=()):
         raise ValueError(f"--steps {args.steps}: the run being resumed is already at step {reached}; "
                          f"pass --steps {reached} or more")
 
-# --- book/04a_appendix_engineering.py:1750 (cell 71) ---
+# --- book/04a_appendix_engineering.py:1841 (cell 73) ---
 def _standard_arguments(parser):
     loss = parser.add_argument_group("standard recipe: the loss (section 4.7)")
     loss.add_argument("--step-weights", default="last", choices=STEP_WEIGHTS)
@@ -565,7 +642,7 @@ def _standard_run(args, model, get_batch, config, evaluate):
 RECIPES["standard"] = Recipe(help="one loss for the whole run, from section 4.7's options",
                              add_arguments=_standard_arguments, run=_standard_run, resumable=True)
 
-# --- book/04a_appendix_engineering.py:1809 (cell 73) ---
+# --- book/04a_appendix_engineering.py:1900 (cell 75) ---
 def _json_value(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -581,10 +658,12 @@ def write_metrics(path, history):
 
 
 def _save_run(args, trainer):
-    """OUT/checkpoint.pt (with the run's flags), then OUT/metrics.jsonl."""
+    """OUT/checkpoint.pt (with the run's flags), then OUT/metrics.jsonl. Every process of a
+    multi-process run calls it; the one that writes (rank 0) writes both."""
     out = Path(args.out)
     save_checkpoint(out / "checkpoint.pt", trainer, extra={"argv": args.argv, "flags": args.flags})
-    write_metrics(out / "metrics.jsonl", trainer.history)
+    if trainer.parallel.writes:
+        write_metrics(out / "metrics.jsonl", trainer.history)
 
 
 def _plot_history(history, path):
@@ -605,7 +684,7 @@ def _plot_history(history, path):
     fig.tight_layout()
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
-# --- book/04a_appendix_engineering.py:1871 (cell 75) ---
+# --- book/04a_appendix_engineering.py:1964 (cell 77) ---
 def _out_of_memory(error):
     """Whether `error` says that an allocation failed (CPU or GPU)."""
     if isinstance(error, MemoryError):
@@ -645,6 +724,46 @@ def _prepare_out(out):
         _remove_stale_temporaries(out / name)
 
 
+# --parallel NAME -> start(args, model_config): a context manager that joins torchrun's process
+# group and yields a OneProcess strategy, leaving the group at the end (chapter 11's
+# looplm.distributed registers "ddp" and "fsdp"; `python -m looplm.train` imports it)
+PARALLEL = {}
+
+
+def _processes(args, model_config):
+    """The strategy of the run (a context manager): one process, or --parallel's under torchrun."""
+    world = os.environ.get("WORLD_SIZE")
+    if args.expert_parallel and model_config.mlp != "moe":
+        raise ValueError("--expert-parallel splits a mixture of experts over the processes, and this "
+                         "model is dense: add --mlp moe")
+    if args.parallel == "none":
+        if world not in (None, "1"):
+            raise ValueError(f"torchrun started {world} processes, and --parallel is none: each would train "
+                             f"the whole run alone and write the same files; pass --parallel ddp or fsdp")
+        if args.expert_parallel:
+            raise ValueError("--expert-parallel needs several processes: torchrun --nproc_per_node=N "
+                             "-m looplm.train ... --parallel ddp --expert-parallel")
+        return contextlib.nullcontext(OneProcess())
+    if world is None or "RANK" not in os.environ:
+        raise ValueError(f"--parallel {args.parallel} runs one process per device, started by torchrun: "
+                         f"torchrun --nproc_per_node=2 -m looplm.train ... --parallel {args.parallel} "
+                         f"(RANK and WORLD_SIZE are not set in this process)")
+    if args.parallel not in PARALLEL:
+        raise ValueError(f"--parallel {args.parallel} is registered by looplm.distributed; import it first "
+                         f"(python -m looplm.train does)")
+    return PARALLEL[args.parallel](args, model_config)
+
+
+@contextlib.contextmanager
+def _quiet_unless(speaks):
+    """Standard output discarded unless `speaks`: in a multi-process run, rank 0 alone reports."""
+    if speaks:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
 def main(argv=None):
     """The command line: python -m looplm.train --help. Returns an exit status."""
     parser, owned = _parser()
@@ -672,30 +791,36 @@ def main(argv=None):
             _check_resumed_flags(parser, args, args.resume_from, checkpoint_path, unused)
         splits = _task_splits(args)
         seq_len = max(len(e.prompt) + len(e.answer) for e in splits.train + splits.test)
+        experts = {"mlp": "moe", "n_experts": args.n_experts, "top_k": args.top_k} if args.mlp == "moe" else {}
         model_config = LoopLMConfig(
             vocab_size=TASK_VOCAB.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
             n_core=args.n_core, n_loops=args.n_loops, injection=args.injection,
-            norm_style=args.norm_style, max_seq_len=seq_len)
+            norm_style=args.norm_style, max_seq_len=seq_len, **experts)
         if args.eval_every is not None and args.eval_every < 1:
             raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
         warmup = min(50, args.steps // 10) if args.warmup_steps is None else args.warmup_steps
-        train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                   min_lr=args.lr / 10, warmup_steps=warmup,
-                                   eval_every=args.eval_every or max(1, args.steps // 10),
-                                   seed=args.seed, device=args.device, progress=not args.no_progress)
-        get_batch = task_batches(splits.train, args.batch_size, seq_len)
-        evaluate = evaluate_tasks({"test": splits.test})
-        torch.manual_seed(args.seed)
-        model = _build_model(model_config, args)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"task {args.task} (difficulty 1..{args.difficulty}): {len(splits.train)} train, "
-              f"{len(splits.test)} test examples; model {n_params:,} parameters, {args.n_loops} loops, "
-              f"recipe {args.recipe}", flush=True)
-        _prepare_out(out)
-        trainer = recipe.run(args, model, get_batch, train_config, evaluate)
-        _save_run(args, trainer)
-        if trainer.history:
-            _plot_history(trainer.history, out / "loss.png")
+        with _processes(args, model_config) as strategy, training_processes(strategy), \
+                _quiet_unless(strategy.writes):
+            train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                       min_lr=args.lr / 10, warmup_steps=warmup,
+                                       eval_every=args.eval_every or max(1, args.steps // 10), seed=args.seed,
+                                       device=args.device, progress=strategy.writes and not args.no_progress)
+            get_batch = task_batches(splits.train, args.batch_size, seq_len)
+            evaluate = evaluate_tasks({"test": splits.test})
+            torch.manual_seed(args.seed)
+            model = _build_model(model_config, args)
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"task {args.task} (difficulty 1..{args.difficulty}): {len(splits.train)} train, "
+                  f"{len(splits.test)} test examples; model {n_params:,} parameters, {args.n_loops} loops, "
+                  f"recipe {args.recipe}" + (f", {strategy}" if strategy.world_size > 1 else ""), flush=True)
+            if strategy.writes:
+                _prepare_out(out)
+            trainer = recipe.run(args, model, get_batch, train_config, evaluate)
+            _save_run(args, trainer)
+            if trainer.history and strategy.writes:
+                _plot_history(trainer.history, out / "loss.png")
+            if not strategy.writes:
+                return 0
     except (ValueError, TypeError) as e:
         print(f"python -m looplm.train: error: {e}", file=sys.stderr)
         return 2
@@ -827,9 +952,3 @@ def _two_stage_run(args, model, get_batch, config, evaluate):
 RECIPES["two-stage"] = Recipe(
     help="Ouro's two stages: model and exit gate with an entropy bonus, then the gate alone",
     add_arguments=_two_stage_arguments, run=_two_stage_run)
-
-# --- book/04a_appendix_engineering.py:1983 (cell 76) ---
-if __name__ == "__main__" and "get_ipython" not in globals() and globals().get("__spec__") is not None:
-    # `python -m looplm.train` (not a notebook, not the chapter run as a script). The export
-    # places this cell last in looplm/train.py, after the recipes later chapters register.
-    sys.exit(main())
