@@ -52,7 +52,7 @@ test: $(STAMP) $(MATHJAX)
 	$(PY) tools/sync.py
 	$(PY) tools/export.py --check
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/ -q -n 2 --dist loadfile
-	OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax -q -n 2 --dist loadfile book/
+	OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax --nbval-sanitize-with tools/nbval_sanitize.cfg -q -n 2 --dist loadfile book/
 
 grade: $(STAMP)
 	$(PY) -m looplm.grade $(CHAPTER)
